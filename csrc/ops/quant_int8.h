@@ -14,9 +14,9 @@ namespace memwarden::ops {
 
 using QuantResult = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>>;
 
-// The input viewed as [rows, cols] (cols = last dim) with its scale layout.
+// The input's last dimension and its scale layout (rows stay symbolic under
+// torch.compile, so they are not part of it).
 struct QuantShape {
-  int64_t rows;
   int64_t cols;
   quant::ScaleLayout layout;
 };
@@ -28,43 +28,46 @@ QuantShape check_float_input(const char* op, const at::Tensor& input, quant::Gra
 QuantShape check_int8_input(const char* op, const at::Tensor& q, quant::Granularity granularity,
                             std::optional<int64_t> group_size);
 void check_scale(const char* op, const at::Tensor& like, const QuantShape& shape, const at::Tensor& scale,
-                 const std::optional<at::Tensor>& zero_point);
-quant::Granularity parse_granularity_arg(const char* op, const std::string& granularity);
+                 const std::optional<at::Tensor>& zero_point, quant::Granularity granularity);
+quant::Granularity parse_granularity_arg(const char* op, c10::string_view granularity);
+// The scale layout of a checked, concrete (non-Meta) tensor.
+quant::ScaleLayout concrete_layout(const at::Tensor& t, c10::string_view granularity,
+                                   std::optional<int64_t> group_size);
 
-// Shape of the scales a dynamic quantization returns for `input`.
-std::vector<int64_t> scale_shape(const at::Tensor& input, quant::Granularity granularity, const QuantShape& shape);
+// *_outputs check the arguments and allocate the uninitialised outputs on the input's
+// device: the Meta kernels, and the first step of every device's kernel.
 
 // quantize_int8_groups: dynamic per-group (group_size = last dim: per-token) scales.
 QuantResult quantize_int8_groups_cpu(const at::Tensor& input, int64_t group_size, bool symmetric);
-QuantResult quantize_int8_groups_meta(const at::Tensor& input, int64_t group_size, bool symmetric);
+QuantResult quantize_int8_groups_outputs(const at::Tensor& input, int64_t group_size, bool symmetric);
 
 // quantize_int8_static: quantize with given scales (and zero points).
 at::Tensor quantize_int8_static_cpu(const at::Tensor& input, const at::Tensor& scale,
-                                    const std::optional<at::Tensor>& zero_point, const std::string& granularity,
+                                    const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
                                     std::optional<int64_t> group_size);
-at::Tensor quantize_int8_static_meta(const at::Tensor& input, const at::Tensor& scale,
-                                     const std::optional<at::Tensor>& zero_point, const std::string& granularity,
+at::Tensor quantize_int8_static_outputs(const at::Tensor& input, const at::Tensor& scale,
+                                     const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
                                      std::optional<int64_t> group_size);
 
 at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale,
-                               const std::optional<at::Tensor>& zero_point, const std::string& granularity,
-                               std::optional<int64_t> group_size, at::ScalarType out_dtype);
-at::Tensor dequantize_int8_meta(const at::Tensor& q, const at::Tensor& scale,
-                                const std::optional<at::Tensor>& zero_point, const std::string& granularity,
-                                std::optional<int64_t> group_size, at::ScalarType out_dtype);
+                               const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
+                               std::optional<int64_t> group_size, std::optional<at::ScalarType> out_dtype);
+at::Tensor dequantize_int8_outputs(const at::Tensor& q, const at::Tensor& scale,
+                                const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
+                                std::optional<int64_t> group_size, std::optional<at::ScalarType> out_dtype);
 
 #ifdef MEMWARDEN_WITH_CUDA
 QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_size, bool symmetric);
 at::Tensor quantize_int8_static_cuda(const at::Tensor& input, const at::Tensor& scale,
-                                     const std::optional<at::Tensor>& zero_point, const std::string& granularity,
+                                     const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
                                      std::optional<int64_t> group_size);
 at::Tensor dequantize_int8_cuda(const at::Tensor& q, const at::Tensor& scale,
-                                const std::optional<at::Tensor>& zero_point, const std::string& granularity,
-                                std::optional<int64_t> group_size, at::ScalarType out_dtype);
+                                const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
+                                std::optional<int64_t> group_size, std::optional<at::ScalarType> out_dtype);
 #endif
 
 // Device-generic compositions of the kernels above.
-QuantResult quantize_int8(const at::Tensor& input, const std::string& granularity,
+QuantResult quantize_int8(const at::Tensor& input, c10::string_view granularity,
                           std::optional<int64_t> group_size, bool symmetric);
 QuantResult scaled_int8_quant(const at::Tensor& input, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& zero_point, bool symmetric);

@@ -1,7 +1,7 @@
 // Vectorised CPU kernels for INT8 quantization. This file is compiled once per CPU
 // capability (CMake defines CPU_CAPABILITY and, for AVX2, CPU_CAPABILITY_AVX2), so
 // every variant lives in its own namespace memwarden::ops::<CPU_CAPABILITY>.
-#include <ATen/Dispatch.h>
+#include "ops/dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -188,7 +188,7 @@ void quantize_groups_kernel(const at::Tensor& input, int64_t group_size, at::Ten
   const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
   const int64_t groups_per_row = cols / group_size;
   const bool symmetric = !zero_point.defined();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "quantize_int8_groups", [&] {
+  MW_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_int8_groups", [&] {
     const scalar_t* src = input.const_data_ptr<scalar_t>();
     int8_t* dst = q.data_ptr<int8_t>();
     float* scales = scale.data_ptr<float>();
@@ -227,7 +227,7 @@ void quantize_static_kernel(const at::Tensor& input, const quant::ScaleLayout& l
   const int64_t cols = input.size(-1);
   const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
   const bool per_column = layout.group_size == 1 && layout.row_stride == 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "quantize_int8_static", [&] {
+  MW_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_int8_static", [&] {
     const scalar_t* src = input.const_data_ptr<scalar_t>();
     int8_t* dst = q.data_ptr<int8_t>();
     if (per_column) {
@@ -259,7 +259,7 @@ void dequantize_kernel(const at::Tensor& q, const quant::ScaleLayout& layout, co
   const int64_t cols = q.size(-1);
   const int64_t rows = cols == 0 ? 0 : q.numel() / cols;
   const bool per_column = layout.group_size == 1 && layout.row_stride == 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_int8", [&] {
+  MW_DISPATCH_FLOAT_HALF_BF16(out.scalar_type(), "dequantize_int8", [&] {
     const int8_t* src = q.const_data_ptr<int8_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     if (per_column) {

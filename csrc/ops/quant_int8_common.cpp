@@ -1,0 +1,218 @@
+// Device-generic parts of the INT8 family: argument checks, output allocation (also
+// the Meta kernels), and the compositions quantize_int8 / scaled_int8_quant.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/SymInt.h>
+
+#include <stdexcept>
+
+#include "ops/quant_int8.h"
+
+namespace memwarden::ops {
+namespace {
+
+using quant::Granularity;
+
+// The last dimension decides the scale layout, so it is specialised under
+// torch.compile (a model's hidden size is fixed); leading dimensions stay symbolic.
+int64_t last_dim(const at::Tensor& t) {
+  return t.sym_size(-1).guard_int(__FILE__, __LINE__);
+}
+
+QuantShape layout_for(const char* op, const at::Tensor& t, Granularity granularity,
+                      std::optional<int64_t> group_size) {
+  const int64_t cols = last_dim(t);
+  // Rows only size the scale tensor, which is allocated symbolically; 1 is enough to
+  // validate group_size without specialising the leading dimensions.
+  try {
+    return {cols, quant::scale_layout(granularity, 1, cols, group_size.value_or(0))};
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, op, ": ", e.what());
+  }
+}
+
+c10::SymInt sym_rows(const at::Tensor& t) {
+  return t.dim() == 0 || t.sym_size(-1) == 0 ? c10::SymInt(0) : t.sym_numel() / t.sym_size(-1);
+}
+
+std::string shape_string(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sym_sizes();
+  return out.str();
+}
+
+// Expected number of scales, symbolic in the rows.
+c10::SymInt expected_scales(const at::Tensor& like, Granularity granularity, const QuantShape& shape) {
+  switch (granularity) {
+    case Granularity::kTensor: return 1;
+    case Granularity::kChannel: return shape.cols;
+    case Granularity::kToken: return sym_rows(like);
+    case Granularity::kGroup: return sym_rows(like) * shape.layout.row_stride;
+  }
+  return 0;
+}
+
+template <typename Op>
+c10::TypedOperatorHandle<Op> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Op>();
+}
+
+}  // namespace
+
+quant::Granularity parse_granularity_arg(const char* op, c10::string_view granularity) {
+  try {
+    return quant::parse_granularity(std::string(granularity));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, op, ": ", e.what());
+  }
+}
+
+quant::ScaleLayout concrete_layout(const at::Tensor& t, c10::string_view granularity,
+                                   std::optional<int64_t> group_size) {
+  const int64_t cols = t.size(-1);
+  return quant::scale_layout(quant::parse_granularity(std::string(granularity)), cols == 0 ? 0 : t.numel() / cols, cols,
+                             group_size.value_or(0));
+}
+
+QuantShape check_float_input(const char* op, const at::Tensor& input, Granularity granularity,
+                             std::optional<int64_t> group_size) {
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": input must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least one dimension");
+  TORCH_CHECK_VALUE(input.is_contiguous(), op, ": input must be contiguous (call .contiguous() first); got strides ",
+                    input.sym_strides());
+  return layout_for(op, input, granularity, group_size);
+}
+
+QuantShape check_int8_input(const char* op, const at::Tensor& q, Granularity granularity,
+                            std::optional<int64_t> group_size) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kChar, op, ": q must be int8, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.dim() >= 1, op, ": q must have at least one dimension");
+  TORCH_CHECK_VALUE(q.is_contiguous(), op, ": q must be contiguous (call .contiguous() first)");
+  return layout_for(op, q, granularity, group_size);
+}
+
+void check_scale(const char* op, const at::Tensor& like, const QuantShape& shape, const at::Tensor& scale,
+                 const std::optional<at::Tensor>& zero_point, Granularity granularity) {
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == like.device(), op, ": scale must be on the input's device (", like.device(),
+                    "), got ", scale.device());
+  TORCH_CHECK_VALUE(scale.is_contiguous(), op, ": scale must be contiguous");
+  const c10::SymInt expected = expected_scales(like, granularity, shape);
+  TORCH_CHECK_VALUE(scale.sym_numel().sym_eq(expected).expect_true(__FILE__, __LINE__),
+                  op, ": scale must have ", expected, " elements for granularity '",
+                  quant::granularity_name(granularity), "' and input shape ", shape_string(like), ", got shape ",
+                  shape_string(scale));
+  if (zero_point.has_value()) {
+    const at::Tensor& zp = *zero_point;
+    TORCH_CHECK_TYPE(zp.scalar_type() == at::kInt, op, ": azp (zero point) must be int32, got ", zp.scalar_type());
+    TORCH_CHECK_VALUE(zp.device() == like.device(), op, ": azp must be on the input's device (", like.device(),
+                      "), got ", zp.device());
+    TORCH_CHECK_VALUE(zp.is_contiguous(), op, ": azp must be contiguous");
+    TORCH_CHECK_VALUE(zp.sym_numel().sym_eq(scale.sym_numel()).expect_true(__FILE__, __LINE__), op, ": azp must have as many elements as scale (",
+                    scale.sym_numel(), "), got shape ", shape_string(zp));
+  }
+}
+
+QuantResult quantize_int8_groups_outputs(const at::Tensor& input, int64_t group_size, bool symmetric) {
+  constexpr const char* op = "quantize_int8_groups";
+  const QuantShape shape = check_float_input(op, input, Granularity::kGroup, group_size);
+  std::vector<c10::SymInt> scale_sizes(input.sym_sizes().begin(), input.sym_sizes().end());
+  scale_sizes.back() = shape.layout.row_stride;
+  at::Tensor q = at::empty_symint(input.sym_sizes(), input.options().dtype(at::kChar));
+  at::Tensor scale = at::empty_symint(scale_sizes, input.options().dtype(at::kFloat));
+  std::optional<at::Tensor> zero_point;
+  if (!symmetric) zero_point = at::empty_symint(scale_sizes, input.options().dtype(at::kInt));
+  return {q, scale, zero_point};
+}
+
+at::Tensor quantize_int8_static_outputs(const at::Tensor& input, const at::Tensor& scale,
+                                     const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
+                                     std::optional<int64_t> group_size) {
+  constexpr const char* op = "quantize_int8_static";
+  const Granularity g = parse_granularity_arg(op, granularity);
+  const QuantShape shape = check_float_input(op, input, g, group_size);
+  check_scale(op, input, shape, scale, zero_point, g);
+  return at::empty_symint(input.sym_sizes(), input.options().dtype(at::kChar));
+}
+
+at::Tensor dequantize_int8_outputs(const at::Tensor& q, const at::Tensor& scale,
+                                const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
+                                std::optional<int64_t> group_size, std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* op = "dequantize_int8";
+  const Granularity g = parse_granularity_arg(op, granularity);
+  const QuantShape shape = check_int8_input(op, q, g, group_size);
+  check_scale(op, q, shape, scale, zero_point, g);
+  const at::ScalarType dtype = out_dtype.value_or(at::kHalf);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": out_dtype must be float32, float16 or bfloat16, got ", dtype);
+  return at::empty_symint(q.sym_sizes(), q.options().dtype(dtype));
+}
+
+// Per-tensor and per-channel parameters need a reduction across rows; they are for
+// weights (quantized once), so plain ATen reductions over the finite values suffice.
+static std::pair<at::Tensor, std::optional<at::Tensor>> reduced_params(const at::Tensor& input, Granularity g,
+                                                                       bool symmetric) {
+  const at::Tensor x = input.reshape({-1, input.size(-1)}).to(at::kFloat);
+  const at::Tensor finite = at::isfinite(x);
+  const auto reduce_dims = g == Granularity::kTensor ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{0};
+  if (symmetric) {
+    const at::Tensor absmax = at::where(finite, x.abs(), 0.0).amax(reduce_dims);
+    return {(absmax / 127.0).reshape({-1}), std::nullopt};
+  }
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor lo = at::where(finite, x, inf).amin(reduce_dims).reshape({-1});
+  at::Tensor hi = at::where(finite, x, -inf).amax(reduce_dims).reshape({-1});
+  // Same rules as quant::asymmetric_params: no finite value -> zeros; a constant
+  // group is widened to include zero.
+  const at::Tensor empty = lo > hi;
+  lo = at::where(empty, 0.0, lo);
+  hi = at::where(empty, 0.0, hi);
+  const at::Tensor constant = lo == hi;
+  lo = at::where(constant, at::clamp_max(lo, 0.0), lo);
+  hi = at::where(constant, at::clamp_min(hi, 0.0), hi);
+  const at::Tensor scale = (hi - lo) / 255.0;
+  const at::Tensor zero_point =
+      at::where(scale > 0, at::round(-128.0 - lo / at::where(scale > 0, scale, 1.0)), 0.0).to(at::kInt);
+  return {scale, zero_point};
+}
+
+QuantResult quantize_int8(const at::Tensor& input, c10::string_view granularity, std::optional<int64_t> group_size,
+                          bool symmetric) {
+  constexpr const char* op = "quantize_int8";
+  const Granularity g = parse_granularity_arg(op, granularity);
+  const QuantShape shape = check_float_input(op, input, g, group_size);
+  if (g == Granularity::kToken || g == Granularity::kGroup) {
+    static auto groups = find_op<QuantResult(const at::Tensor&, int64_t, bool)>("memwarden::quantize_int8_groups");
+    auto [q, scale, zero_point] = groups.call(input, shape.layout.group_size, symmetric);
+    return {q, scale, zero_point};
+  }
+  auto [scale, zero_point] = reduced_params(input, g, symmetric);
+  static auto apply = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, std::optional<int64_t>)>("memwarden::quantize_int8_static");
+  at::Tensor q = apply.call(input, scale, zero_point, granularity, group_size);
+  return {q, scale, zero_point};
+}
+
+QuantResult scaled_int8_quant(const at::Tensor& input, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& azp, bool symmetric) {
+  constexpr const char* op = "scaled_int8_quant";
+  if (!scale.has_value()) {
+    TORCH_CHECK_VALUE(!azp.has_value(), op, ": azp is only accepted together with a static scale");
+    auto [q, s, z] = quantize_int8(input, "token", std::nullopt, symmetric);
+    // vLLM's shape: one scale per token, [num_tokens, 1].
+    std::optional<at::Tensor> zero_point;
+    if (z.has_value()) zero_point = z->reshape({-1, 1});
+    return {q, s.reshape({-1, 1}), zero_point};
+  }
+  TORCH_CHECK_VALUE(symmetric == !azp.has_value(), op,
+                    ": a static asymmetric quantization needs azp, and a symmetric one must not pass it "
+                    "(symmetric=", symmetric, ", azp ", azp.has_value() ? "given" : "missing", ")");
+  static auto apply = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, std::optional<int64_t>)>("memwarden::quantize_int8_static");
+  at::Tensor q = apply.call(input, *scale, azp, "tensor", std::nullopt);
+  return {q, *scale, azp};
+}
+
+}  // namespace memwarden::ops
