@@ -1,0 +1,369 @@
+"""memwarden's pytest plugin: memory reset, leak checks, limits, tracking, isolation.
+
+Loaded by the ``pytest11`` entry point after ``pip install memwarden`` (or with
+``-p memwarden.testing.plugin`` / ``pytest_plugins = ["memwarden.testing.plugin"]``).
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import _sources as src
+from ._isolation import _ModuleFunction, run_isolated
+from ._leak import DEFAULT_FAIL, DEFAULT_WARN, LeakChecker, LeakResult
+from ._limits import PeakMonitor
+from ._reset import reset_memory
+from ._resources import GpuResources, InsufficientMemory
+from ._tracker import MemoryTracker
+from ._units import format_bytes, parse_bytes
+
+_STATE = pytest.StashKey["_State"]()
+_CHECKER = pytest.StashKey[LeakChecker]()
+_PEAK = pytest.StashKey[Any]()
+
+MARKERS = {
+    "leak_check": "leak_check(fail=None, warn=None, device=None, retries=None): check this test "
+                  "for memory leaks (memwarden)",
+    "no_leak_check": "no_leak_check: exempt this test from --memwarden-leak-check (memwarden)",
+    "limit_memory": "limit_memory(limit, device=None): fail the test when its peak memory above "
+                    "its start exceeds limit, e.g. '2 GiB' (memwarden)",
+    "requires_memory": "requires_memory(size, device=None): skip unless the device has size free "
+                       "(memwarden)",
+    "isolated": "isolated(timeout=None): run the test in a fresh spawned Python process (memwarden)",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("memwarden", "memwarden memory checks")
+    g.addoption("--memwarden-leak-check", action="store_true", default=None,
+                help="check every test for memory leaks (opt out with @pytest.mark.no_leak_check)")
+    g.addoption("--memwarden-leak-fail", default=None, metavar="SIZE",
+                help=f"growth that fails a test (default {format_bytes(DEFAULT_FAIL)})")
+    g.addoption("--memwarden-leak-warn", default=None, metavar="SIZE",
+                help=f"growth that warns (default {format_bytes(DEFAULT_WARN)})")
+    g.addoption("--memwarden-leak-retries", type=int, default=None, metavar="N",
+                help="re-measurements after a full cleanup before deciding (default 3)")
+    g.addoption("--memwarden-device", default=None, metavar="DEV",
+                help="device to measure: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.addoption("--memwarden-reset-each", action="store_true", default=None,
+                help="run memwarden.testing.reset_memory() after every test")
+    g.addoption("--memwarden-plots", default=None, choices=("failed", "always", "never"),
+                help="when memory_tracker saves its plot: failed (default), always, never")
+    g.addoption("--memwarden-plot-dir", default=None, metavar="DIR",
+                help="where memory_tracker plots go (default .pytest_cache/d/memwarden-plots)")
+    parser.addini("memwarden_leak_check", "check every test for memory leaks", type="bool", default=False)
+    parser.addini("memwarden_leak_fail", "growth that fails a leak check", default=str(DEFAULT_FAIL))
+    parser.addini("memwarden_leak_warn", "growth that warns in a leak check", default=str(DEFAULT_WARN))
+    parser.addini("memwarden_leak_retries", "re-measurements after cleanup", default="3")
+    parser.addini("memwarden_leak_noisy", "what RSS/driver growth alone does: warn, fail or ignore",
+                  default="warn")
+    parser.addini("memwarden_device", "device to measure (auto, cpu, cuda, cuda:N)", default="auto")
+    parser.addini("memwarden_tracker_interval", "memory_tracker sampling interval (s)", default="0.01")
+    parser.addini("memwarden_plots", "when memory_tracker saves its plot", default="failed")
+    parser.addini("memwarden_plot_dir", "where memory_tracker plots go", default="")
+    parser.addini("memwarden_gpu_budget", "capacity of gpu_resources per device (default: free memory)",
+                  default="")
+
+
+class _State:
+    def __init__(self, config: pytest.Config):
+        def opt(name: str, ini: str):
+            v = config.getoption(name)
+            return config.getini(ini) if v is None else v
+        self.leak_all = bool(opt("memwarden_leak_check", "memwarden_leak_check"))
+        self.fail = parse_bytes(opt("memwarden_leak_fail", "memwarden_leak_fail"))
+        self.warn = parse_bytes(opt("memwarden_leak_warn", "memwarden_leak_warn"))
+        self.retries = int(opt("memwarden_leak_retries", "memwarden_leak_retries"))
+        self.noisy = config.getini("memwarden_leak_noisy")
+        dev = opt("memwarden_device", "memwarden_device") or "auto"
+        self.device = dev
+        self.reset_each = bool(config.getoption("memwarden_reset_each"))
+        self.interval = float(config.getini("memwarden_tracker_interval"))
+        self.plots = opt("memwarden_plots", "memwarden_plots")
+        self.plot_dir_opt = opt("memwarden_plot_dir", "memwarden_plot_dir")
+        self.budget = config.getini("memwarden_gpu_budget") or None
+        self.config = config
+        self.warnings: list[tuple[str, LeakResult]] = []
+        self.leaks: list[tuple[str, LeakResult]] = []
+        self.plots_saved: list[tuple[str, Path]] = []
+        self.resources: GpuResources | None = None
+
+    def plot_dir(self) -> Path:
+        if self.plot_dir_opt:
+            return Path(self.plot_dir_opt)
+        cache = getattr(self.config, "cache", None)
+        if cache is not None:
+            return Path(cache.mkdir("memwarden-plots"))
+        return Path(tempfile.mkdtemp(prefix="memwarden-plots-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS.values():
+        config.addinivalue_line("markers", line)
+    config.stash[_STATE] = _State(config)
+
+
+def _state(config: pytest.Config) -> _State:
+    return config.stash[_STATE]
+
+
+def _marker_device(item: pytest.Item, marker: pytest.Mark | None, default: str) -> str:
+    dev = marker.kwargs.get("device") if marker is not None else None
+    return src.resolve_device(dev if dev is not None else default)
+
+
+# --- leak check -------------------------------------------------------------------
+def _leak_settings(item: pytest.Item) -> dict | None:
+    st = _state(item.config)
+    mark = item.get_closest_marker("leak_check")
+    if item.get_closest_marker("no_leak_check") is not None:
+        return None
+    if not (st.leak_all or mark is not None or "leak_check" in getattr(item, "fixturenames", ())):
+        return None
+    kw = dict(mark.kwargs) if mark is not None else {}
+    return {"device": _marker_device(item, mark, st.device),
+            "fail": kw.get("fail", st.fail), "warn": kw.get("warn", min(st.warn, parse_bytes(kw.get("fail", st.fail)))),
+            "retries": kw.get("retries", st.retries), "noisy": kw.get("noisy", st.noisy)}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    settings = _leak_settings(item)
+    if settings is None:
+        return None
+    from _pytest.runner import runtestprotocol
+    checker = LeakChecker(label=item.name, **settings)
+    item.stash[_CHECKER] = checker
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    checker.start()
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    if all(r.passed for r in reports) and len(reports) == 3:
+        result = checker.check()
+        call = reports[1]
+        st = _state(item.config)
+        if result.verdict == "fail":
+            call.outcome = "failed"
+            call.longrepr = result.format()
+            call.sections.append(("memwarden leak check", result.summary()))
+            call.user_properties.append(("memwarden_leak_bytes", result.leaked))
+            st.leaks.append((item.nodeid, result))
+        elif result.verdict == "warn":
+            call.sections.append(("memwarden leak check (warning)", result.format()))
+            st.warnings.append((item.nodeid, result))
+    for rep in reports:
+        ihook.pytest_runtest_logreport(report=rep)
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Memory kept by a broader-scoped fixture first set up during a checked test is not
+    that test's leak."""
+    item = getattr(request, "_pyfuncitem", None)
+    checker = item.stash.get(_CHECKER, None) if item is not None else None
+    if checker is None or fixturedef.scope == "function" or checker.result is not None:
+        return (yield)
+    before = checker.read()
+    try:
+        return (yield)
+    finally:
+        after = checker.read()
+        checker.exempt({k: after[k] - before[k] for k in after})
+        checker._census_before |= set(checker._last_census)
+
+
+@pytest.fixture
+def leak_check(request) -> LeakChecker:
+    """Check this test for leaks (measured around setup, call and teardown); returns the
+    :class:`LeakChecker`, whose ``fail``/``warn`` thresholds can be changed in the test."""
+    return request.node.stash[_CHECKER]
+
+
+# --- reset -----------------------------------------------------------------------
+@pytest.fixture
+def memory_reset(request):
+    """reset_memory() before and after the test; yields the report of the first."""
+    dev = _state(request.config).device
+    report = reset_memory(dev)
+    yield report
+    reset_memory(dev)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
+    st = _state(item.config)
+    if st.resources is not None:
+        st.resources.release_owner(item.nodeid)
+        st.resources.owner = None
+    if st.reset_each:
+        reset_memory(st.device)
+
+
+# --- limits ----------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    st = _state(item.config)
+    if st.resources is not None:
+        st.resources.owner = item.nodeid
+    mark = item.get_closest_marker("requires_memory")
+    if mark is None:
+        return
+    if not mark.args and "size" not in mark.kwargs:
+        raise pytest.UsageError(f"{item.nodeid}: requires_memory needs a size, e.g. requires_memory('4 GiB')")
+    need = parse_bytes(mark.args[0] if mark.args else mark.kwargs["size"])
+    dev = mark.kwargs.get("device", st.device)
+    dev = src.resolve_device(dev)
+    if src.device_type(dev) == "cuda" and not src.cuda_available():
+        pytest.skip(f"requires {format_bytes(need)} free on {dev}: CUDA is not available")
+    free, total = src.free_and_total(dev)
+    if free < need:
+        pytest.skip(f"requires {format_bytes(need)} free on {dev}, only {format_bytes(free)} of "
+                    f"{format_bytes(total)} free")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    mark = item.get_closest_marker("limit_memory")
+    if mark is None or item.get_closest_marker("isolated") is not None:
+        return (yield)
+    if not mark.args and "limit" not in mark.kwargs:
+        raise pytest.UsageError(f"{item.nodeid}: limit_memory needs a limit, e.g. limit_memory('2 GiB')")
+    limit = parse_bytes(mark.args[0] if mark.args else mark.kwargs["limit"])
+    dev = _marker_device(item, mark, _state(item.config).device)
+    if src.device_type(dev) == "cuda" and not src.cuda_available():
+        pytest.skip(f"limit_memory on {dev}: CUDA is not available")
+    mon = PeakMonitor(dev).start()
+    try:
+        return (yield)
+    finally:
+        item.stash[_PEAK] = (limit, mon.stop())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if report.when != "call":
+        return report
+    peak = item.stash.get(_PEAK, None)
+    if peak is not None and report.passed:
+        limit, res = peak
+        if res.peak > limit:
+            report.outcome = "failed"
+            report.longrepr = (f"memwarden limit_memory: {item.name} used more memory than its limit: "
+                               + res.describe(limit))
+        report.sections.append(("memwarden limit_memory", res.describe(limit)))
+    tracker = getattr(item, "funcargs", {}).get("memory_tracker")
+    st = _state(item.config)
+    if isinstance(tracker, MemoryTracker) and st.plots != "never" and (report.failed or st.plots == "always"):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-150:]
+        d = st.plot_dir()
+        lines = []
+        try:
+            tracker.sample()
+            lines.append(f"samples: {d / (name + '.json')}")
+            tracker.to_json(d / f"{name}.json")
+            with_plot = tracker.plot(d / f"{name}.png", title=item.nodeid)
+            lines.insert(0, f"timeline plot: {with_plot}")
+            st.plots_saved.append((item.nodeid, with_plot))
+            report.user_properties.append(("memwarden_plot", str(with_plot)))
+            lines.append(str(tracker.analyze()))
+        except Exception as e:  # a plot must never hide the test's own failure
+            lines.append(f"could not save the memory plot: {type(e).__name__}: {e}")
+        report.sections.append(("memwarden memory_tracker", "\n".join(lines)))
+    return report
+
+
+# --- tracker ---------------------------------------------------------------------
+@pytest.fixture
+def memory_tracker(request):
+    """A started :class:`MemoryTracker`; its timeline plot is saved and its path attached to
+    the report when the test fails (``--memwarden-plots=always`` for every test)."""
+    st = _state(request.config)
+    tr = MemoryTracker(st.device, interval=st.interval).start()
+    yield tr
+    tr.stop()
+
+
+# --- isolation -------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function):
+    mark = pyfuncitem.get_closest_marker("isolated")
+    if mark is None:
+        return None
+    fn = pyfuncitem.obj
+    func = getattr(fn, "__func__", fn)
+    mod = pyfuncitem.module
+    target = _ModuleFunction(mod.__name__, getattr(mod, "__file__", None), func.__qualname__)
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs = {a: pyfuncitem.funcargs[a] for a in names}
+    if getattr(fn, "__self__", None) is not None:
+        target = _BoundTest(target)
+    run_isolated(target, timeout=mark.kwargs.get("timeout", mark.args[0] if mark.args else None), **kwargs)
+    return True
+
+
+class _BoundTest:
+    """A test method: the child builds a fresh instance of its class."""
+
+    def __init__(self, target: _ModuleFunction):
+        self.target = target
+        self.qualname = target.qualname
+
+    def __call__(self, **kwargs):
+        cls_name, meth = self.target.qualname.rsplit(".", 1)
+        cls = _ModuleFunction(self.target.module, self.target.path, cls_name).resolve()
+        return getattr(cls(), meth)(**kwargs)
+
+    def __str__(self) -> str:  # used in error messages
+        return self.qualname
+
+
+# --- resources -------------------------------------------------------------------
+class _FixtureResources(GpuResources):
+    def reserve(self, size, device=None, *, skip: bool = True):
+        """Reserve ``size`` for the current test; skips the test when it does not fit
+        (``skip=False`` raises :class:`InsufficientMemory` instead). Released at teardown."""
+        try:
+            return super().reserve(size, device)
+        except InsufficientMemory as e:
+            if skip:
+                pytest.skip(str(e))
+            raise
+
+
+@pytest.fixture(scope="session")
+def gpu_resources(request) -> GpuResources:
+    """Session-wide memory budgets: ``gpu_resources.reserve("4 GiB")`` in a test."""
+    st = _state(request.config)
+    st.resources = _FixtureResources(capacity=st.budget, default_device=st.device)
+    item = getattr(request, "_pyfuncitem", None)
+    st.resources.owner = item.nodeid if item is not None else None
+    return st.resources
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    st = _state(config)
+    if not st.leak_all:
+        return None
+    return (f"memwarden: leak check on (device {st.device}, fail {format_bytes(st.fail)}, "
+            f"warn {format_bytes(st.warn)}, retries {st.retries})")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    st = config.stash.get(_STATE, None)
+    if st is None or not (st.leaks or st.warnings or st.plots_saved):
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "memwarden memory report")
+    for nodeid, r in st.leaks:
+        tr.write_line(f"LEAK  {nodeid}: {r.summary()}")
+    for nodeid, r in st.warnings:
+        tr.write_line(f"WARN  {nodeid}: {r.summary()}")
+    for nodeid, p in st.plots_saved:
+        tr.write_line(f"PLOT  {nodeid}: {p}")

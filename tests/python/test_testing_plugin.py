@@ -1,0 +1,266 @@
+"""memwarden.testing's pytest plugin, driven through pytester (CPU; CUDA parts skip)."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+import pytest
+
+import memwarden.testing  # noqa: F401
+from memwarden.testing import _sources as src
+
+pytest_plugins = ["pytester"]
+
+CUDA = src.cuda_available()
+
+
+def _plugin_args() -> list[str]:
+    """``-p memwarden.testing.plugin`` unless the installed entry point already loads it."""
+    if not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        for ep in importlib.metadata.entry_points(group="pytest11"):
+            if ep.value.split(":")[0] == "memwarden.testing.plugin":
+                return []
+    return ["-p", "memwarden.testing.plugin"]
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_inprocess(*_plugin_args(), "-p", "no:cacheprovider",
+                                        "--memwarden-device=cpu", *args)
+
+
+LEAKY = """
+import pytest, torch
+_CACHE = []
+
+def test_leaky():
+    _CACHE.append(torch.ones(64 * 2**20 // 4))   # 64 MiB kept alive by a module global
+
+def test_clean():
+    x = torch.ones(64 * 2**20 // 4)
+    assert float(x[0]) == 1.0
+
+def test_fails_for_another_reason():
+    _CACHE.append(torch.ones(64 * 2**20 // 4))
+    assert False, "boom"
+
+@pytest.mark.no_leak_check
+def test_exempt():
+    _CACHE.append(torch.ones(64 * 2**20 // 4))
+"""
+
+
+def test_leak_check_run_mode(pytester):
+    pytester.makepyfile(test_leaky=LEAKY)
+    r = run(pytester, "--memwarden-leak-check", "--memwarden-leak-fail=48MiB")
+    r.assert_outcomes(passed=2, failed=2)
+    out = r.stdout.str()
+    r.stdout.fnmatch_lines([
+        "*memwarden leak check: test_leaky leaked 64.0 MiB on cpu according to torch-tensors*",
+        "*64.0 MiB  float32[[]16777216[]] on cpu  held by list test_leaky._CACHE*",
+        "*LEAK  test_leaky.py::test_leaky*",
+    ])
+    assert "boom" in out
+    assert "test_fails_for_another_reason leaked" not in out     # not also reported as a leak
+    assert "test_clean leaked" not in out and "test_exempt leaked" not in out
+    assert "memwarden: leak check on" in out
+
+
+def test_leak_check_marker_fixture_and_warning(pytester):
+    pytester.makepyfile(test_m="""
+import pytest, torch
+KEEP = {}
+
+@pytest.mark.leak_check(fail="32 MiB")
+def test_marked():
+    KEEP["a"] = torch.zeros(40 * 2**20, dtype=torch.uint8)
+
+def test_fixture(leak_check):
+    leak_check.fail = 16 * 2**20
+    KEEP["b"] = torch.zeros(20 * 2**20, dtype=torch.uint8)
+
+@pytest.mark.leak_check(warn="4 MiB")
+def test_warns():
+    KEEP["c"] = torch.zeros(8 * 2**20, dtype=torch.uint8)
+
+def test_not_checked():
+    KEEP["d"] = torch.zeros(40 * 2**20, dtype=torch.uint8)
+""")
+    r = run(pytester)
+    r.assert_outcomes(passed=2, failed=2)
+    r.stdout.fnmatch_lines(["*test_marked leaked 40.0 MiB*", "*test_fixture leaked 20.0 MiB*",
+                            "*WARN  test_m.py::test_warns: test_warns leaked 8.0 MiB*"])
+
+
+def test_leak_checker_api_and_fake_allocator_backend():
+    import torch
+    from memwarden.testing import LeakChecker, MemoryLeakError
+
+    keep = []
+    with pytest.raises(MemoryLeakError, match="leaked 24.0 MiB"):
+        with LeakChecker("cpu", fail="16 MiB", retries=1):
+            keep.append(torch.ones(24 * 2**20, dtype=torch.uint8))
+    with LeakChecker("cpu", fail="16 MiB", retries=1) as lc:
+        torch.ones(24 * 2**20, dtype=torch.uint8).sum()
+    assert lc.result.ok
+
+    fake = FakeAlloc()
+    with src.use_backend(fake):
+        lc = LeakChecker("cpu", fail="1 MiB", census=False, noisy="ignore", retries=1).start()
+        fake.alloc(3 * 2**20, frames=[{"filename": "model.py", "line": 7, "name": "forward"}])
+        res = lc.check()
+    assert res.verdict == "fail" and res.leaked == 3 * 2**20
+    assert res.readings[0].name == "memwarden-alloc"
+    text = res.format()
+    assert "allocated at model.py:7 in forward" in text and "3.0 MiB" in text
+
+
+class FakeAlloc:
+    """Stands for memwarden.alloc with its stats and snapshot (for when it is absent)."""
+
+    def __init__(self):
+        self.blocks, self.peak, self.next = {}, 0, 0x1000
+
+    def is_installed(self, device_type):
+        return device_type == "cpu"
+
+    def alloc(self, n, frames=()):
+        self.blocks[self.next] = (n, list(frames))
+        self.next += n
+        self.peak = max(self.peak, self.current())
+        return self.next - n
+
+    def free(self, addr):
+        del self.blocks[addr]
+
+    def current(self):
+        return sum(n for n, _ in self.blocks.values())
+
+    def memory_stats(self, device):
+        return {"allocated_bytes.all.current": self.current(), "allocated_bytes.all.peak": self.peak,
+                "reserved_bytes.all.current": self.current()}
+
+    def reset_peak_memory_stats(self, device):
+        self.peak = self.current()
+
+    def empty_cache(self, device):
+        pass
+
+    def snapshot(self, device):
+        return {"segments": [{"device": 0, "address": a, "total_size": n, "allocated_size": n,
+                              "blocks": [{"address": a, "size": n, "requested_size": n,
+                                          "state": "active_allocated", "frames": f}]}
+                             for a, (n, f) in self.blocks.items()]}
+
+
+def test_limit_memory(pytester):
+    pytester.makepyfile(test_lim="""
+import pytest, torch
+
+@pytest.mark.limit_memory("64 MiB")
+def test_over():
+    x = torch.ones(200 * 2**20, dtype=torch.uint8)   # 200 MiB at once
+    del x
+
+@pytest.mark.limit_memory("512 MiB")
+def test_under():
+    x = torch.ones(16 * 2**20, dtype=torch.uint8)
+    del x
+
+@pytest.mark.limit_memory("1 GiB", device="cuda")
+def test_cuda():
+    pass
+""")
+    r = run(pytester, "-rs")
+    r.assert_outcomes(passed=1, failed=1, skipped=1)
+    r.stdout.fnmatch_lines(["*test_over used more memory than its limit: peak 2??.? MiB above the start on cpu*limit 64.0 MiB*"])
+    r.stdout.fnmatch_lines(["*test_lim.py:6 in test_over*"])
+
+
+def test_limit_memory_with_allocator_peak():
+    from memwarden.testing import PeakMonitor
+    fake = FakeAlloc()
+    with src.use_backend(fake):
+        mon = PeakMonitor("cpu").start()
+        a = fake.alloc(5 * 2**20)
+        fake.free(a)
+        res = mon.stop()
+    assert res.source == "memwarden-alloc" and res.exact and res.peak == 5 * 2**20
+
+
+def test_requires_memory(pytester):
+    pytester.makepyfile(test_req="""
+import pytest
+
+@pytest.mark.requires_memory("1 PiB")
+def test_huge():
+    pass
+
+@pytest.mark.requires_memory("1 MiB")
+def test_small():
+    pass
+
+@pytest.mark.requires_memory("1 MiB", device="cuda")
+def test_cuda():
+    pass
+""")
+    r = run(pytester, "-rs")
+    r.assert_outcomes(passed=2 if CUDA else 1, skipped=1 if CUDA else 2)
+    r.stdout.fnmatch_lines(["*requires 1024.0 TiB free on cpu, only * free*"])
+    if not CUDA:
+        r.stdout.fnmatch_lines(["*requires 1.0 MiB free on cuda:0: CUDA is not available*"])
+
+
+def test_gpu_resources_budget(pytester):
+    pytester.makeini("[pytest]\nmemwarden_gpu_budget = 100 MiB\n")
+    pytester.makepyfile(test_res="""
+def test_a(gpu_resources):
+    r = gpu_resources.reserve("60 MiB")
+    assert gpu_resources.reserved() == 60 * 2**20
+    gpu_resources.reserve("60 MiB")          # does not fit: skipped
+
+def test_b(gpu_resources):
+    assert gpu_resources.reserved() == 0      # test_a's reservation was released
+    with gpu_resources.reserve("90 MiB"):
+        assert gpu_resources.available() == 10 * 2**20
+    assert gpu_resources.available() == 100 * 2**20
+""")
+    r = run(pytester, "-rs")
+    r.assert_outcomes(passed=1, skipped=1)
+    r.stdout.fnmatch_lines(["*cannot reserve 60.0 MiB on cpu: 60.0 MiB of the 100.0 MiB budget is already reserved*"])
+
+
+def test_memory_reset_fixture(pytester):
+    pytester.makepyfile(test_reset="""
+from memwarden.testing import ResetReport, reset_memory
+
+def test_it(memory_reset):
+    assert isinstance(memory_reset, ResetReport)
+    assert "gc" in memory_reset.steps and memory_reset.after["host_rss"] > 0
+    rep = reset_memory("cpu")
+    assert "reset_memory(cpu)" in str(rep)
+""")
+    run(pytester, "--memwarden-reset-each").assert_outcomes(passed=1)
+
+
+def test_tracker_fixture_plot_on_failure(pytester, tmp_path):
+    pytester.makepyfile(test_tr="""
+import torch
+
+def test_fails(memory_tracker):
+    keep = []
+    for i in range(5):
+        with memory_tracker.phase("work"):
+            keep.append(torch.ones(2 * 2**20))
+        memory_tracker.step()
+    assert False
+
+def test_passes(memory_tracker):
+    memory_tracker.step()
+""")
+    r = run(pytester, f"--memwarden-plot-dir={tmp_path}")
+    r.assert_outcomes(passed=1, failed=1)
+    r.stdout.fnmatch_lines(["*memwarden memory_tracker*", "timeline plot: *test_tr.py_test_fails.png",
+                            "*PLOT  test_tr.py::test_fails*"])
+    assert (tmp_path / "test_tr.py_test_fails.png").stat().st_size > 1000
+    assert (tmp_path / "test_tr.py_test_fails.json").exists()
+    assert not (tmp_path / "test_tr.py_test_passes.png").exists()
