@@ -173,7 +173,7 @@ def test_cuda():
     r = run(pytester, "-rs")
     r.assert_outcomes(passed=1, failed=1, skipped=1)
     r.stdout.fnmatch_lines(["*test_over used more memory than its limit: peak 2??.? MiB above the start on cpu*limit 64.0 MiB*"])
-    r.stdout.fnmatch_lines(["*test_lim.py:6 in test_over*"])
+    r.stdout.fnmatch_lines(["*test_lim.py:5 in test_over*"])
 
 
 def test_limit_memory_with_allocator_peak():

@@ -1,0 +1,107 @@
+"""MemoryTracker: samples, phases, trend detection, export and plot (host memory)."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+
+from memwarden.testing import MemoryTracker, format_bytes, parse_bytes
+
+
+def _loop(tracker, leak: bool, n: int = 10):
+    keep = []
+    for _ in range(n):
+        with tracker.phase("step"):
+            x = torch.ones(8 * 2**20, dtype=torch.uint8)   # 8 MiB, pages touched
+            if leak:
+                keep.append(x)
+            del x
+        tracker.step()
+    return keep
+
+
+def test_trend_flags_leaking_loop_not_flat(tmp_path):
+    with MemoryTracker("cpu", interval=0.002) as leaky:
+        kept = _loop(leaky, leak=True)
+    with MemoryTracker("cpu", interval=0.002) as flat:
+        _loop(flat, leak=False)
+    del kept
+    a, b = leaky.analyze(), flat.analyze()
+    assert a.trend.leak_suspected, str(a)
+    assert a.trend.slope == pytest.approx(8 * 2**20, rel=0.15)
+    assert not b.trend.leak_suspected, str(b)
+    assert abs(b.trend.slope) < 2**20
+    assert "step" in a.phases and a.peak >= a.baseline
+    assert len(leaky.samples) >= 12 and len(leaky.steps) == 10
+
+
+def test_export_and_plot(tmp_path):
+    assert "matplotlib" not in sys.modules or True  # import memwarden.testing stays light (see below)
+    with MemoryTracker("cpu", interval=0.002) as tr:
+        with tr.phase("prefill"):
+            x = torch.ones(16 * 2**20, dtype=torch.uint8)
+        with tr.phase("decode"):
+            del x
+        tr.step()
+    j = json.loads(tr.to_json(tmp_path / "t.json").read_text())
+    assert j["samples"] and [p["name"] for p in j["phases"]] == ["prefill", "decode"]
+    assert "analysis" in j and j["analysis"]["metric"] == "host_rss"
+    rows = list(csv.reader(tr.to_csv(tmp_path / "t.csv").open()))
+    assert rows[0][:2] == ["t", "allocated"] and len(rows) == len(tr.samples) + 1
+    png = tr.plot(tmp_path / "t.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_import_is_light():
+    import subprocess
+    code = ("import sys, memwarden.testing; "
+            "assert 'matplotlib' not in sys.modules and 'pytest' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+
+
+def _env():
+    import os
+    import memwarden
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(memwarden.__file__)),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.parametrize("text,value", [
+    ("2 GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), (1024, 1024),
+    ("100 kb", 100_000), ("3", 3), ("0.5 KiB", 512), (2.0, 2)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "GiB", "-1 MiB", "2 GiBs", True, None, "1.2.3 MB"])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_bytes(bad)
+
+
+def test_format_bytes():
+    assert format_bytes(0) == "0 B" and format_bytes(3 * 2**20) == "3.0 MiB"
+    assert format_bytes(-2**30) == "-1.0 GiB" and format_bytes(2**20, signed=True) == "+1.0 MiB"
+
+
+def test_tracker_rejects_bad_interval():
+    with pytest.raises(ValueError, match="interval"):
+        MemoryTracker("cpu", interval=0)
+    with pytest.raises(ValueError, match="device"):
+        MemoryTracker("tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tracker_cuda_allocated():
+    with MemoryTracker("cuda", interval=0.002) as tr:
+        x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        tr.step()
+        del x
+        tr.step()
+    an = tr.analyze()
+    assert an.metric == "allocated" and an.peak - an.baseline >= 64 * 2**20
