@@ -15,7 +15,7 @@ pytest_plugins = ["pytester"]
 def _plugin_args() -> list[str]:
     if not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
         for ep in importlib.metadata.entry_points(group="pytest11"):
-            if ep.value.split(":")[0] == "memwarden.testing.plugin":
+            if ep.value.split(":")[0] in ("memwarden.testing.plugin", "memwarden.testing.pytest_entry"):
                 return []
     return ["-p", "memwarden.testing.plugin"]
 

@@ -18,7 +18,7 @@ def _plugin_args() -> list[str]:
     """``-p memwarden.testing.plugin`` unless the installed entry point already loads it."""
     if not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
         for ep in importlib.metadata.entry_points(group="pytest11"):
-            if ep.value.split(":")[0] == "memwarden.testing.plugin":
+            if ep.value.split(":")[0] in ("memwarden.testing.plugin", "memwarden.testing.pytest_entry"):
                 return []
     return ["-p", "memwarden.testing.plugin"]
 
@@ -264,3 +264,22 @@ def test_passes(memory_tracker):
     assert (tmp_path / "test_tr.py_test_fails.png").stat().st_size > 1000
     assert (tmp_path / "test_tr.py_test_fails.json").exists()
     assert not (tmp_path / "test_tr.py_test_passes.png").exists()
+
+
+def test_entry_point_loads_plugin_and_tolerates_explicit_p(pytester, monkeypatch):
+    """What ``pip install`` gives: a pytest11 entry point. Also loading the plugin by
+    module name (-p / pytest_plugins) must not register it twice."""
+    import memwarden
+    site = pytester.mkdir("site")
+    dist = site / "memwarden_entry_check-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: memwarden-entry-check\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[pytest11]\nmemwarden = memwarden.testing.pytest_entry\n")
+    pytester.makeconftest('pytest_plugins = ["memwarden.testing.plugin"]')
+    pytester.makepyfile(test_ep="def test_x(leak_check, memory_tracker, gpu_resources):\n    pass\n")
+    pkg_root = os.path.dirname(os.path.dirname(memwarden.__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), pkg_root]))
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    r = pytester.runpytest_subprocess("-p", "memwarden.testing.plugin", "-p", "no:cacheprovider",
+                                      "--memwarden-device=cpu")
+    r.assert_outcomes(passed=1)
