@@ -283,3 +283,28 @@ def test_entry_point_loads_plugin_and_tolerates_explicit_p(pytester, monkeypatch
     r = pytester.runpytest_subprocess("-p", "memwarden.testing.plugin", "-p", "no:cacheprovider",
                                       "--memwarden-device=cpu")
     r.assert_outcomes(passed=1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_leak_check_and_limit_cuda(pytester):
+    pytester.makepyfile(test_cu="""
+import pytest, torch
+KEEP = []
+
+def test_leak():
+    KEEP.append(torch.empty(128 * 2**20, dtype=torch.uint8, device="cuda"))
+
+def test_clean():
+    x = torch.empty(128 * 2**20, dtype=torch.uint8, device="cuda")
+    del x
+
+@pytest.mark.no_leak_check
+@pytest.mark.limit_memory("64 MiB", device="cuda")
+def test_over_limit():
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    del x
+""")
+    r = run(pytester, "--memwarden-leak-check", "--memwarden-device=cuda")
+    r.assert_outcomes(passed=1, failed=2)
+    r.stdout.fnmatch_lines(["*test_leak leaked 128.0 MiB on cuda:* according to torch-*",
+                            "*peak 256.0 MiB above the start on cuda:* (source: torch-alloc)*"])

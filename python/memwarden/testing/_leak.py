@@ -102,11 +102,17 @@ class LeakResult:
             total = sum(n for _, n, _ in self.new_tensors)
             lines.append(f"  live tensors created during the test and still alive "
                          f"({len(self.new_tensors)}, {format_bytes(total)}):")
-            for desc, n, holders in self.new_tensors[:top]:
+            groups: dict[tuple, int] = {}
+            for desc, n, holders in self.new_tensors:
+                key = (desc, n, tuple(holders))
+                groups[key] = groups.get(key, 0) + 1
+            for i, ((desc, n, holders), count) in enumerate(groups.items()):
+                if i == top:
+                    lines.append(f"    ... {len(groups) - top} more groups")
+                    break
                 held = f"  held by {'; '.join(holders)}" if holders else ""
-                lines.append(f"    {format_bytes(n):>10}  {desc}{held}")
-            if len(self.new_tensors) > top:
-                lines.append(f"    ... {len(self.new_tensors) - top} more")
+                mult = f"{count} x " if count > 1 else ""
+                lines.append(f"    {format_bytes(n * count):>10}  {mult}{desc}{held}")
         if self.new_blocks:
             total = sum(b.size for b in self.new_blocks)
             lines.append(f"  live allocator blocks created during the test "

@@ -329,39 +329,32 @@ def tensor_census(device: str = "cpu") -> dict[int, TensorInfo]:
     return out
 
 
-def describe_holders(obj: Any, limit: int = 2) -> list[str]:
-    """Best-effort names of what keeps ``obj`` alive: module globals, class attributes, and
-    lists/dicts/tuples/sets stored in them (two levels)."""
-    modules: dict[int, str] = {}
-    for name, m in list(sys.modules.items()):
+def describe_holders(obj: Any, limit: int = 3) -> list[str]:
+    """Best-effort names of what keeps ``obj`` alive: module globals, and lists, tuples,
+    sets and dicts stored in module globals (searched directly, so it also works for
+    objects that ``gc.freeze()`` moved out of the collector's view)."""
+    found: list[str] = []
+    for modname, m in list(sys.modules.items()):
         d = getattr(m, "__dict__", None)
-        if d is not None and (id(d) not in modules or modules[id(d)].startswith("__mp_")):
-            modules[id(d)] = name
-    names: list[str] = []
-
-    def name_in(container: Any, target: Any) -> str | None:
-        if isinstance(container, dict):
-            for k, v in container.items():
-                if v is target:
-                    return repr(k) if not isinstance(k, str) else k
-        return None
-
-    def owners(x: Any, depth: int) -> list[str]:
-        found = []
-        for ref in gc.get_referrers(x):
-            if ref is names or isinstance(ref, type(sys._getframe())):
+        if not isinstance(d, dict) or modname.startswith("__mp_"):
+            continue
+        try:
+            items = list(d.items())
+        except Exception:
+            continue
+        for name, v in items:
+            try:
+                if v is obj:
+                    found.append(f"global {modname}.{name}")
+                elif type(v) in (list, tuple, set, frozenset) and len(v) < 1_000_000 and any(x is obj for x in v):
+                    found.append(f"{type(v).__name__} {modname}.{name}")
+                elif type(v) is dict and len(v) < 1_000_000:
+                    for k, x in v.items():
+                        if x is obj:
+                            found.append(f"dict {modname}.{name}[{k!r}]")
+                            break
+            except Exception:
                 continue
-            if isinstance(ref, dict) and id(ref) in modules:
-                found.append(f"global {modules[id(ref)]}.{name_in(ref, x)}")
-            elif depth > 0 and isinstance(ref, (list, tuple, set, dict)) and len(found) < limit:
-                kind = type(ref).__name__
-                for o in owners(ref, depth - 1):
-                    found.append(f"{kind} {o.split(' ', 1)[1]}" if o.startswith("global ") else f"{kind} in {o}")
             if len(found) >= limit:
-                break
-        return found
-
-    try:
-        return owners(obj, 2)
-    except Exception:
-        return []
+                return found
+    return found
