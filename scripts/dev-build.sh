@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(pwd)/.venv/bin/python}
+export PATH="$(dirname "$PYTHON"):$PATH"  # the venv's cmake and ninja
 CUDA=${MEMWARDEN_CUDA:-OFF}
 BUILD=build/dev-$(echo "$CUDA" | tr '[:upper:]' '[:lower:]')
 cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PYTHON" -DMEMWARDEN_CUDA="$CUDA" \
