@@ -17,13 +17,14 @@ and quantizes everything, Inf included, to the zero point).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 import memwarden  # noqa: F401  (loads the ops)
 
-__all__ = ["GRANULARITIES", "dequantize_int8", "quantize_int8", "scaled_int8_quant"]
+__all__ = ["GRANULARITIES", "broadcast_scale", "dequantize_int8", "quantize_int8", "scaled_int8_quant"]
 
 GRANULARITIES = ("tensor", "token", "channel", "group")
 
@@ -79,3 +80,24 @@ def dequantize_int8(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_int8`: ``(q - azp) * scale`` as ``out_dtype``."""
     return torch.ops.memwarden.dequantize_int8(q, scale, azp, granularity, group_size, out_dtype)
+
+
+def broadcast_scale(scale: torch.Tensor, shape: torch.Size, granularity: str,
+                    group_size: Optional[int] = None) -> torch.Tensor:
+    """The scale (or zero point) of every element of a tensor of ``shape``: a view or
+    copy shaped like the input, e.g. to bound a round-trip error per element."""
+    cols = shape[-1]
+    rows = math.prod(shape[:-1])
+    if granularity == "tensor":
+        per_element = scale.reshape(1, 1).expand(rows, cols)
+    elif granularity == "token":
+        per_element = scale.reshape(rows, 1).expand(rows, cols)
+    elif granularity == "channel":
+        per_element = scale.reshape(1, cols).expand(rows, cols)
+    elif granularity == "group":
+        if not group_size:
+            raise ValueError("broadcast_scale: group_size is required for granularity 'group'")
+        per_element = scale.reshape(rows, cols // group_size).repeat_interleave(group_size, dim=1)
+    else:
+        raise ValueError(f"broadcast_scale: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return per_element.reshape(shape)

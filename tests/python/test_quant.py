@@ -65,7 +65,7 @@ def test_round_trip_error_is_half_a_step(shape, group_size, granularity, symmetr
     x_hat = quant.dequantize_int8(q, scale, azp, granularity, gs, out_dtype=torch.float32)
     torch.testing.assert_close(x_hat.cpu(), reference_dequantize(q.cpu(), scale.cpu(), None if azp is None else azp.cpu(), granularity, gs))
 
-    step = _broadcast_scale(scale.cpu(), x, granularity, gs)
+    step = quant.broadcast_scale(scale.cpu(), x.shape, granularity, gs)
     err = (x_hat.cpu() - x.cpu()).abs()
     half_step = step / 2 * (1 + 1e-5) + 1e-7
     if symmetric:
@@ -75,19 +75,6 @@ def test_round_trip_error_is_half_a_step(shape, group_size, granularity, symmetr
         saturated = (q.cpu() == 127) | (q.cpu() == -128)
         assert bool((err[~saturated] <= half_step[~saturated]).all())
         assert bool((err[saturated] <= step[saturated] * (1 + 1e-5) + 1e-7).all())
-
-
-def _broadcast_scale(scale, x, granularity, group_size):
-    x2 = x.reshape(-1, x.shape[-1])
-    if granularity == "tensor":
-        s = scale.expand_as(x2)
-    elif granularity == "token":
-        s = scale.reshape(-1, 1).expand_as(x2)
-    elif granularity == "channel":
-        s = scale.reshape(1, -1).expand_as(x2)
-    else:
-        s = scale.reshape(x2.shape[0], -1).repeat_interleave(group_size, dim=1)
-    return s.reshape(x.shape)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,8 +96,8 @@ def test_static_quantization_uses_given_scales(granularity, device):
     _, scale, azp = quant.quantize_int8(x, granularity, gs, symmetric=False)
     scale, azp = scale * 1.5, azp // 2  # different from what the data would give
     q = torch.ops.memwarden.quantize_int8_static(x, scale, azp, granularity, gs)
-    s = _broadcast_scale(scale.cpu(), x, granularity, gs)
-    z = _broadcast_scale(azp.cpu().float(), x, granularity, gs)
+    s = quant.broadcast_scale(scale.cpu(), x.shape, granularity, gs)
+    z = quant.broadcast_scale(azp.cpu().float(), x.shape, granularity, gs)
     expected = (torch.round(x.cpu().float() / s) + z).clamp(-128, 127)
     assert (q.cpu().float() - expected).abs().max() <= 1
 
