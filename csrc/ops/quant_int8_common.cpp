@@ -27,7 +27,7 @@ QuantShape layout_for(const char* op, const at::Tensor& t, Granularity granulari
   try {
     return {cols, quant::scale_layout(granularity, 1, cols, group_size.value_or(0))};
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, op, ": ", e.what());
+    C10_THROW_ERROR(ValueError, std::string(op) + ": " + e.what());
   }
 }
 
@@ -63,7 +63,7 @@ quant::Granularity parse_granularity_arg(const char* op, c10::string_view granul
   try {
     return quant::parse_granularity(std::string(granularity));
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, op, ": ", e.what());
+    C10_THROW_ERROR(ValueError, std::string(op) + ": " + e.what());
   }
 }
 
@@ -80,8 +80,7 @@ QuantShape check_float_input(const char* op, const at::Tensor& input, Granularit
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
                    ": input must be float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least one dimension");
-  TORCH_CHECK_VALUE(input.is_contiguous(), op, ": input must be contiguous (call .contiguous() first); got strides ",
-                    input.sym_strides());
+  TORCH_CHECK_VALUE(input.is_contiguous(), op, ": input must be contiguous (call .contiguous() first)");
   return layout_for(op, input, granularity, group_size);
 }
 

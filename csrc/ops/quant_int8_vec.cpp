@@ -66,11 +66,11 @@ inline Vec load_int8(const int8_t* src) {
 #endif
 }
 
-// round(x * inv_scale) + zero_point, NaN -> 0, saturated: the vector form of
+// round(x * inv_scale) + zero_point, NaN as 0, saturated: the vector form of
 // quant::quantize_value.
 inline Vec quantize_vec(const Vec& x, const Vec& inv_scale, const Vec& zero_point) {
-  Vec r = (x * inv_scale).round() + zero_point;
-  r = Vec::blendv(r, Vec(0.0f), r.isnan());
+  Vec r = (x * inv_scale).round();
+  r = Vec::blendv(r, Vec(0.0f), r.isnan()) + zero_point;
   return at::vec::clamp(r, Vec(-128.0f), Vec(127.0f));
 }
 
@@ -142,8 +142,8 @@ void quantize_span_per_column(const T* src, int8_t* dst, int64_t n, const float*
                                                    Vec::loadu(zero_points + i + Vec::size())));
   }
   for (; i < n; ++i) {
-    const float r = std::nearbyint(static_cast<float>(src[i]) * inv_scales[i]) + zero_points[i];
-    dst[i] = quant::saturate_int8(r);
+    const quant::Int8Params params{0.0f, inv_scales[i], static_cast<int32_t>(zero_points[i])};
+    dst[i] = quant::quantize_value(static_cast<float>(src[i]), params);
   }
 }
 

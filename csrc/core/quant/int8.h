@@ -5,8 +5,9 @@
 //   asymmetric: scale = (max - min) / 255,     azp = round(-128 - min / scale),
 //               q = sat(round(x / scale) + azp)
 // round = round half to even, sat = saturate to [-128, 127]. Only finite values
-// enter min/max/absmax; NaN quantizes to 0 and +-Inf saturates. A group whose finite
-// values are all zero (or that has none) gets scale 0 and q = 0, never NaN.
+// enter min/max/absmax; +-Inf saturates. A group whose finite
+// values are all zero (or that has none) gets scale 0 and q = 0, never NaN. NaN
+// quantizes to the zero point (so it dequantizes to 0).
 #pragma once
 
 #include <cmath>
@@ -27,9 +28,8 @@ struct Int8Params {
   int32_t zero_point;
 };
 
-// Saturates an integral float to [-128, 127]; NaN gives 0.
+// Saturates an integral float to [-128, 127].
 MW_HOST_DEVICE int8_t saturate_int8(float integral) {
-  if (integral != integral) return 0;
   if (integral >= 127.0f) return 127;
   if (integral <= -128.0f) return -128;
   return static_cast<int8_t>(integral);
@@ -56,9 +56,11 @@ MW_HOST_DEVICE Int8Params asymmetric_params(float min_value, float max_value) {
 }
 
 // The zero point is added after rounding: adding it first would move the ties that
-// round half to even decides (2.5 + 3 rounds to 6, round(2.5) + 3 is 5).
+// round half to even decides (2.5 + 3 rounds to 6, round(2.5) + 3 is 5). NaN is
+// quantized as 0, i.e. to the zero point.
 MW_HOST_DEVICE int8_t quantize_value(float x, const Int8Params& p) {
-  return saturate_int8(rintf(x * p.inv_scale) + static_cast<float>(p.zero_point));
+  const float rounded = rintf(x * p.inv_scale);
+  return saturate_int8((rounded == rounded ? rounded : 0.0f) + static_cast<float>(p.zero_point));
 }
 
 MW_HOST_DEVICE float dequantize_value(int8_t q, float scale, int32_t zero_point) {
