@@ -3,7 +3,7 @@
 Runs a synthetic suite (N small torch tests) with pytest in a subprocess, with and
 without ``--memwarden-leak-check``, a few times each, and writes JSON.
 
-    PYTHONPATH=python python benchmarks/bench_leak_check.py [--tests 60] [--repeats 3] [--json PATH]
+    PYTHONPATH=python python benchmarks/bench_leak_check.py [--tests 60] [--repeats 3] [--quick] [--json PATH]
 """
 from __future__ import annotations
 
@@ -47,8 +47,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tests", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10 tests, 1 repeat")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_leak_check.json"))
     a = ap.parse_args()
+    if a.quick:
+        a.tests, a.repeats = 10, 1
     env = dict(os.environ)
     import memwarden  # run the suite against the same memwarden (source tree or installed)
     root = str(Path(memwarden.__file__).resolve().parent.parent)
