@@ -202,7 +202,10 @@ def pytest_fixture_setup(fixturedef, request):
 def leak_check(request) -> LeakChecker:
     """Check this test for leaks (measured around setup, call and teardown); returns the
     :class:`LeakChecker`, whose ``fail``/``warn`` thresholds can be changed in the test."""
-    return request.node.stash[_CHECKER]
+    checker = request.node.stash.get(_CHECKER, None)
+    if checker is None:  # e.g. also marked no_leak_check
+        pytest.fail("leak_check is not active for this test (is it marked no_leak_check?)", pytrace=False)
+    return checker
 
 
 # --- reset -----------------------------------------------------------------------
