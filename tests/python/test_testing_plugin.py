@@ -172,7 +172,10 @@ def test_cuda():
 """)
     r = run(pytester, "-rs")
     r.assert_outcomes(passed=1, failed=1, skipped=1)
-    r.stdout.fnmatch_lines(["*test_over used more memory than its limit: peak 2??.? MiB above the start on cpu*limit 64.0 MiB*"])
+    r.stdout.fnmatch_lines(["*test_over used more memory than its limit: peak * MiB above the start on cpu*limit 64.0 MiB*"])
+    import re
+    peak = float(re.search(r"test_over used more memory than its limit: peak ([0-9.]+) MiB", r.stdout.str()).group(1))
+    assert 150 <= peak <= 260, peak     # 200 MiB allocated (RSS: heap pages already mapped may absorb a little)
     r.stdout.fnmatch_lines(["*test_lim.py:5 in test_over*"])
 
 
