@@ -169,6 +169,26 @@ void with_vector_width(bool vectorizable, const Fn& fn) {
   }
 }
 
+// For the element-wise kernels over [rows, cols]: picks the widest vector width the
+// pointer alignment and the sizes allow, and the per-column variant, then calls
+// launch(width, per_column, shape) with both as integral constants.
+template <typename T, typename Launch>
+void dispatch_elementwise(const void* data, int64_t alignment, int64_t rows, int64_t cols,
+                          const quant::ScaleLayout& layout, const Launch& launch) {
+  constexpr int kWide = kVectorBytes / sizeof(T);
+  const bool per_column = layout.group_size == 1 && layout.row_stride == 0;
+  const bool vectorizable =
+      aligned(data, alignment) && cols % kWide == 0 && (per_column || layout.group_size % kWide == 0);
+  with_vector_width<T>(vectorizable, [&](auto width) {
+    const ElementwiseLaunch shape = elementwise_launch(rows, cols, decltype(width)::value);
+    if (per_column) {
+      launch(width, std::true_type{}, shape);
+    } else {
+      launch(width, std::false_type{}, shape);
+    }
+  });
+}
+
 }  // namespace
 
 QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_size, bool symmetric) {
@@ -209,23 +229,15 @@ at::Tensor quantize_int8_static_cuda(const at::Tensor& input, const at::Tensor& 
   if (input.numel() == 0) return q;
   const quant::ScaleLayout layout = concrete_layout(input, granularity, group_size);
   const int64_t cols = input.size(-1), rows = input.numel() / cols;
-  const bool per_column = layout.group_size == 1 && layout.row_stride == 0;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int32_t* zero_points = zero_point.has_value() ? zero_point->const_data_ptr<int32_t>() : nullptr;
   MW_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_int8_static_cuda", [&] {
-    constexpr int kWide = kVectorBytes / sizeof(scalar_t);
-    const bool vectorizable = aligned(input.const_data_ptr(), kVectorBytes) && cols % kWide == 0 &&
-                              (per_column || layout.group_size % kWide == 0);
-    with_vector_width<scalar_t>(vectorizable, [&](auto width) {
-      constexpr int N = decltype(width)::value;
-      const ElementwiseLaunch shape = elementwise_launch(rows, cols, N);
-      auto launch = [&](auto per_column_tag) {
-        quantize_static_kernel<scalar_t, N, decltype(per_column_tag)::value><<<shape.grid, shape.block, 0, stream>>>(
-            input.const_data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scale.const_data_ptr<float>(), zero_points,
-            rows, cols, layout);
-      };
-      per_column ? launch(std::true_type{}) : launch(std::false_type{});
+    dispatch_elementwise<scalar_t>(input.const_data_ptr(), kVectorBytes, rows, cols, layout,
+                                   [&](auto width, auto per_column, const ElementwiseLaunch& shape) {
+      quantize_static_kernel<scalar_t, decltype(width)::value, decltype(per_column)::value>
+          <<<shape.grid, shape.block, 0, stream>>>(input.const_data_ptr<scalar_t>(), q.data_ptr<int8_t>(),
+                                                   scale.const_data_ptr<float>(), zero_points, rows, cols, layout);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,23 +251,16 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& q, const at::Tensor& scale,
   if (q.numel() == 0) return out;
   const quant::ScaleLayout layout = concrete_layout(q, granularity, group_size);
   const int64_t cols = q.size(-1), rows = q.numel() / cols;
-  const bool per_column = layout.group_size == 1 && layout.row_stride == 0;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int32_t* zero_points = zero_point.has_value() ? zero_point->const_data_ptr<int32_t>() : nullptr;
   MW_DISPATCH_FLOAT_HALF_BF16(out.scalar_type(), "dequantize_int8_cuda", [&] {
-    constexpr int kWide = kVectorBytes / sizeof(scalar_t);
-    const bool vectorizable = aligned(q.const_data_ptr(), kWide) && cols % kWide == 0 &&
-                              (per_column || layout.group_size % kWide == 0);
-    with_vector_width<scalar_t>(vectorizable, [&](auto width) {
-      constexpr int N = decltype(width)::value;
-      const ElementwiseLaunch shape = elementwise_launch(rows, cols, N);
-      auto launch = [&](auto per_column_tag) {
-        dequantize_kernel<scalar_t, N, decltype(per_column_tag)::value><<<shape.grid, shape.block, 0, stream>>>(
-            q.const_data_ptr<int8_t>(), out.data_ptr<scalar_t>(), scale.const_data_ptr<float>(), zero_points, rows,
-            cols, layout);
-      };
-      per_column ? launch(std::true_type{}) : launch(std::false_type{});
+    // N int8 loads per step: the q pointer needs N-byte alignment (the output is fresh).
+    dispatch_elementwise<scalar_t>(q.const_data_ptr(), kVectorBytes / sizeof(scalar_t), rows, cols, layout,
+                                   [&](auto width, auto per_column, const ElementwiseLaunch& shape) {
+      dequantize_kernel<scalar_t, decltype(width)::value, decltype(per_column)::value>
+          <<<shape.grid, shape.block, 0, stream>>>(q.const_data_ptr<int8_t>(), out.data_ptr<scalar_t>(),
+                                                   scale.const_data_ptr<float>(), zero_points, rows, cols, layout);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
