@@ -14,6 +14,7 @@ MEMWARDEN_CUDA=ON MEMWARDEN_BUILD_TESTS=OFF JOBS=16 scripts/dev-build.sh >"$OUT/
 PYTHONPATH=python $PYTHON -m pytest tests/python -q -p no:cacheprovider -x ${1:+-k "$1"} 2>&1 | tee "$OUT/pytest.log" | tail -15
 for bench in benchmarks/bench_*.py; do
   name=$(basename "$bench" .py)
+  PYTHONPATH=python $PYTHON "$bench" --help 2>/dev/null | grep -q -- "--device" || continue
   for device in cuda cpu; do
     PYTHONPATH=python $PYTHON "$bench" --device "$device" --json "$OUT/${name}_${device}.json" 2>&1 | tail -12
   done

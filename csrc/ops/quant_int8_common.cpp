@@ -35,10 +35,17 @@ c10::SymInt sym_rows(const at::Tensor& t) {
   return t.dim() == 0 || t.sym_size(-1) == 0 ? c10::SymInt(0) : t.sym_numel() / t.sym_size(-1);
 }
 
+// Messages are built from plain strings: streaming SymInts into c10::str crashed on
+// torch 2.11 (seen on the H100 machine), and a symbolic size has no number to show.
+std::string sym_string(const c10::SymInt& value) {
+  const auto concrete = value.maybe_as_int();
+  return concrete ? std::to_string(*concrete) : std::string("<symbolic>");
+}
+
 std::string shape_string(const at::Tensor& t) {
-  std::ostringstream out;
-  out << t.sym_sizes();
-  return out.str();
+  std::string out = "[";
+  for (const c10::SymInt& size : t.sym_sizes()) out += (out.size() > 1 ? ", " : "") + sym_string(size);
+  return out + "]";
 }
 
 // Expected number of scales, symbolic in the rows.
@@ -100,7 +107,7 @@ void check_scale(const char* op, const at::Tensor& like, const QuantShape& shape
   TORCH_CHECK_VALUE(scale.is_contiguous(), op, ": scale must be contiguous");
   const c10::SymInt expected = expected_scales(like, granularity, shape);
   TORCH_CHECK_VALUE(scale.sym_numel().sym_eq(expected).expect_true(__FILE__, __LINE__),
-                  op, ": scale must have ", expected, " elements for granularity '",
+                  op, ": scale must have ", sym_string(expected), " elements for granularity '",
                   quant::granularity_name(granularity), "' and input shape ", shape_string(like), ", got shape ",
                   shape_string(scale));
   if (zero_point.has_value()) {
@@ -110,7 +117,7 @@ void check_scale(const char* op, const at::Tensor& like, const QuantShape& shape
                       "), got ", zp.device());
     TORCH_CHECK_VALUE(zp.is_contiguous(), op, ": azp must be contiguous");
     TORCH_CHECK_VALUE(zp.sym_numel().sym_eq(scale.sym_numel()).expect_true(__FILE__, __LINE__), op, ": azp must have as many elements as scale (",
-                    scale.sym_numel(), "), got shape ", shape_string(zp));
+                    sym_string(scale.sym_numel()), "), got shape ", shape_string(zp));
   }
 }
 

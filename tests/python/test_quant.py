@@ -1,6 +1,4 @@
 """INT8 quantization ops against the plain-PyTorch reference in quant_reference.py."""
-import math
-
 import pytest
 import torch
 from torch.library import opcheck
@@ -241,8 +239,8 @@ def test_cuda_matches_cpu(granularity, dtype):
     gpu = quant.quantize_int8(x.cuda(), granularity, gs, symmetric=False)
     torch.testing.assert_close(gpu[1].cpu(), cpu[1])
     assert (gpu[0].cpu().int() - cpu[0].int()).abs().max() <= 1
-    assert math.isclose(
-        quant.dequantize_int8(*gpu, granularity, gs, torch.float32).cpu().sum().item(),
-        quant.dequantize_int8(*cpu, granularity, gs, torch.float32).sum().item(),
-        rel_tol=1e-3,
-    )
+    # A one-step difference in q moves the dequantized value by at most one scale.
+    step = quant.broadcast_scale(cpu[1], x.shape, granularity, gs)
+    gpu_x = quant.dequantize_int8(*gpu, granularity, gs, torch.float32).cpu()
+    cpu_x = quant.dequantize_int8(*cpu, granularity, gs, torch.float32)
+    assert bool(((gpu_x - cpu_x).abs() <= step * 1.001).all())
