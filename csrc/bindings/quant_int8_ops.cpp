@@ -9,6 +9,9 @@ TORCH_LIBRARY_FRAGMENT(memwarden, m) {
   // Kernels (CPU, CUDA, Meta).
   m.def("quantize_int8_groups(Tensor input, int group_size, bool symmetric=True) -> (Tensor, Tensor, Tensor?)");
   m.def(
+      "quantize_int8_groups_out(Tensor input, int group_size, Tensor(a!) q, Tensor(b!) scale, "
+      "Tensor(c!)? azp=None) -> ()");
+  m.def(
       "quantize_int8_static(Tensor input, Tensor scale, Tensor? azp=None, str granularity=\"tensor\", "
       "int? group_size=None) -> Tensor");
   m.def(
@@ -27,12 +30,14 @@ TORCH_LIBRARY_FRAGMENT(memwarden, m) {
 
 TORCH_LIBRARY_IMPL(memwarden, CPU, m) {
   m.impl("quantize_int8_groups", TORCH_FN(quantize_int8_groups_cpu));
+  m.impl("quantize_int8_groups_out", TORCH_FN(quantize_int8_groups_out_cpu));
   m.impl("quantize_int8_static", TORCH_FN(quantize_int8_static_cpu));
   m.impl("dequantize_int8", TORCH_FN(dequantize_int8_cpu));
 }
 
 TORCH_LIBRARY_IMPL(memwarden, Meta, m) {
   m.impl("quantize_int8_groups", TORCH_FN(quantize_int8_groups_outputs));
+  m.impl("quantize_int8_groups_out", TORCH_FN(quantize_int8_groups_out_check));
   m.impl("quantize_int8_static", TORCH_FN(quantize_int8_static_outputs));
   m.impl("dequantize_int8", TORCH_FN(dequantize_int8_outputs));
 }
@@ -40,6 +45,7 @@ TORCH_LIBRARY_IMPL(memwarden, Meta, m) {
 #ifdef MEMWARDEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(memwarden, CUDA, m) {
   m.impl("quantize_int8_groups", TORCH_FN(quantize_int8_groups_cuda));
+  m.impl("quantize_int8_groups_out", TORCH_FN(quantize_int8_groups_out_cuda));
   m.impl("quantize_int8_static", TORCH_FN(quantize_int8_static_cuda));
   m.impl("dequantize_int8", TORCH_FN(dequantize_int8_cuda));
 }

@@ -19,6 +19,13 @@ const QuantInt8CpuKernels& quant_int8_cpu_kernels() {
 #endif
 }
 
+void quantize_int8_groups_out_cpu(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
+                                  const at::Tensor& scale, const std::optional<at::Tensor>& azp) {
+  quantize_int8_groups_out_check(input, group_size, q, scale, azp);
+  at::Tensor q_out = q, scale_out = scale, zero_point = azp.value_or(at::Tensor());
+  quant_int8_cpu_kernels().quantize_groups(input, group_size, q_out, scale_out, zero_point);
+}
+
 QuantResult quantize_int8_groups_cpu(const at::Tensor& input, int64_t group_size, bool symmetric) {
   auto outputs = quantize_int8_groups_outputs(input, group_size, symmetric);
   auto& [q, scale, zero_point] = outputs;

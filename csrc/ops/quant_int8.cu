@@ -191,16 +191,16 @@ void dispatch_elementwise(const void* data, int64_t alignment, int64_t rows, int
 
 }  // namespace
 
-QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_size, bool symmetric) {
-  auto outputs = quantize_int8_groups_outputs(input, group_size, symmetric);
-  auto& [q, scale, zero_point] = outputs;
-  if (input.numel() == 0) return outputs;
+void quantize_int8_groups_out_cuda(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
+                                   const at::Tensor& scale, const std::optional<at::Tensor>& azp) {
+  quantize_int8_groups_out_check(input, group_size, q, scale, azp);
+  if (input.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t num_groups = input.numel() / group_size;
-  int32_t* zero_points = zero_point.has_value() ? zero_point->data_ptr<int32_t>() : nullptr;
+  int32_t* zero_points = azp.has_value() ? azp->data_ptr<int32_t>() : nullptr;
   MW_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_int8_groups_cuda", [&] {
-    const bool vectorizable = aligned(input.const_data_ptr(), kVectorBytes) &&
+    const bool vectorizable = aligned(input.const_data_ptr(), kVectorBytes) && aligned(q.const_data_ptr(), kVectorBytes) &&
                               (group_size * static_cast<int64_t>(sizeof(scalar_t))) % kVectorBytes == 0;
     with_vector_width<scalar_t>(vectorizable, [&](auto width) {
       constexpr int N = decltype(width)::value;
@@ -219,6 +219,12 @@ QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_siz
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_size, bool symmetric) {
+  auto outputs = quantize_int8_groups_outputs(input, group_size, symmetric);
+  const auto& [q, scale, zero_point] = outputs;
+  quantize_int8_groups_out_cuda(input, group_size, q, scale, zero_point);
   return outputs;
 }
 

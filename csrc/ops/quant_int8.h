@@ -40,6 +40,12 @@ quant::ScaleLayout concrete_layout(const at::Tensor& t, c10::string_view granula
 // quantize_int8_groups: dynamic per-group (group_size = last dim: per-token) scales.
 QuantResult quantize_int8_groups_cpu(const at::Tensor& input, int64_t group_size, bool symmetric);
 QuantResult quantize_int8_groups_outputs(const at::Tensor& input, int64_t group_size, bool symmetric);
+// quantize_int8_groups_out: the same into preallocated q, scale (and azp, whose
+// presence makes it asymmetric). The check is also the Meta kernel.
+void quantize_int8_groups_out_check(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
+                                    const at::Tensor& scale, const std::optional<at::Tensor>& azp);
+void quantize_int8_groups_out_cpu(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
+                                  const at::Tensor& scale, const std::optional<at::Tensor>& azp);
 
 // quantize_int8_static: quantize with given scales (and zero points).
 at::Tensor quantize_int8_static_cpu(const at::Tensor& input, const at::Tensor& scale,
@@ -58,6 +64,8 @@ at::Tensor dequantize_int8_outputs(const at::Tensor& q, const at::Tensor& scale,
 
 #ifdef MEMWARDEN_WITH_CUDA
 QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_size, bool symmetric);
+void quantize_int8_groups_out_cuda(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
+                                   const at::Tensor& scale, const std::optional<at::Tensor>& azp);
 at::Tensor quantize_int8_static_cuda(const at::Tensor& input, const at::Tensor& scale,
                                      const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
                                      std::optional<int64_t> group_size);

@@ -133,6 +133,27 @@ QuantResult quantize_int8_groups_outputs(const at::Tensor& input, int64_t group_
   return {q, scale, zero_point};
 }
 
+void quantize_int8_groups_out_check(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
+                                    const at::Tensor& scale, const std::optional<at::Tensor>& azp) {
+  constexpr const char* op = "quantize_int8_groups_out";
+  // The shapes the functional op would allocate, worked out on the Meta device.
+  check_float_input(op, input, Granularity::kGroup, group_size);
+  const auto [want_q, want_scale, want_azp] = quantize_int8_groups_outputs(
+      at::empty_symint(input.sym_sizes(), input.options().device(c10::kMeta)), group_size, !azp.has_value());
+  auto check = [&](const char* name, const at::Tensor& out, const at::Tensor& want) {
+    TORCH_CHECK_TYPE(out.scalar_type() == want.scalar_type(), op, ": ", name, " must be ", want.scalar_type(),
+                     ", got ", out.scalar_type());
+    TORCH_CHECK_VALUE(out.device() == input.device(), op, ": ", name, " must be on the input's device (",
+                      input.device(), "), got ", out.device());
+    TORCH_CHECK_VALUE(out.sym_sizes().equals(want.sym_sizes()), op, ": ", name, " must have shape ",
+                      shape_string(want), ", got ", shape_string(out));
+    TORCH_CHECK_VALUE(out.is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  check("q", q, want_q);
+  check("scale", scale, want_scale);
+  if (azp.has_value()) check("azp", *azp, *want_azp);
+}
+
 at::Tensor quantize_int8_static_outputs(const at::Tensor& input, const at::Tensor& scale,
                                      const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
                                      std::optional<int64_t> group_size) {

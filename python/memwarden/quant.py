@@ -24,7 +24,7 @@ import torch
 
 import memwarden  # noqa: F401  (loads the ops)
 
-__all__ = ["GRANULARITIES", "broadcast_scale", "dequantize_int8", "quantize_int8", "scaled_int8_quant"]
+__all__ = ["GRANULARITIES", "broadcast_scale", "dequantize_int8", "quantize_int8", "quantize_int8_into", "scaled_int8_quant"]
 
 GRANULARITIES = ("tensor", "token", "channel", "group")
 
@@ -68,6 +68,20 @@ def quantize_int8(
     ``symmetric`` is False.
     """
     return torch.ops.memwarden.quantize_int8(x, granularity, group_size, symmetric)
+
+
+def quantize_int8_into(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    azp: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+) -> None:
+    """Per-token (``group_size=None``) or per-group dynamic quantization of ``x`` into
+    preallocated tensors, e.g. reused buffers of a decode loop: ``q`` int8 shaped like
+    ``x``, ``scale`` float32 (and ``azp`` int32, which makes it asymmetric) shaped
+    ``[*x.shape[:-1], x.shape[-1] // group_size]``."""
+    torch.ops.memwarden.quantize_int8_groups_out(x, group_size or x.shape[-1], q, scale, azp)
 
 
 def dequantize_int8(

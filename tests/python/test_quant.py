@@ -189,6 +189,33 @@ def test_errors_name_the_argument():
         quant.scaled_int8_quant(x, torch.ones(2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_quantize_into_preallocated_matches_functional(symmetric, device):
+    x = make_input((3, 5, 96), torch.float16, device)
+    q = torch.full(x.shape, 99, dtype=torch.int8, device=device)  # poisoned
+    scale = torch.full((3, 5, 3), float("nan"), device=device)
+    azp = None if symmetric else torch.full((3, 5, 3), 99, dtype=torch.int32, device=device)
+    quant.quantize_int8_into(x, q, scale, azp, group_size=32)
+    ref_q, ref_scale, ref_azp = quant.quantize_int8(x, "group", 32, symmetric)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    if not symmetric:
+        assert torch.equal(azp, ref_azp)
+
+
+def test_quantize_into_checks_the_outputs():
+    x = torch.randn(4, 64)
+    q, scale = torch.empty(4, 64, dtype=torch.int8), torch.empty(4, 1)
+    with pytest.raises(TypeError, match="q must be Char"):
+        quant.quantize_int8_into(x, q.float(), scale)
+    with pytest.raises(ValueError, match=r"scale must have shape \[4, 1\], got \[4, 2\]"):
+        quant.quantize_int8_into(x, q, torch.empty(4, 2))
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        quant.quantize_int8_into(x, torch.empty(64, 4, dtype=torch.int8).t(), scale)
+    with pytest.raises(TypeError, match="azp must be Int"):
+        quant.quantize_int8_into(x, q, scale, torch.empty(4, 1))
+
+
 def test_empty_input():
     q, scale, _ = quant.quantize_int8(torch.empty(0, 16), "token")
     assert q.shape == (0, 16) and scale.shape == (0, 1)
@@ -203,6 +230,8 @@ def _opcheck_cases(device):
     return [
         (ops.quantize_int8_groups.default, (x, 16, False)),
         (ops.quantize_int8_groups.default, (x, 48, True)),
+        (ops.quantize_int8_groups_out.default, (x, 16, torch.empty_like(q), torch.empty_like(scale), torch.empty_like(azp))),
+        (ops.quantize_int8_groups_out.default, (x, 16, torch.empty_like(q), torch.empty_like(scale), None)),
         (ops.quantize_int8_static.default, (x, scale, azp, "group", 16)),
         (ops.dequantize_int8.default, (q, scale, azp, "group", 16, torch.float32)),
         (ops.quantize_int8.default, (x, "channel", None, False)),
