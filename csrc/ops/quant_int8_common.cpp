@@ -35,8 +35,10 @@ c10::SymInt sym_rows(const at::Tensor& t) {
   return t.dim() == 0 || t.sym_size(-1) == 0 ? c10::SymInt(0) : t.sym_numel() / t.sym_size(-1);
 }
 
-// Messages are built from plain strings: streaming SymInts into c10::str crashed on
-// torch 2.11 (seen on the H100 machine), and a symbolic size has no number to show.
+// Messages are built from strings, never by streaming numbers: with some toolchains
+// (seen on the lent H100 image) the extension carries its own copy of libstdc++'s
+// number formatting, which crashes on the locale of the one torch loaded. A symbolic
+// size also has no number to show.
 std::string sym_string(const c10::SymInt& value) {
   const auto concrete = value.maybe_as_int();
   return concrete ? std::to_string(*concrete) : std::string("<symbolic>");
@@ -235,7 +237,7 @@ QuantResult scaled_int8_quant(const at::Tensor& input, const std::optional<at::T
   }
   TORCH_CHECK_VALUE(symmetric == !azp.has_value(), op,
                     ": a static asymmetric quantization needs azp, and a symmetric one must not pass it "
-                    "(symmetric=", symmetric, ", azp ", azp.has_value() ? "given" : "missing", ")");
+                    "(symmetric=", symmetric ? "True" : "False", ", azp ", azp.has_value() ? "given" : "missing", ")");
   static auto apply = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          c10::string_view, std::optional<int64_t>)>("memwarden::quantize_int8_static");
   at::Tensor q = apply.call(input, *scale, azp, "tensor", std::nullopt);

@@ -1,7 +1,6 @@
 """Process isolation: @pytest.mark.isolated and run_isolated (spawned processes, ~3 s each)."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 
 import pytest
@@ -9,15 +8,11 @@ import pytest
 from memwarden.testing import IsolatedProcessError, run_isolated
 from memwarden.testing import _sources as src
 
+from plugin_args import plugin_args
+
 pytest_plugins = ["pytester"]
 
 
-def _plugin_args() -> list[str]:
-    if not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        for ep in importlib.metadata.entry_points(group="pytest11"):
-            if ep.value.split(":")[0] in ("memwarden.testing.plugin", "memwarden.testing.pytest_entry"):
-                return []
-    return ["-p", "memwarden.testing.plugin"]
 
 
 def _child_pid_and_raise(x):
@@ -58,7 +53,7 @@ def test_raises():
 def test_after():
     assert True
 """)
-    r = pytester.runpytest_inprocess(*_plugin_args(), "-p", "no:cacheprovider", "-rA")
+    r = pytester.runpytest_inprocess(*plugin_args(), "-p", "no:cacheprovider", "-rA")
     r.assert_outcomes(passed=2, failed=3)
     r.stdout.fnmatch_lines([
         "*isolated process for test_exits exited with code 3 without reporting a result*",

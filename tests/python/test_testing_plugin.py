@@ -1,7 +1,6 @@
 """memwarden.testing's pytest plugin, driven through pytester (CPU; CUDA parts skip)."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 
 import pytest
@@ -9,22 +8,17 @@ import pytest
 import memwarden.testing  # noqa: F401
 from memwarden.testing import _sources as src
 
+from plugin_args import plugin_args
+
 pytest_plugins = ["pytester"]
 
 CUDA = src.cuda_available()
 
 
-def _plugin_args() -> list[str]:
-    """``-p memwarden.testing.plugin`` unless the installed entry point already loads it."""
-    if not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        for ep in importlib.metadata.entry_points(group="pytest11"):
-            if ep.value.split(":")[0] in ("memwarden.testing.plugin", "memwarden.testing.pytest_entry"):
-                return []
-    return ["-p", "memwarden.testing.plugin"]
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_inprocess(*_plugin_args(), "-p", "no:cacheprovider",
+    return pytester.runpytest_inprocess(*plugin_args(), "-p", "no:cacheprovider",
                                         "--memwarden-device=cpu", *args)
 
 
