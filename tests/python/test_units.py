@@ -1,0 +1,20 @@
+import pytest
+
+from memwarden._units import format_bytes, parse_bytes
+
+
+@pytest.mark.parametrize("text,value", [("16GiB", 16 * 2**30), ("16 GB", 16 * 10**9), ("1.5 MiB", 1572864),
+                                        (1024, 1024), (2.0e3, 2000), ("512", 512), ("2gib", 2 * 2**30)])
+def test_parse(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["-1GiB", -5, "12 parsecs", "", True, None, float("nan")])
+def test_parse_rejects(bad):
+    with pytest.raises(ValueError, match="max_memory"):
+        parse_bytes(bad, "max_memory")
+
+
+def test_format():
+    assert format_bytes(3 * 2**20) == "3.00 MiB"
+    assert format_bytes(100) == "100 B"
