@@ -4,7 +4,8 @@ For Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3 (bf16 and int4) on 2, 4 and 8 eq
 unequal devices: imbalance ((max - min) / mean of the devices' weight bytes), peak device
 bytes and planning time of both. accelerate plans the transformers model built on the
 meta device, with decoder layers unsplittable (its usual no_split_module_classes), under
-the same max_memory; both device maps are then measured with memwarden's part sizes, so
+the same max_memory (scaled by accelerate's own model size / memwarden's, which only
+matters for int4, where accelerate counts 0.5 B for every weight); both device maps are then measured with memwarden's part sizes, so
 the bytes are comparable. Budgets: equal = 1.10 x model / n per device; unequal = the
 first half of the devices 1.35 x, the rest 0.85 x model / n.
 
@@ -76,6 +77,10 @@ def run(quick: bool) -> list:
         for dtype in dtypes:
             desc = M.describe(name, dtype)
             acc_dtype = torch.bfloat16 if dtype == "bfloat16" else "int4"
+            # accelerate sizes int4 its own way (every weight 0.5 B, no scales, embeddings too):
+            # give it the same budget relative to the model size it computes.
+            acc_total = accelerate.utils.compute_module_sizes(model, dtype=acc_dtype)[""]
+            scale = acc_total / desc.bytes
             for n in ndevs:
                 for kind in kinds:
                     mem = budgets(desc.bytes, n, kind)
@@ -84,7 +89,8 @@ def run(quick: bool) -> list:
                     mw_wall = time.perf_counter() - t
                     t = time.perf_counter()
                     try:
-                        dm = accelerate.infer_auto_device_map(model, max_memory=dict(mem), dtype=acc_dtype,
+                        dm = accelerate.infer_auto_device_map(model, max_memory={k: int(v * scale) for k, v in mem.items()},
+                                                              dtype=acc_dtype,
                                                               no_split_module_classes=no_split)
                         acc_err = None
                     except Exception as e:  # noqa: BLE001
