@@ -18,10 +18,9 @@ def grouped(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.
 
 
 def ungrouped(g: torch.Tensor, like: torch.Tensor, granularity: str) -> torch.Tensor:
-    cols = like.shape[-1]
     if granularity == "channel":
         return g.t().reshape(like.shape)
-    return g.reshape(like.shape) if cols else g.reshape(like.shape)
+    return g.reshape(like.shape)
 
 
 def reference_quantize(x: torch.Tensor, granularity: str, group_size: int | None = None, symmetric: bool = True):
