@@ -19,7 +19,7 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     a = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf)).amax(dim=-1)
     scale = a / 127.0
-    inv = torch.where(a > 0, 127.0 / a, torch.zeros_like(a))
+    inv = torch.where(a > 0, torch.full_like(a, 127.0) / a, torch.zeros_like(a))  # true division, like the kernel
     q = torch.nan_to_num(torch.round(xf * inv.view(-1, 1)), nan=0.0).clamp(-128, 127).to(torch.int8)
     return q, scale
 
