@@ -239,7 +239,7 @@ void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value
                                      g.v_slot_stride, g.v_head_stride, v_scale_cache, g.vs_block_stride,
                                      g.vs_slot_stride, g.vs_head_stride, v_scale, int8_static, g.num_heads);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), op, [&] {
+  MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), "reshape_and_cache_flash", [&] {
     const int64_t es = sizeof(scalar_t);
     const bool vec = dtype == KvCacheDtype::kAuto && (g.head_size * es) % 16 == 0 && aligned16(k.src) &&
                      aligned16(v.src) && aligned16(k.cache) && aligned16(v.cache) &&
@@ -273,7 +273,7 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, cons
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const bool int8 = dtype == KvCacheDtype::kInt8;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), op, [&] {
+  MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), "reshape_and_cache", [&] {
     const int threads = static_cast<int>(std::min<int64_t>(512, ((g.num_heads * g.head_size + 31) / 32) * 32));
     write_legacy_kernel<scalar_t><<<g.num_tokens, threads, 0, stream>>>(
         dtype, key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), key_cache.data_ptr(),
@@ -392,7 +392,7 @@ void gather_cache_cuda(const at::Tensor& key_cache, const at::Tensor& value_cach
                                 g.src_v_token_stride, g.src_v_head_stride);
   TORCH_CHECK_VALUE(max_blocks <= 65535, std::string(op) + ": block_table may have at most 65535 columns on CUDA");
   const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(max_blocks));
-  MW_DISPATCH_FLOAT_HALF_BF16(key_out.scalar_type(), op, [&] {
+  MW_DISPATCH_FLOAT_HALF_BF16(key_out.scalar_type(), "gather_cache", [&] {
     if (table.scalar_type() == at::kInt) {
       gather_kernel<scalar_t, int32_t><<<grid, kThreads, 0, stream>>>(
           dtype, k, v, table.const_data_ptr<int32_t>(), max_blocks, cu.const_data_ptr<int64_t>(), g.num_blocks,
