@@ -1,0 +1,597 @@
+#include "core/alloc/caching_allocator.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <sstream>
+
+namespace memwarden::alloc {
+
+namespace {
+
+bool is_pow2(std::size_t v) { return v != 0 && (v & (v - 1)) == 0; }
+
+std::string format_bytes(std::size_t b) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024.0 && u < 5) {
+    v /= 1024.0;
+    ++u;
+  }
+  char buf[64];
+  if (u == 0) std::snprintf(buf, sizeof buf, "%zu B", b);
+  else std::snprintf(buf, sizeof buf, "%.2f %s", v, units[u]);
+  return buf;
+}
+
+std::size_t round_up(std::size_t v, std::size_t m) { return (v + m - 1) / m * m; }
+
+}  // namespace
+
+void validate(const Options& o) {
+  auto bad = [](const std::string& m) { throw std::invalid_argument("allocator options: " + m); };
+  if (!is_pow2(o.min_block) || o.min_block < 16) bad("min_block must be a power of 2 >= 16, got " + std::to_string(o.min_block));
+  if (o.small_size == 0 || o.small_size % o.min_block) bad("small_size must be a positive multiple of min_block");
+  if (o.small_segment < o.small_size || o.small_segment % o.min_block) bad("small_segment must be >= small_size and a multiple of min_block");
+  if (o.large_segment < o.min_large_alloc || o.large_segment % o.min_block) bad("large_segment must be >= min_large_alloc and a multiple of min_block");
+  if (o.min_large_alloc <= o.small_size) bad("min_large_alloc must be > small_size");
+  if (o.round_large == 0 || o.round_large % o.min_block) bad("round_large must be a positive multiple of min_block");
+  if (o.max_split_size != SIZE_MAX && o.max_split_size <= o.small_size) bad("max_split_size must be > small_size");
+  if (o.roundup_power2_divisions != 0 && !is_pow2(o.roundup_power2_divisions)) bad("roundup_power2_divisions must be 0 or a power of 2");
+  if (!(o.gc_threshold >= 0.0 && o.gc_threshold < 1.0)) bad("gc_threshold must be in [0, 1)");
+}
+
+void Stat::update(int64_t delta) {
+  current += delta;
+  if (delta > 0) allocated += delta;
+  else freed -= delta;
+  peak = std::max(peak, current);
+}
+
+std::map<std::string, int64_t> Stats::to_map() const {
+  std::map<std::string, int64_t> m;
+  auto put = [&m](const std::string& prefix, const Stat& s) {
+    m[prefix + ".current"] = s.current;
+    m[prefix + ".peak"] = s.peak;
+    m[prefix + ".allocated"] = s.allocated;
+    m[prefix + ".freed"] = s.freed;
+  };
+  static const char* pools[] = {"all", "small_pool", "large_pool"};
+  auto put_arr = [&](const std::string& name, const Stat* arr) {
+    for (int i = 0; i < kStatTypes; ++i) put(name + "." + pools[i], arr[i]);
+  };
+  put_arr("allocation", allocation);
+  put_arr("segment", segment);
+  put_arr("active", active);
+  put_arr("inactive_split", inactive_split);
+  put_arr("allocated_bytes", allocated_bytes);
+  put_arr("reserved_bytes", reserved_bytes);
+  put_arr("active_bytes", active_bytes);
+  put_arr("inactive_split_bytes", inactive_split_bytes);
+  put_arr("requested_bytes", requested_bytes);
+  put("oversize_allocations", oversize_allocations);
+  put("oversize_segments", oversize_segments);
+  m["num_alloc_retries"] = num_alloc_retries;
+  m["num_ooms"] = num_ooms;
+  m["num_device_alloc"] = num_device_alloc;
+  m["num_device_free"] = num_device_free;
+  m["num_sync_all_streams"] = num_sync_all_streams;
+  m["num_oom_callbacks"] = num_oom_callbacks;
+  m["max_split_size"] = max_split_size;
+  m["memory_limit"] = memory_limit;
+  return m;
+}
+
+struct CachingAllocator::Block {
+  std::uintptr_t ptr = 0;
+  std::size_t size = 0;
+  std::size_t requested = 0;
+  StreamId stream = 0;
+  bool small = false;
+  bool allocated = false;      // handed out
+  bool in_pool = false;        // in a free set
+  bool split_counted = false;  // counted in inactive_split
+  int event_count = 0;         // outstanding events of other streams
+  Block* prev = nullptr;
+  Block* next = nullptr;
+  std::vector<StreamId> stream_uses;
+  Context context;
+  bool is_split() const { return prev != nullptr || next != nullptr; }
+};
+
+bool CachingAllocator::BlockLess::operator()(const Block* a, const Block* b) const {
+  if (a->stream != b->stream) return a->stream < b->stream;
+  if (a->size != b->size) return a->size < b->size;
+  return a->ptr < b->ptr;
+}
+
+CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Options options, std::string device)
+    : backend_(std::move(backend)), options_(options), device_(std::move(device)) {
+  if (!backend_) throw std::invalid_argument("CachingAllocator: backend must not be null");
+  validate(options_);
+}
+
+CachingAllocator::~CachingAllocator() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!pending_events_.empty()) {
+    try {
+      backend_->synchronize();
+    } catch (...) {
+    }
+    for (auto& pe : pending_events_) backend_->destroy_event(pe.first);
+    pending_events_.clear();
+  }
+  for (auto& kv : segments_) {
+    Block* b = kv.second;
+    std::size_t total = 0;
+    for (Block* x = b; x != nullptr;) {
+      total += x->size;
+      Block* n = x->next;
+      delete x;
+      x = n;
+    }
+    backend_->deallocate(reinterpret_cast<void*>(kv.first), total);
+  }
+  segments_.clear();
+}
+
+void CachingAllocator::update_stat(Stat* arr, bool small, int64_t delta) {
+  arr[kAll].update(delta);
+  arr[small ? kSmall : kLarge].update(delta);
+}
+
+std::size_t CachingAllocator::round_size(std::size_t bytes) const {
+  const std::size_t mb = options_.min_block;
+  if (bytes <= mb) return mb;
+  std::size_t s = bytes;
+  const unsigned divs = options_.roundup_power2_divisions;
+  if (divs > 1) {
+    std::size_t p = std::size_t{1} << (63 - __builtin_clzll(static_cast<unsigned long long>(bytes)));
+    if (p != bytes) {
+      std::size_t step = p / divs;
+      if (step > 0) s = round_up(bytes, step);
+    }
+  }
+  return round_up(s, mb);
+}
+
+std::size_t CachingAllocator::segment_size(std::size_t rounded) const {
+  if (rounded <= options_.small_size) return options_.small_segment;
+  if (rounded < options_.min_large_alloc) return options_.large_segment;
+  return round_up(rounded, options_.round_large);
+}
+
+void CachingAllocator::insert_free(Block* b) {
+  Pool& pool = b->small ? small_pool_ : large_pool_;
+  pool.insert(b);
+  b->in_pool = true;
+  if (b->is_split()) {
+    b->split_counted = true;
+    update_stat(stats_.inactive_split, b->small, 1);
+    update_stat(stats_.inactive_split_bytes, b->small, static_cast<int64_t>(b->size));
+  }
+}
+
+void CachingAllocator::erase_free(Block* b) {
+  Pool& pool = b->small ? small_pool_ : large_pool_;
+  pool.erase(b);
+  b->in_pool = false;
+  if (b->split_counted) {
+    b->split_counted = false;
+    update_stat(stats_.inactive_split, b->small, -1);
+    update_stat(stats_.inactive_split_bytes, b->small, -static_cast<int64_t>(b->size));
+  }
+}
+
+CachingAllocator::Block* CachingAllocator::find_free_block(Pool& pool, std::size_t size, StreamId stream) {
+  Block key;
+  key.stream = stream;
+  key.size = size;
+  auto it = pool.lower_bound(&key);
+  if (it == pool.end() || (*it)->stream != stream) return nullptr;
+  Block* b = *it;
+  const std::size_t msplit = options_.max_split_size;
+  if (msplit != SIZE_MAX) {
+    // Do not carve small requests out of oversize blocks, nor waste much of one.
+    if (size < msplit && b->size >= msplit) return nullptr;
+    if (size >= msplit && b->size >= size + options_.large_segment) return nullptr;
+  }
+  erase_free(b);
+  return b;
+}
+
+CachingAllocator::Block* CachingAllocator::new_segment_locked(std::size_t size, bool small, StreamId stream) {
+  const std::size_t limit = options_.memory_limit;
+  if (limit != 0 && (size > limit || reserved_locked() > limit - size)) return nullptr;
+  void* p = backend_->allocate(size);
+  if (p == nullptr) return nullptr;
+  Block* b = new Block;
+  b->ptr = reinterpret_cast<std::uintptr_t>(p);
+  b->size = size;
+  b->stream = stream;
+  b->small = small;
+  segments_[b->ptr] = b;
+  update_stat(stats_.segment, small, 1);
+  update_stat(stats_.reserved_bytes, small, static_cast<int64_t>(size));
+  if (size >= options_.max_split_size) stats_.oversize_segments.update(1);
+  ++stats_.num_device_alloc;
+  return b;
+}
+
+void CachingAllocator::release_segment_locked(Block* b) {
+  erase_free(b);
+  segments_.erase(b->ptr);
+  backend_->deallocate(reinterpret_cast<void*>(b->ptr), b->size);
+  update_stat(stats_.segment, b->small, -1);
+  update_stat(stats_.reserved_bytes, b->small, -static_cast<int64_t>(b->size));
+  if (b->size >= options_.max_split_size) stats_.oversize_segments.update(-1);
+  ++stats_.num_device_free;
+  delete b;
+}
+
+bool CachingAllocator::release_cached_locked(std::size_t until_reserved) {
+  bool released = false;
+  for (auto it = segments_.begin(); it != segments_.end() && reserved_locked() > until_reserved;) {
+    Block* b = it->second;
+    ++it;
+    if (b->in_pool && b->next == nullptr) {
+      release_segment_locked(b);
+      released = true;
+    }
+  }
+  return released;
+}
+
+void CachingAllocator::free_block_locked(Block* b) {
+  update_stat(stats_.active, b->small, -1);
+  update_stat(stats_.active_bytes, b->small, -static_cast<int64_t>(b->size));
+  b->stream_uses.clear();
+  b->context.reset();
+  if (b->prev != nullptr && b->prev->in_pool) {
+    Block* p = b->prev;
+    erase_free(p);
+    b->ptr = p->ptr;
+    b->size += p->size;
+    b->prev = p->prev;
+    if (b->prev != nullptr) b->prev->next = b;
+    else segments_[b->ptr] = b;
+    delete p;
+  }
+  if (b->next != nullptr && b->next->in_pool) {
+    Block* n = b->next;
+    erase_free(n);
+    b->size += n->size;
+    b->next = n->next;
+    if (b->next != nullptr) b->next->prev = b;
+    delete n;
+  }
+  insert_free(b);
+}
+
+void CachingAllocator::process_events_locked() {
+  std::size_t keep = 0;
+  for (std::size_t i = 0; i < pending_events_.size(); ++i) {
+    auto pe = pending_events_[i];
+    if (backend_->query_event(pe.first)) {
+      backend_->destroy_event(pe.first);
+      if (--pe.second->event_count == 0) free_block_locked(pe.second);
+    } else {
+      pending_events_[keep++] = pe;
+    }
+  }
+  pending_events_.resize(keep);
+}
+
+void CachingAllocator::synchronize_and_drain_events_locked() {
+  if (pending_events_.empty()) return;
+  backend_->synchronize();
+  ++stats_.num_sync_all_streams;
+  for (auto& pe : pending_events_) {
+    backend_->destroy_event(pe.first);
+    if (--pe.second->event_count == 0) free_block_locked(pe.second);
+  }
+  pending_events_.clear();
+}
+
+CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size, std::size_t requested,
+                                                               StreamId stream, bool& released) {
+  if (!pending_events_.empty()) process_events_locked();
+  const bool small = size <= options_.small_size;
+  Pool& pool = small ? small_pool_ : large_pool_;
+  Block* b = find_free_block(pool, size, stream);
+  if (b == nullptr) {
+    const std::size_t seg = segment_size(size);
+    const std::size_t limit = options_.memory_limit;
+    if (options_.gc_threshold > 0.0 && limit != 0) {
+      const auto threshold = static_cast<std::size_t>(options_.gc_threshold * static_cast<double>(limit));
+      if (reserved_locked() + seg > threshold) release_cached_locked(threshold > seg ? threshold - seg : 0);
+    }
+    b = new_segment_locked(seg, small, stream);
+    if (b == nullptr) {
+      // Free everything cached (including blocks other streams were waiting on) and retry.
+      synchronize_and_drain_events_locked();
+      b = find_free_block(pool, size, stream);
+      if (b == nullptr && release_cached_locked(0)) {
+        released = true;
+        ++stats_.num_alloc_retries;
+        b = new_segment_locked(seg, small, stream);
+      }
+      // Under a tight limit, a segment just big enough for this request may still fit.
+      const std::size_t tight = small ? options_.small_segment : round_up(size, options_.round_large);
+      if (b == nullptr && tight < seg) b = new_segment_locked(tight, small, stream);
+      if (b == nullptr) return nullptr;
+    }
+  }
+  const std::size_t remaining = b->size - size;
+  const bool split = b->small ? remaining >= options_.min_block
+                              : (size < options_.max_split_size && remaining > options_.small_size);
+  if (split) {
+    Block* rest = new Block;
+    rest->ptr = b->ptr + size;
+    rest->size = remaining;
+    rest->stream = b->stream;
+    rest->small = b->small;
+    rest->prev = b;
+    rest->next = b->next;
+    if (rest->next != nullptr) rest->next->prev = rest;
+    b->next = rest;
+    b->size = size;
+    insert_free(rest);
+  }
+  b->allocated = true;
+  b->requested = requested;
+  allocated_.emplace(b->ptr, b);
+  update_stat(stats_.allocation, b->small, 1);
+  update_stat(stats_.allocated_bytes, b->small, static_cast<int64_t>(b->size));
+  update_stat(stats_.requested_bytes, b->small, static_cast<int64_t>(requested));
+  update_stat(stats_.active, b->small, 1);
+  update_stat(stats_.active_bytes, b->small, static_cast<int64_t>(b->size));
+  if (b->size >= options_.max_split_size) stats_.oversize_allocations.update(1);
+  return b;
+}
+
+void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t rounded) {
+  ++stats_.num_ooms;
+  const std::size_t reserved = reserved_locked();
+  const auto allocated = static_cast<std::size_t>(stats_.allocated_bytes[kAll].current);
+  const std::size_t limit = options_.memory_limit;
+  std::size_t free = backend_->free_memory();
+  if (limit != 0) free = std::min(free, reserved >= limit ? 0 : limit - reserved);
+  std::ostringstream os;
+  os << "memwarden: out of memory on " << device_ << ": tried to allocate " << format_bytes(requested);
+  if (rounded != requested) os << " (" << format_bytes(rounded) << " rounded)";
+  os << "; " << format_bytes(allocated) << " allocated, " << format_bytes(reserved) << " reserved by memwarden, ";
+  if (free == SIZE_MAX) os << "free memory unknown";
+  else os << format_bytes(free) << " free";
+  if (limit != 0) os << " (memory limit " << format_bytes(limit) << ")";
+  os << " [" << backend_->name() << " backend]";
+  throw OutOfMemory(os.str(), requested, reserved, allocated, free);
+}
+
+void* CachingAllocator::allocate(std::size_t bytes, StreamId stream) {
+  if (bytes == 0) return nullptr;
+  if (bytes > std::numeric_limits<std::size_t>::max() / 4) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throw_oom_locked(bytes, bytes);
+  }
+  const std::size_t size = round_size(bytes);
+  Context ctx;
+  if (recording_.load(std::memory_order_relaxed)) {
+    std::shared_ptr<ContextRecorder> rec;
+    {
+      std::lock_guard<std::mutex> lock(callbacks_mutex_);
+      rec = recorder_;
+    }
+    if (rec) ctx = (*rec)();
+  }
+  bool released = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (Block* b = try_allocate_locked(size, bytes, stream, released)) {
+      b->context = std::move(ctx);
+      return reinterpret_cast<void*>(b->ptr);
+    }
+  }
+  // The cache did not help: ask the application, one callback at a time, lock released
+  // (a callback may free memory through this allocator).
+  std::vector<std::shared_ptr<OomCallback>> cbs;
+  {
+    std::lock_guard<std::mutex> lock(callbacks_mutex_);
+    for (auto& c : callbacks_) cbs.push_back(c.second);
+  }
+  for (auto& cb : cbs) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++stats_.num_oom_callbacks;
+    }
+    if (!(*cb)(size)) continue;
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++stats_.num_alloc_retries;
+    if (Block* b = try_allocate_locked(size, bytes, stream, released)) {
+      b->context = std::move(ctx);
+      return reinterpret_cast<void*>(b->ptr);
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  throw_oom_locked(bytes, size);
+}
+
+void CachingAllocator::deallocate(void* ptr) {
+  if (ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (it == allocated_.end())
+    throw std::invalid_argument("memwarden allocator (" + device_ + "): pointer was not allocated here or was already freed");
+  Block* b = it->second;
+  allocated_.erase(it);
+  b->allocated = false;
+  update_stat(stats_.allocation, b->small, -1);
+  update_stat(stats_.allocated_bytes, b->small, -static_cast<int64_t>(b->size));
+  update_stat(stats_.requested_bytes, b->small, -static_cast<int64_t>(b->requested));
+  if (b->size >= options_.max_split_size) stats_.oversize_allocations.update(-1);
+  if (!b->stream_uses.empty() && backend_->has_events()) {
+    for (StreamId s : b->stream_uses) {
+      EventId e = backend_->record_event(s);
+      ++b->event_count;
+      pending_events_.emplace_back(e, b);
+    }
+    b->stream_uses.clear();
+  } else {
+    free_block_locked(b);
+  }
+}
+
+void CachingAllocator::record_stream(void* ptr, StreamId stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (it == allocated_.end())
+    throw std::invalid_argument("record_stream: pointer is not a live allocation of this allocator");
+  Block* b = it->second;
+  if (stream == b->stream) return;
+  if (std::find(b->stream_uses.begin(), b->stream_uses.end(), stream) == b->stream_uses.end())
+    b->stream_uses.push_back(stream);
+}
+
+bool CachingAllocator::owns(const void* ptr) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return allocated_.count(reinterpret_cast<std::uintptr_t>(ptr)) != 0;
+}
+
+std::size_t CachingAllocator::block_size(const void* ptr) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (it == allocated_.end()) throw std::invalid_argument("block_size: pointer is not a live allocation");
+  return it->second->size;
+}
+
+void CachingAllocator::empty_cache() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  synchronize_and_drain_events_locked();
+  release_cached_locked(0);
+}
+
+Stats CachingAllocator::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Stats s = stats_;
+  s.max_split_size = options_.max_split_size == SIZE_MAX ? -1 : static_cast<int64_t>(options_.max_split_size);
+  s.memory_limit = static_cast<int64_t>(options_.memory_limit);
+  return s;
+}
+
+void CachingAllocator::reset_peak_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto reset = [](Stat* arr, int n) {
+    for (int i = 0; i < n; ++i) arr[i].peak = arr[i].current;
+  };
+  for (Stat* arr : {stats_.allocation, stats_.segment, stats_.active, stats_.inactive_split, stats_.allocated_bytes,
+                    stats_.reserved_bytes, stats_.active_bytes, stats_.inactive_split_bytes, stats_.requested_bytes})
+    reset(arr, kStatTypes);
+  reset(&stats_.oversize_allocations, 1);
+  reset(&stats_.oversize_segments, 1);
+}
+
+void CachingAllocator::reset_accumulated_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto reset = [](Stat* arr, int n) {
+    for (int i = 0; i < n; ++i) arr[i].allocated = arr[i].freed = 0;
+  };
+  for (Stat* arr : {stats_.allocation, stats_.segment, stats_.active, stats_.inactive_split, stats_.allocated_bytes,
+                    stats_.reserved_bytes, stats_.active_bytes, stats_.inactive_split_bytes, stats_.requested_bytes})
+    reset(arr, kStatTypes);
+  reset(&stats_.oversize_allocations, 1);
+  reset(&stats_.oversize_segments, 1);
+  stats_.num_alloc_retries = stats_.num_ooms = stats_.num_device_alloc = stats_.num_device_free = 0;
+  stats_.num_sync_all_streams = stats_.num_oom_callbacks = 0;
+}
+
+Snapshot CachingAllocator::snapshot() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Snapshot snap;
+  for (const auto& kv : segments_) {
+    SegmentInfo seg;
+    seg.address = kv.first;
+    seg.stream = kv.second->stream;
+    seg.small = kv.second->small;
+    for (const Block* b = kv.second; b != nullptr; b = b->next) {
+      BlockInfo bi;
+      bi.address = b->ptr;
+      bi.size = b->size;
+      bi.requested_size = b->allocated ? b->requested : 0;
+      bi.allocated = b->allocated;
+      bi.active = b->allocated || b->event_count > 0;
+      bi.context = b->context;
+      seg.total_size += b->size;
+      if (b->allocated) {
+        seg.allocated_size += b->size;
+        seg.requested_size += b->requested;
+      }
+      if (bi.active) seg.active_size += b->size;
+      if (b->in_pool) {
+        snap.free_bytes += b->size;
+        snap.largest_free = std::max(snap.largest_free, b->size);
+      }
+      seg.blocks.push_back(std::move(bi));
+    }
+    snap.segments.push_back(std::move(seg));
+  }
+  snap.fragmentation =
+      snap.free_bytes == 0 ? 0.0 : 1.0 - static_cast<double>(snap.largest_free) / static_cast<double>(snap.free_bytes);
+  return snap;
+}
+
+void CachingAllocator::set_memory_limit(std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  options_.memory_limit = bytes;
+  if (bytes != 0 && reserved_locked() > bytes) release_cached_locked(bytes);
+}
+
+std::size_t CachingAllocator::memory_limit() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return options_.memory_limit;
+}
+
+void CachingAllocator::set_gc_threshold(double fraction) {
+  if (!(fraction >= 0.0 && fraction < 1.0))
+    throw std::invalid_argument("gc_threshold must be in [0, 1), got " + std::to_string(fraction));
+  std::lock_guard<std::mutex> lock(mutex_);
+  options_.gc_threshold = fraction;
+}
+
+void CachingAllocator::set_options(const Options& options) {
+  validate(options);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!segments_.empty())
+    throw std::invalid_argument("allocator options can only change while nothing is reserved (call empty_cache() "
+                                "after freeing every block)");
+  options_ = options;
+}
+
+int CachingAllocator::add_oom_callback(OomCallback cb) {
+  if (!cb) throw std::invalid_argument("add_oom_callback: callback must not be empty");
+  std::lock_guard<std::mutex> lock(callbacks_mutex_);
+  int id = next_callback_id_++;
+  callbacks_.emplace_back(id, std::make_shared<OomCallback>(std::move(cb)));
+  return id;
+}
+
+bool CachingAllocator::remove_oom_callback(int id) {
+  std::lock_guard<std::mutex> lock(callbacks_mutex_);
+  auto it = std::find_if(callbacks_.begin(), callbacks_.end(), [id](const auto& c) { return c.first == id; });
+  if (it == callbacks_.end()) return false;
+  callbacks_.erase(it);
+  return true;
+}
+
+void CachingAllocator::clear_oom_callbacks() {
+  std::lock_guard<std::mutex> lock(callbacks_mutex_);
+  callbacks_.clear();
+}
+
+void CachingAllocator::set_context_recorder(ContextRecorder recorder) {
+  std::lock_guard<std::mutex> lock(callbacks_mutex_);
+  recorder_ = recorder ? std::make_shared<ContextRecorder>(std::move(recorder)) : nullptr;
+  recording_.store(recorder_ != nullptr);
+}
+
+}  // namespace memwarden::alloc
