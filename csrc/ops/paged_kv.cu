@@ -1,0 +1,409 @@
+// CUDA kernels of the paged KV family.
+//
+// Writes: one thread block per token, one warp per head (heads strided over the warps);
+// "auto" copies 16 bytes per lane when the head row and both sides are 16-byte aligned;
+// INT8 quantizes per element with quant::quantize_value, and "int8_per_token_head"
+// reduces the head's absmax with warp shuffles first. Gather: one thread block per
+// (sequence, page). copy_blocks: one thread block per (pair) and cache. swap_blocks:
+// cudaMemcpyAsync per pair on the current stream.
+//
+// Index checking: unless the current stream is capturing a CUDA graph, the index
+// tensors are copied to the host and checked exactly like on the CPU (one small
+// device-to-host copy, which synchronises the stream) so bad input raises a Python
+// error before anything is written. The kernels also skip every out-of-range slot,
+// block id or row on the device, so even unchecked (captured) calls never write out of
+// bounds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cfloat>
+#include <string>
+#include <vector>
+
+#include "core/quant/int8.h"
+#include "ops/dispatch.h"
+#include "ops/paged_kv.h"
+
+namespace memwarden::ops {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 128;  // 4 warps
+
+bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+struct FlashSideArgs {
+  const void* src;
+  int64_t src_token_stride, src_head_stride;
+  void* cache;
+  int64_t block_stride, slot_stride, head_stride;
+  float* scale_cache;
+  int64_t s_block_stride, s_slot_stride, s_head_stride;
+  const float* scale;  // static int8: 1 or num_heads values
+  int scale_per_head;
+};
+
+// One warp writes one head of one token.
+template <typename T, bool kVec>
+__device__ __forceinline__ void write_head(KvCacheDtype dtype, const FlashSideArgs& a, int64_t token, int64_t block,
+                                           int64_t offset, int64_t h, int64_t head_size, int lane) {
+  const T* src = static_cast<const T*>(a.src) + token * a.src_token_stride + h * a.src_head_stride;
+  const int64_t dst_index = block * a.block_stride + offset * a.slot_stride + h * a.head_stride;
+  if (dtype == KvCacheDtype::kAuto) {
+    T* dst = static_cast<T*>(a.cache) + dst_index;
+    if constexpr (kVec) {
+      constexpr int kPer = 16 / sizeof(T);
+      const int64_t n = head_size / kPer;
+      for (int64_t i = lane; i < n; i += kWarp)
+        reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    } else {
+      for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = src[i];
+    }
+    return;
+  }
+  int8_t* dst = static_cast<int8_t*>(a.cache) + dst_index;
+  float inv_scale;
+  if (dtype == KvCacheDtype::kInt8) {
+    const float s = a.scale[a.scale_per_head ? h : 0];
+    inv_scale = s > 0.0f ? 1.0f / s : 0.0f;
+  } else {
+    float absmax = 0.0f;
+    for (int64_t i = lane; i < head_size; i += kWarp) {
+      const float x = fabsf(static_cast<float>(src[i]));
+      if (x <= FLT_MAX) absmax = fmaxf(absmax, x);
+    }
+    const quant::Int8Params p = quant::symmetric_params(warp_max(absmax));
+    inv_scale = p.inv_scale;
+    if (lane == 0) a.scale_cache[block * a.s_block_stride + offset * a.s_slot_stride + h * a.s_head_stride] = p.scale;
+  }
+  const quant::Int8Params params{0.0f, inv_scale, 0};
+  for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = quant::quantize_value(static_cast<float>(src[i]), params);
+}
+
+template <typename T, bool kVec>
+__global__ void write_flash_kernel(KvCacheDtype dtype, FlashSideArgs k, FlashSideArgs v,
+                                   const int64_t* __restrict__ slots, int64_t slot_stride, int64_t num_slots,
+                                   int64_t block_size, int64_t num_heads, int64_t head_size) {
+  const int64_t token = blockIdx.x;
+  const int64_t slot = slots[token * slot_stride];
+  if (slot < 0 || slot >= num_slots) return;  // skipped, or out of range (never written)
+  const int64_t block = slot / block_size, offset = slot % block_size;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int64_t h = warp; h < num_heads; h += kThreads / kWarp) {
+    write_head<T, kVec>(dtype, k, token, block, offset, h, head_size, lane);
+    write_head<T, kVec>(dtype, v, token, block, offset, h, head_size, lane);
+  }
+}
+
+template <typename T>
+__global__ void write_legacy_kernel(KvCacheDtype dtype, const T* __restrict__ key, const T* __restrict__ value,
+                                    void* key_cache, void* value_cache, const int64_t* __restrict__ slots,
+                                    int64_t slot_stride, int64_t num_slots, int64_t key_token_stride,
+                                    int64_t key_head_stride, int64_t value_token_stride, int64_t value_head_stride,
+                                    const float* k_scale, const float* v_scale, int scale_per_head, int64_t block_size,
+                                    int64_t num_heads, int64_t head_size, int64_t x) {
+  const int64_t token = blockIdx.x;
+  const int64_t slot = slots[token * slot_stride];
+  if (slot < 0 || slot >= num_slots) return;
+  const int64_t block = slot / block_size, offset = slot % block_size;
+  for (int64_t i = threadIdx.x; i < num_heads * head_size; i += blockDim.x) {
+    const int64_t h = i / head_size, d = i % head_size;
+    const int64_t head_base = (block * num_heads + h) * head_size;
+    const int64_t k_index = ((head_base / x + d / x) * block_size + offset) * x + d % x;
+    const int64_t v_index = (head_base + d) * block_size + offset;
+    const T kx = key[token * key_token_stride + h * key_head_stride + d];
+    const T vx = value[token * value_token_stride + h * value_head_stride + d];
+    if (dtype == KvCacheDtype::kAuto) {
+      static_cast<T*>(key_cache)[k_index] = kx;
+      static_cast<T*>(value_cache)[v_index] = vx;
+    } else {
+      const float ks = k_scale[scale_per_head ? h : 0], vs = v_scale[scale_per_head ? h : 0];
+      static_cast<int8_t*>(key_cache)[k_index] =
+          quant::quantize_value(static_cast<float>(kx), {0.0f, ks > 0.0f ? 1.0f / ks : 0.0f, 0});
+      static_cast<int8_t*>(value_cache)[v_index] =
+          quant::quantize_value(static_cast<float>(vx), {0.0f, vs > 0.0f ? 1.0f / vs : 0.0f, 0});
+    }
+  }
+}
+
+struct GatherSideArgs {
+  const void* cache;
+  int64_t block_stride, slot_stride, head_stride;
+  const float* scale_cache;
+  int64_t s_block_stride, s_slot_stride, s_head_stride;
+  const float* scale;
+  int scale_per_head;
+  void* out;
+  int64_t out_token_stride, out_head_stride;
+};
+
+template <typename T, typename Index>
+__global__ void gather_kernel(KvCacheDtype dtype, GatherSideArgs k, GatherSideArgs v,
+                              const Index* __restrict__ block_table, int64_t max_blocks,
+                              const int64_t* __restrict__ cu_seq_lens, int64_t num_blocks, int64_t out_tokens,
+                              int64_t block_size, int64_t num_heads, int64_t head_size) {
+  const int64_t seq = blockIdx.x, page = blockIdx.y;
+  const int64_t begin = cu_seq_lens[seq], len = cu_seq_lens[seq + 1] - begin;
+  const int64_t first = page * block_size;
+  if (first >= len) return;
+  const int64_t block = static_cast<int64_t>(block_table[seq * max_blocks + page]);
+  if (block < 0 || block >= num_blocks) return;  // never read out of bounds
+  const int64_t n = block_size < len - first ? block_size : len - first;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int64_t item = warp; item < n * num_heads; item += kThreads / kWarp) {
+    const int64_t j = item / num_heads, h = item % num_heads;
+    const int64_t row = begin + first + j;
+    if (row < 0 || row >= out_tokens) continue;
+    const GatherSideArgs* sides[2] = {&k, &v};
+    for (const GatherSideArgs* a : sides) {
+      T* dst = static_cast<T*>(a->out) + row * a->out_token_stride + h * a->out_head_stride;
+      const int64_t src_index = block * a->block_stride + j * a->slot_stride + h * a->head_stride;
+      if (dtype == KvCacheDtype::kAuto) {
+        const T* src = static_cast<const T*>(a->cache) + src_index;
+        for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = src[i];
+      } else {
+        const int8_t* src = static_cast<const int8_t*>(a->cache) + src_index;
+        const float scale = dtype == KvCacheDtype::kInt8
+                                ? a->scale[a->scale_per_head ? h : 0]
+                                : a->scale_cache[block * a->s_block_stride + j * a->s_slot_stride +
+                                                 h * a->s_head_stride];
+        for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = static_cast<T>(static_cast<float>(src[i]) * scale);
+      }
+    }
+  }
+}
+
+template <bool kVec>
+__global__ void copy_blocks_kernel(char* base, const int64_t* __restrict__ mapping, int64_t num_blocks,
+                                   int64_t block_bytes, int64_t block_stride) {
+  const int64_t src = mapping[2 * blockIdx.x], dst = mapping[2 * blockIdx.x + 1];
+  if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks) return;
+  const char* from = base + src * block_stride;
+  char* to = base + dst * block_stride;
+  if constexpr (kVec) {
+    for (int64_t i = threadIdx.x; i < block_bytes / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(to)[i] = reinterpret_cast<const uint4*>(from)[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < block_bytes; i += blockDim.x) to[i] = from[i];
+  }
+}
+
+FlashSideArgs flash_side(const at::Tensor& src, int64_t ts, int64_t hs, const at::Tensor& cache, int64_t bst,
+                         int64_t sst, int64_t hst, const std::optional<at::Tensor>& scale_cache, int64_t sbs,
+                         int64_t sss, int64_t shs, const at::Tensor& scale, bool int8_static, int64_t num_heads) {
+  return {src.const_data_ptr(),
+          ts,
+          hs,
+          cache.data_ptr(),
+          bst,
+          sst,
+          hst,
+          scale_cache && scale_cache->defined() ? scale_cache->data_ptr<float>() : nullptr,
+          sbs,
+          sss,
+          shs,
+          int8_static ? scale.const_data_ptr<float>() : nullptr,
+          int8_static && scale.numel() == num_heads && num_heads > 1};
+}
+
+}  // namespace
+
+void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                                  c10::string_view kv_cache_dtype, const at::Tensor& k_scale,
+                                  const at::Tensor& v_scale, const std::optional<at::Tensor>& k_scale_cache,
+                                  const std::optional<at::Tensor>& v_scale_cache) {
+  const char* op = "reshape_and_cache_flash";
+  const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
+  const FlashGeometry g = reshape_and_cache_flash_check(key, value, key_cache, value_cache, slot_mapping, dtype,
+                                                        k_scale, v_scale, k_scale_cache, v_scale_cache);
+  if (!capturing()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  if (g.num_tokens == 0 || g.num_heads == 0 || g.head_size == 0) return;
+  const c10::cuda::CUDAGuard guard(key_cache.device());
+  const bool int8_static = dtype == KvCacheDtype::kInt8;
+  const FlashSideArgs k = flash_side(key, g.src_token_stride, g.src_head_stride, key_cache, g.k_block_stride,
+                                     g.k_slot_stride, g.k_head_stride, k_scale_cache, g.ks_block_stride,
+                                     g.ks_slot_stride, g.ks_head_stride, k_scale, int8_static, g.num_heads);
+  const FlashSideArgs v = flash_side(value, g.src_v_token_stride, g.src_v_head_stride, value_cache, g.v_block_stride,
+                                     g.v_slot_stride, g.v_head_stride, v_scale_cache, g.vs_block_stride,
+                                     g.vs_slot_stride, g.vs_head_stride, v_scale, int8_static, g.num_heads);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), "reshape_and_cache_flash", [&] {
+    const int64_t es = sizeof(scalar_t);
+    const bool vec = dtype == KvCacheDtype::kAuto && (g.head_size * es) % 16 == 0 && aligned16(k.src) &&
+                     aligned16(v.src) && aligned16(k.cache) && aligned16(v.cache) &&
+                     (g.src_token_stride * es) % 16 == 0 && (g.src_head_stride * es) % 16 == 0 &&
+                     (g.src_v_token_stride * es) % 16 == 0 && (g.src_v_head_stride * es) % 16 == 0 &&
+                     (g.k_block_stride * es) % 16 == 0 && (g.k_slot_stride * es) % 16 == 0 &&
+                     (g.k_head_stride * es) % 16 == 0 && (g.v_block_stride * es) % 16 == 0 &&
+                     (g.v_slot_stride * es) % 16 == 0 && (g.v_head_stride * es) % 16 == 0;
+    const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+    const int64_t num_slots = g.num_blocks * g.block_size;
+    if (vec) {
+      write_flash_kernel<scalar_t, true><<<g.num_tokens, kThreads, 0, stream>>>(
+          dtype, k, v, slots, slot_mapping.stride(0), num_slots, g.block_size, g.num_heads, g.head_size);
+    } else {
+      write_flash_kernel<scalar_t, false><<<g.num_tokens, kThreads, 0, stream>>>(
+          dtype, k, v, slots, slot_mapping.stride(0), num_slots, g.block_size, g.num_heads, g.head_size);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                            c10::string_view kv_cache_dtype, const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  const char* op = "reshape_and_cache";
+  const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
+  const LegacyGeometry g =
+      reshape_and_cache_check(key, value, key_cache, value_cache, slot_mapping, dtype, k_scale, v_scale);
+  if (!capturing()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  if (g.num_tokens == 0 || g.num_heads == 0 || g.head_size == 0) return;
+  const c10::cuda::CUDAGuard guard(key_cache.device());
+  const bool int8 = dtype == KvCacheDtype::kInt8;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), "reshape_and_cache", [&] {
+    const int threads = static_cast<int>(std::min<int64_t>(512, ((g.num_heads * g.head_size + 31) / 32) * 32));
+    write_legacy_kernel<scalar_t><<<g.num_tokens, threads, 0, stream>>>(
+        dtype, key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), key_cache.data_ptr(),
+        value_cache.data_ptr(), slot_mapping.const_data_ptr<int64_t>(), slot_mapping.stride(0),
+        g.num_blocks * g.block_size, g.key_token_stride, g.key_head_stride, g.value_token_stride,
+        g.value_head_stride, int8 ? k_scale.const_data_ptr<float>() : nullptr,
+        int8 ? v_scale.const_data_ptr<float>() : nullptr, int8 && g.per_head_scale, g.block_size, g.num_heads,
+        g.head_size, g.x);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void copy_blocks_cuda(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping) {
+  const char* op = "copy_blocks";
+  copy_blocks_check(key_caches, value_caches, block_mapping);
+  if (key_caches.empty() || block_mapping.size(0) == 0) return;
+  const at::Tensor& first = key_caches[0];
+  TORCH_CHECK_VALUE(first.is_cuda(), std::string(op) + ": the caches must be CUDA tensors");
+  const int64_t num_blocks = first.size(0);
+  if (block_mapping.is_cpu() || !capturing()) {
+    const at::Tensor host = block_mapping.cpu().contiguous();
+    check_block_mapping_values(op, host, num_blocks, num_blocks);
+    std::vector<char> is_dst(num_blocks, 0);
+    const int64_t* m = host.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < host.size(0); ++i) {
+      TORCH_CHECK_VALUE(!is_dst[m[2 * i + 1]], std::string(op) + ": block_mapping[" + std::to_string(i) +
+                                                   ", 1] is a destination more than once");
+      is_dst[m[2 * i + 1]] = 1;
+    }
+    for (int64_t i = 0; i < host.size(0); ++i)
+      TORCH_CHECK_VALUE(!is_dst[m[2 * i]], std::string(op) + ": block_mapping[" + std::to_string(i) +
+                                               ", 0] is both a source and a destination in one call");
+  }
+  const c10::cuda::CUDAGuard guard(first.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor mapping = block_mapping.to(first.device(), /*non_blocking=*/true).contiguous();
+  const int64_t n = mapping.size(0);
+  for (const at::TensorList& list : {key_caches, value_caches}) {
+    for (const at::Tensor& cache : list) {
+      const BlockBytes b = block_bytes(op, "cache", cache);
+      char* base = static_cast<char*>(cache.data_ptr());
+      const bool vec = b.bytes % 16 == 0 && b.stride % 16 == 0 && aligned16(base);
+      if (vec)
+        copy_blocks_kernel<true><<<n, 256, 0, stream>>>(base, mapping.const_data_ptr<int64_t>(), num_blocks, b.bytes,
+                                                       b.stride);
+      else
+        copy_blocks_kernel<false><<<n, 256, 0, stream>>>(base, mapping.const_data_ptr<int64_t>(), num_blocks,
+                                                        b.bytes, b.stride);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+void swap_blocks_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t block_size_in_bytes,
+                      const at::Tensor& block_mapping) {
+  const char* op = "swap_blocks";
+  swap_blocks_check(src, dst, block_size_in_bytes, block_mapping);
+  const int64_t n = block_mapping.size(0);
+  if (n == 0 || block_size_in_bytes == 0) return;
+  const at::Tensor mapping = block_mapping.contiguous();
+  check_block_mapping_values(op, mapping, src.size(0), dst.size(0));
+  const BlockBytes s = block_bytes(op, "src", src), d = block_bytes(op, "dst", dst);
+  const at::Device device = src.is_cuda() ? src.device() : dst.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const char* src_base = static_cast<const char*>(src.const_data_ptr());
+  char* dst_base = static_cast<char*>(dst.data_ptr());
+  const int64_t* m = mapping.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst_base + m[2 * i + 1] * d.stride, src_base + m[2 * i] * s.stride,
+                                   block_size_in_bytes, cudaMemcpyDefault, stream));
+  }
+}
+
+void gather_cache_cuda(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& key_out, const at::Tensor& value_out,
+                       c10::string_view kv_cache_dtype, const std::optional<at::Tensor>& k_scale,
+                       const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_scale_cache,
+                       const std::optional<at::Tensor>& v_scale_cache) {
+  const char* op = "gather_cache";
+  const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
+  const FlashGeometry g = gather_cache_check(key_cache, value_cache, block_table, seq_lens, key_out, value_out, dtype,
+                                             k_scale, v_scale, k_scale_cache, v_scale_cache);
+  if (!capturing()) check_gather_values(block_table.cpu(), seq_lens.cpu(), g.num_blocks, g.block_size, g.num_tokens);
+  const int64_t num_seqs = block_table.size(0), max_blocks = block_table.size(1);
+  if (g.num_tokens == 0 || num_seqs == 0 || max_blocks == 0 || g.num_heads == 0 || g.head_size == 0) return;
+  const c10::cuda::CUDAGuard guard(key_cache.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor cu = at::zeros({num_seqs + 1}, seq_lens.options().dtype(at::kLong));
+  cu.narrow(0, 1, num_seqs).copy_(seq_lens.to(at::kLong).cumsum(0));
+  const at::Tensor table = block_table.contiguous();
+  const bool int8_static = dtype == KvCacheDtype::kInt8;
+  const bool per_token = dtype == KvCacheDtype::kInt8PerTokenHead;
+  const auto side = [&](const at::Tensor& cache, int64_t bst, int64_t sst, int64_t hst,
+                        const std::optional<at::Tensor>& scale_cache, int64_t sbs, int64_t sss, int64_t shs,
+                        const std::optional<at::Tensor>& scale, const at::Tensor& out, int64_t ots, int64_t ohs) {
+    return GatherSideArgs{cache.const_data_ptr(),
+                          bst,
+                          sst,
+                          hst,
+                          per_token ? scale_cache->const_data_ptr<float>() : nullptr,
+                          sbs,
+                          sss,
+                          shs,
+                          int8_static ? scale->const_data_ptr<float>() : nullptr,
+                          int8_static && g.per_head_scale,
+                          out.data_ptr(),
+                          ots,
+                          ohs};
+  };
+  const GatherSideArgs k = side(key_cache, g.k_block_stride, g.k_slot_stride, g.k_head_stride, k_scale_cache,
+                                g.ks_block_stride, g.ks_slot_stride, g.ks_head_stride, k_scale, key_out,
+                                g.src_token_stride, g.src_head_stride);
+  const GatherSideArgs v = side(value_cache, g.v_block_stride, g.v_slot_stride, g.v_head_stride, v_scale_cache,
+                                g.vs_block_stride, g.vs_slot_stride, g.vs_head_stride, v_scale, value_out,
+                                g.src_v_token_stride, g.src_v_head_stride);
+  TORCH_CHECK_VALUE(max_blocks <= 65535, std::string(op) + ": block_table may have at most 65535 columns on CUDA");
+  const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(max_blocks));
+  MW_DISPATCH_FLOAT_HALF_BF16(key_out.scalar_type(), "gather_cache", [&] {
+    if (table.scalar_type() == at::kInt) {
+      gather_kernel<scalar_t, int32_t><<<grid, kThreads, 0, stream>>>(
+          dtype, k, v, table.const_data_ptr<int32_t>(), max_blocks, cu.const_data_ptr<int64_t>(), g.num_blocks,
+          g.num_tokens, g.block_size, g.num_heads, g.head_size);
+    } else {
+      gather_kernel<scalar_t, int64_t><<<grid, kThreads, 0, stream>>>(
+          dtype, k, v, table.const_data_ptr<int64_t>(), max_blocks, cu.const_data_ptr<int64_t>(), g.num_blocks,
+          g.num_tokens, g.block_size, g.num_heads, g.head_size);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace memwarden::ops

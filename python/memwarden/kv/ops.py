@@ -1,0 +1,151 @@
+"""Paged KV cache ops with vLLM's call shapes (``torch.ops.memwarden.*``), on CPU and CUDA.
+
+All ops write in place and return ``None``. Layouts:
+
+* flash: key/value cache ``[num_blocks, block_size, num_heads, head_size]`` (NHD); the
+  HND physical layout is a permuted view of a ``[num_blocks, num_heads, block_size,
+  head_size]`` tensor (``.permute(0, 2, 1, 3)``). Only the last dimension must be
+  contiguous.
+* legacy (``reshape_and_cache``): key ``[num_blocks, num_heads, head_size // x,
+  block_size, x]`` with ``x = 16 // element_size``, value ``[num_blocks, num_heads,
+  head_size, block_size]``, both contiguous.
+
+A token goes to ``slot = block * block_size + offset``; a negative slot is skipped and
+the token count is ``slot_mapping.size(0)`` (key/value may be longer, i.e. padded).
+
+``kv_cache_dtype``:
+
+* ``"auto"``: stored as is (cache dtype = key dtype).
+* ``"int8"``: static symmetric INT8; ``k_scale``/``v_scale`` are float32 with 1 or
+  ``num_heads`` elements; stored ``q = saturate(round_half_even(x * (1 / scale)))``,
+  dequantized ``q * scale``.
+* ``"int8_per_token_head"``: dynamic symmetric INT8 with one float32 scale per (token,
+  head) (``absmax / 127``), written to ``k_scale_cache``/``v_scale_cache`` shaped
+  ``[num_blocks, block_size, num_heads]`` (flash layout only).
+
+Index checking: on CPU every slot, block id and sequence length is checked before
+anything is written (``IndexError``/``ValueError`` naming the argument). On CUDA the
+index tensors are checked the same way on a host copy (one small device-to-host copy)
+unless the stream is being captured into a CUDA graph; the kernels also skip any
+out-of-range index on the device, so nothing is ever written out of bounds.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+import memwarden  # noqa: F401  (loads the ops)
+
+__all__ = ["copy_blocks", "gather_cache", "gather_kv", "reshape_and_cache", "reshape_and_cache_flash", "swap_blocks"]
+
+KV_CACHE_DTYPES = ("auto", "int8", "int8_per_token_head")
+
+
+def _unit_scale(device) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def reshape_and_cache_flash(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    k_scale_cache: Optional[torch.Tensor] = None,
+    v_scale_cache: Optional[torch.Tensor] = None,
+) -> None:
+    """Write ``key``/``value`` ``[num_tokens, num_heads, head_size]`` into the flash-layout
+    caches at ``slot_mapping`` (int64 ``[num_tokens]``).
+
+    ``k_scale``/``v_scale`` default to ones (they are only read for ``"int8"``);
+    ``k_scale_cache``/``v_scale_cache`` are required for ``"int8_per_token_head"``.
+    """
+    k_scale = _unit_scale(key_cache.device) if k_scale is None else k_scale
+    v_scale = _unit_scale(key_cache.device) if v_scale is None else v_scale
+    torch.ops.memwarden.reshape_and_cache_flash(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k_scale_cache, v_scale_cache
+    )
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+) -> None:
+    """Write ``key``/``value`` into the legacy paged-attention layout (``"auto"`` or ``"int8"``)."""
+    k_scale = _unit_scale(key_cache.device) if k_scale is None else k_scale
+    v_scale = _unit_scale(key_cache.device) if v_scale is None else v_scale
+    torch.ops.memwarden.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+
+
+def copy_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor) -> None:
+    """Copy block ``src`` to block ``dst`` for each row ``(src, dst)`` of ``block_mapping``
+    (int64 ``[n, 2]``) in every cache of every layer (copy-on-write). A source may fan out
+    to several destinations; a block must not be a destination twice, nor both a source
+    and a destination, in one call (checked on CPU)."""
+    torch.ops.memwarden.copy_blocks(list(key_caches), list(value_caches), block_mapping)
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, block_mapping: torch.Tensor) -> None:
+    """Copy the first ``block_size_in_bytes`` bytes of block ``s`` of ``src`` to block ``d`` of
+    ``dst`` for each row ``(s, d)`` of ``block_mapping`` (a CPU int64 ``[n, 2]`` tensor).
+    Dimension 0 of ``src``/``dst`` indexes blocks. CUDA <-> host (pinned host memory makes it
+    asynchronous), CUDA <-> CUDA, and host <-> host."""
+    torch.ops.memwarden.swap_blocks(src, dst, block_size_in_bytes, block_mapping)
+
+
+def gather_cache(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    k_scale_cache: Optional[torch.Tensor] = None,
+    v_scale_cache: Optional[torch.Tensor] = None,
+) -> None:
+    """Write the first ``seq_lens[i]`` tokens of each sequence (pages ``block_table[i]``,
+    int32/int64 ``[num_seqs, max_blocks]``) back to back into ``key_out``/``value_out``
+    ``[sum(seq_lens), num_heads, head_size]``, dequantizing INT8 caches to their dtype."""
+    torch.ops.memwarden.gather_cache(
+        key_cache, value_cache, block_table, seq_lens, key_out, value_out, kv_cache_dtype, k_scale, v_scale,
+        k_scale_cache, v_scale_cache,
+    )
+
+
+def gather_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    out_dtype: Optional[torch.dtype] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    k_scale_cache: Optional[torch.Tensor] = None,
+    v_scale_cache: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_cache` into new tensors; returns ``(key, value)``
+    ``[sum(seq_lens), num_heads, head_size]`` of ``out_dtype`` (default: the cache dtype for
+    ``"auto"``, float16 for INT8). Reads ``sum(seq_lens)`` (a device sync on CUDA)."""
+    if out_dtype is None:
+        out_dtype = key_cache.dtype if kv_cache_dtype == "auto" else torch.float16
+    total = int(seq_lens.sum().item())
+    shape = (total, key_cache.size(2), key_cache.size(3))
+    key = torch.empty(shape, dtype=out_dtype, device=key_cache.device)
+    value = torch.empty(shape, dtype=out_dtype, device=key_cache.device)
+    gather_cache(key_cache, value_cache, block_table, seq_lens, key, value, kv_cache_dtype, k_scale, v_scale,
+                 k_scale_cache, v_scale_cache)
+    return key, value

@@ -1,0 +1,78 @@
+"""Plain-PyTorch references for the paged KV ops (per-token loops, no cleverness)."""
+from __future__ import annotations
+
+import torch
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q = sat(round_half_even(x * (1 / scale))), scale broadcast over heads ([1] or [H])."""
+    s = scale.float().reshape(-1)
+    inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
+    inv = inv.view(-1, 1) if inv.numel() > 1 else inv  # [H, 1] against [H, D]
+    q = torch.round(x.float() * inv)
+    q = torch.nan_to_num(q, nan=0.0)
+    return q.clamp(-128, 127).to(torch.int8)
+
+
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [H, D] -> (q [H, D] int8, scale [H] fp32) with scale = finite absmax / 127."""
+    xf = x.float()
+    a = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf)).amax(dim=-1)
+    scale = a / 127.0
+    inv = torch.where(a > 0, torch.full_like(a, 127.0) / a, torch.zeros_like(a))  # true division, like the kernel
+    q = torch.nan_to_num(torch.round(xf * inv.view(-1, 1)), nan=0.0).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+def write_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype="auto", k_scale=None, v_scale=None,
+                k_scale_cache=None, v_scale_cache=None):
+    """Per-token scatter into flash-layout caches (modified in place)."""
+    block_size = key_cache.size(1)
+    for t in range(slot_mapping.size(0)):
+        slot = int(slot_mapping[t])
+        if slot < 0:
+            continue
+        b, o = divmod(slot, block_size)
+        for src, cache, scale, scale_cache in ((key, key_cache, k_scale, k_scale_cache),
+                                               (value, value_cache, v_scale, v_scale_cache)):
+            if kv_cache_dtype == "auto":
+                cache[b, o] = src[t]
+            elif kv_cache_dtype == "int8":
+                cache[b, o] = quantize_static(src[t], scale)
+            else:
+                q, s = quantize_per_head(src[t])
+                cache[b, o] = q
+                scale_cache[b, o] = s
+
+
+def flash_to_legacy(key_flash: torch.Tensor, value_flash: torch.Tensor):
+    """Flash-layout caches -> legacy layout (key [nb, H, D/x, bs, x], value [nb, H, D, bs])."""
+    nb, bs, h, d = key_flash.shape
+    x = 16 // key_flash.element_size()
+    key = key_flash.view(nb, bs, h, d // x, x).permute(0, 2, 3, 1, 4).contiguous()
+    value = value_flash.permute(0, 2, 3, 1).contiguous()
+    return key, value
+
+
+def gather(key_cache, value_cache, block_table, seq_lens, kv_cache_dtype="auto", out_dtype=None, k_scale=None,
+           v_scale=None, k_scale_cache=None, v_scale_cache=None):
+    """Per-token gather of each sequence's pages into contiguous [sum(seq_lens), H, D]."""
+    block_size = key_cache.size(1)
+    out_dtype = out_dtype or key_cache.dtype
+    keys, values = [], []
+    for s in range(block_table.size(0)):
+        for t in range(int(seq_lens[s])):
+            b, o = int(block_table[s, t // block_size]), t % block_size
+            for cache, scale, scale_cache, out in ((key_cache, k_scale, k_scale_cache, keys),
+                                                   (value_cache, v_scale, v_scale_cache, values)):
+                row = cache[b, o]
+                if kv_cache_dtype == "int8":
+                    sc = scale.float().reshape(-1)
+                    row = row.float() * (sc.view(-1, 1) if sc.numel() > 1 else sc)
+                elif kv_cache_dtype == "int8_per_token_head":
+                    row = row.float() * scale_cache[b, o].view(-1, 1)
+                out.append(row.to(out_dtype))
+    h, d = key_cache.shape[2:]
+    if not keys:
+        return (torch.empty(0, h, d, dtype=out_dtype), torch.empty(0, h, d, dtype=out_dtype))
+    return torch.stack(keys), torch.stack(values)

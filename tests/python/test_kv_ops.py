@@ -1,0 +1,449 @@
+"""Paged KV cache ops against plain-PyTorch references (kv_reference.py)."""
+import itertools
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import kv_reference as R
+from memwarden.kv import ops
+
+HEAD_SIZES = [64, 80, 120, 128, 256]
+BLOCK_SIZES = [8, 16, 32]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["NHD", "HND"]
+KV_DTYPES = ["auto", "int8", "int8_per_token_head"]
+NUM_HEADS = 3
+NUM_BLOCKS = 7
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def make_cache(num_blocks, block_size, num_heads, head_size, dtype, layout, device="cpu", fill=0):
+    """Flash-layout cache [nb, bs, H, D]; HND is a permuted view of [nb, H, bs, D]."""
+    if layout == "NHD":
+        return torch.full((num_blocks, block_size, num_heads, head_size), fill, dtype=dtype, device=device)
+    return torch.full((num_blocks, num_heads, block_size, head_size), fill, dtype=dtype, device=device).permute(0, 2, 1, 3)
+
+
+def make_slots(num_tokens, num_blocks, block_size, num_skipped=2, generator=None):
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens].clone()
+    for i in range(min(num_skipped, num_tokens)):
+        slots[(i * 5 + 1) % num_tokens] = -1
+    return slots
+
+
+def make_kv(num_tokens, num_heads, head_size, dtype, padding=3, fused=True):
+    """key/value views into a fused QKV tensor (only the row stride is regular), padded."""
+    if fused:
+        qkv = torch.randn(num_tokens + padding, 3 * num_heads, head_size, dtype=torch.float32).to(dtype)
+        return qkv[:, num_heads:2 * num_heads], qkv[:, 2 * num_heads:]
+    return (torch.randn(num_tokens + padding, num_heads, head_size).to(dtype),
+            torch.randn(num_tokens + padding, num_heads, head_size).to(dtype))
+
+
+def scales_for(kv_dtype, per_head, num_heads):
+    if kv_dtype != "int8":
+        return torch.ones(1), torch.ones(1)
+    n = num_heads if per_head else 1
+    return torch.rand(n) * 0.03 + 0.01, torch.rand(n) * 0.03 + 0.01
+
+
+def flash_grid():
+    # Every head size x dtype x layout x cache dtype; block sizes rotate through the grid.
+    for i, (h, dt, lay, kvd) in enumerate(itertools.product(HEAD_SIZES, DTYPES, LAYOUTS, KV_DTYPES)):
+        yield pytest.param(h, BLOCK_SIZES[i % 3], dt, lay, kvd, id=f"h{h}-b{BLOCK_SIZES[i % 3]}-{dt}-{lay}-{kvd}")
+
+
+def write_both(key, value, slots, block_size, dtype, layout, kv_dtype, k_scale, v_scale, device="cpu"):
+    """Runs the op and the reference; returns ((kc, vc, ksc, vsc) op, same ref)."""
+    cache_dtype = dtype if kv_dtype == "auto" else torch.int8
+    h, d = key.shape[1:]
+    results = []
+    for run in ("op", "ref"):
+        kc = make_cache(NUM_BLOCKS, block_size, h, d, cache_dtype, layout, device, fill=7)
+        vc = make_cache(NUM_BLOCKS, block_size, h, d, cache_dtype, layout, device, fill=7)
+        ksc = vsc = None
+        if kv_dtype == "int8_per_token_head":
+            ksc = make_cache(NUM_BLOCKS, block_size, h, 1, torch.float32, layout, device, fill=-1)[..., 0]
+            vsc = make_cache(NUM_BLOCKS, block_size, h, 1, torch.float32, layout, device, fill=-1)[..., 0]
+        if run == "op":
+            ops.reshape_and_cache_flash(key.to(device), value.to(device), kc, vc, slots.to(device), kv_dtype,
+                                        k_scale.to(device), v_scale.to(device), ksc, vsc)
+        else:
+            R.write_flash(key, value, kc, vc, slots, kv_dtype, k_scale, v_scale, ksc, vsc)
+        results.append((kc, vc, ksc, vsc))
+    return results
+
+
+@pytest.mark.parametrize("head_size,block_size,dtype,layout,kv_dtype", list(flash_grid()))
+def test_reshape_and_cache_flash_matches_reference(head_size, block_size, dtype, layout, kv_dtype):
+    g = torch.Generator().manual_seed(head_size * 31 + block_size)
+    num_tokens = 2 * block_size + 3
+    key, value = make_kv(num_tokens, NUM_HEADS, head_size, dtype)
+    slots = make_slots(num_tokens, NUM_BLOCKS, block_size, generator=g)
+    k_scale, v_scale = scales_for(kv_dtype, per_head=head_size % 2 == 0, num_heads=NUM_HEADS)
+    (kc, vc, ksc, vsc), (rk, rv, rks, rvs) = write_both(key, value, slots, block_size, dtype, layout, kv_dtype,
+                                                        k_scale, v_scale)
+    # Exact: "auto" copies, INT8 uses the same fp32 arithmetic as the reference. Slots
+    # not written (negative slots, unused) keep the fill value.
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+    if ksc is not None:
+        assert torch.equal(ksc, rks) and torch.equal(vsc, rvs)
+    if kv_dtype != "auto":
+        # Dequantized values are within half a quantization step of the input.
+        bs = block_size
+        for t in range(num_tokens):
+            s = int(slots[t])
+            if s < 0:
+                continue
+            b, o = divmod(s, bs)
+            step = ksc[b, o].view(-1, 1) if ksc is not None else k_scale.view(-1, 1)
+            x = key[t].float()
+            err = (kc[b, o].float() * step - x).abs()
+            inside = x.abs() <= 127 * step  # static scales may be too small: those saturate
+            assert bool((err <= step / 2 + 1e-6 + x.abs() * 1e-6)[inside].all())
+            assert bool((kc[b, o][~inside].int().abs() >= 127).all())
+
+
+def test_flash_negative_slots_and_padding_leave_cache_untouched():
+    key, value = make_kv(6, 2, 64, torch.float16, padding=10)
+    kc = make_cache(2, 8, 2, 64, torch.float16, "NHD", fill=5)
+    vc = kc.clone()
+    slots = torch.tensor([-1, 3, -1, -1, 9, -5])
+    ops.reshape_and_cache_flash(key, value, kc, vc, slots)
+    written = {3, 9}
+    flat = kc.view(16, 2, 64)
+    for s in range(16):
+        if s in written:
+            continue
+        assert bool((flat[s] == 5).all())
+    assert torch.equal(flat[3], key[1]) and torch.equal(flat[9], key[4])
+    assert torch.equal(vc.view(16, 2, 64)[9], value[4])
+
+
+def legacy_grid():
+    for i, (h, dt, kvd) in enumerate(itertools.product(HEAD_SIZES, DTYPES, ["auto", "int8"])):
+        yield pytest.param(h, BLOCK_SIZES[i % 3], dt, kvd, id=f"h{h}-b{BLOCK_SIZES[i % 3]}-{dt}-{kvd}")
+
+
+@pytest.mark.parametrize("head_size,block_size,dtype,kv_dtype", list(legacy_grid()))
+def test_reshape_and_cache_legacy_matches_reference(head_size, block_size, dtype, kv_dtype):
+    num_tokens = block_size + 5
+    key, value = make_kv(num_tokens, NUM_HEADS, head_size, dtype)
+    slots = make_slots(num_tokens, NUM_BLOCKS, block_size, generator=torch.Generator().manual_seed(head_size))
+    k_scale, v_scale = scales_for(kv_dtype, per_head=True, num_heads=NUM_HEADS)
+    cache_dtype = dtype if kv_dtype == "auto" else torch.int8
+    x = 16 // torch.empty(0, dtype=cache_dtype).element_size()
+    if head_size % x:
+        kc = torch.zeros(NUM_BLOCKS, NUM_HEADS, head_size // x, block_size, x, dtype=cache_dtype)
+        vc = torch.zeros(NUM_BLOCKS, NUM_HEADS, head_size, block_size, dtype=cache_dtype)
+        with pytest.raises(ValueError, match="not a multiple of x"):
+            ops.reshape_and_cache(key, value, kc, vc, slots, kv_dtype, k_scale, v_scale)
+        return
+    rk = make_cache(NUM_BLOCKS, block_size, NUM_HEADS, head_size, cache_dtype, "NHD", fill=3)
+    rv = rk.clone()
+    R.write_flash(key, value, rk, rv, slots, kv_dtype, k_scale, v_scale)
+    rk, rv = R.flash_to_legacy(rk, rv)
+    kc = torch.full_like(rk, 3)
+    vc = torch.full_like(rv, 3)
+    ops.reshape_and_cache(key, value, kc, vc, slots, kv_dtype, k_scale, v_scale)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_cache_matches_reference(kv_dtype, layout, dtype):
+    bs, h, d = 8, 2, 80
+    cache_dtype = dtype if kv_dtype == "auto" else torch.int8
+    gen = torch.Generator().manual_seed(1)
+    kc = make_cache(NUM_BLOCKS, bs, h, d, cache_dtype, layout)
+    vc = make_cache(NUM_BLOCKS, bs, h, d, cache_dtype, layout)
+    if kv_dtype == "auto":
+        kc.copy_(torch.randn(kc.shape, generator=gen).to(dtype))
+        vc.copy_(torch.randn(vc.shape, generator=gen).to(dtype))
+    else:
+        kc.copy_(torch.randint(-128, 128, kc.shape, generator=gen, dtype=torch.int8))
+        vc.copy_(torch.randint(-128, 128, vc.shape, generator=gen, dtype=torch.int8))
+    ksc = vsc = k_scale = v_scale = None
+    if kv_dtype == "int8":
+        k_scale, v_scale = torch.rand(h) + 0.01, torch.rand(1) * 0 + torch.rand(h) + 0.01
+    if kv_dtype == "int8_per_token_head":
+        ksc = torch.rand(NUM_BLOCKS, bs, h, generator=gen)
+        vsc = torch.rand(NUM_BLOCKS, bs, h, generator=gen)
+    block_table = torch.tensor([[3, 0, 6], [1, 5, 2], [4, 4, 4]], dtype=torch.int32)
+    seq_lens = torch.tensor([17, 0, 8], dtype=torch.int64)
+    out_dtype = dtype
+    key, value = ops.gather_kv(kc, vc, block_table, seq_lens, kv_dtype, out_dtype, k_scale, v_scale, ksc, vsc)
+    rk, rv = R.gather(kc, vc, block_table, seq_lens, kv_dtype, out_dtype, k_scale, v_scale, ksc, vsc)
+    assert key.shape == (25, h, d)
+    torch.testing.assert_close(key, rk, rtol=0, atol=0)
+    torch.testing.assert_close(value, rv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_write_then_gather_round_trip(kv_dtype, layout):
+    bs, h, d, dtype = 16, 4, 128, torch.float16
+    seq_lens = [20, 5, 33]
+    manager_tables = [[0, 1], [2], [3, 4, 5]]
+    total = sum(seq_lens)
+    key, value = make_kv(total, h, d, dtype, padding=0, fused=False)
+    slots = torch.tensor([b * bs + t % bs for table, n in zip(manager_tables, seq_lens) for t, b in
+                          ((t, table[t // bs]) for t in range(n))])
+    cache_dtype = dtype if kv_dtype == "auto" else torch.int8
+    kc = make_cache(6, bs, h, d, cache_dtype, layout)
+    vc = make_cache(6, bs, h, d, cache_dtype, layout)
+    k_scale, v_scale = (key.float().abs().amax() / 127).view(1), (value.float().abs().amax() / 127).view(1)
+    ksc = vsc = None
+    if kv_dtype == "int8_per_token_head":
+        ksc, vsc = torch.zeros(6, bs, h), torch.zeros(6, bs, h)
+    ops.reshape_and_cache_flash(key, value, kc, vc, slots, kv_dtype, k_scale, v_scale, ksc, vsc)
+    table = torch.tensor([t + [0] * (3 - len(t)) for t in manager_tables])
+    out_k, out_v = ops.gather_kv(kc, vc, table, torch.tensor(seq_lens), kv_dtype, dtype,
+                                 k_scale if kv_dtype == "int8" else None, v_scale if kv_dtype == "int8" else None,
+                                 ksc, vsc)
+    if kv_dtype == "auto":
+        assert torch.equal(out_k, key) and torch.equal(out_v, value)
+    else:
+        step_k = k_scale if kv_dtype == "int8" else ksc.view(-1, h).max()
+        # within one quantization step (half a step plus fp16 rounding of the output)
+        assert float((out_k.float() - key.float()).abs().max()) <= float(step_k)
+        assert float((out_v.float() - value.float()).abs().max()) <= float(v_scale if kv_dtype == "int8" else
+                                                                              vsc.max())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copy_blocks_fan_out(layout):
+    layers = 3
+    kcs = [make_cache(8, 16, 2, 64, torch.bfloat16, layout) for _ in range(layers)]
+    vcs = [make_cache(8, 16, 2, 64, torch.bfloat16, layout) for _ in range(layers)]
+    for c in kcs + vcs:
+        c.copy_(torch.randn(c.shape).to(c.dtype))
+    expected_k = [c.clone() for c in kcs]
+    expected_v = [c.clone() for c in vcs]
+    mapping = torch.tensor([[1, 4], [1, 5], [2, 7], [1, 0]])  # block 1 fans out to 3 blocks
+    for exp in expected_k + expected_v:
+        for s, d in mapping.tolist():
+            exp[d] = exp[s]
+    ops.copy_blocks(kcs, vcs, mapping)
+    for got, exp in zip(kcs + vcs, expected_k + expected_v):
+        assert torch.equal(got, exp)
+
+
+def test_copy_blocks_rejects_conflicts_and_bad_ids():
+    kc = [torch.zeros(4, 8, 1, 16)]
+    vc = [torch.zeros(4, 8, 1, 16)]
+    with pytest.raises(IndexError, match=r"block_mapping\[1, 1\] = 4 is out of range for 4"):
+        ops.copy_blocks(kc, vc, torch.tensor([[0, 1], [0, 4]]))
+    with pytest.raises(ValueError, match="destination more than once"):
+        ops.copy_blocks(kc, vc, torch.tensor([[0, 1], [2, 1]]))
+    with pytest.raises(ValueError, match="both a source and a destination"):
+        ops.copy_blocks(kc, vc, torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match="same length"):
+        ops.copy_blocks(kc, [], torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="blocks like key_caches"):
+        ops.copy_blocks(kc, [torch.zeros(5, 8, 1, 16)], torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="block_mapping must be int64"):
+        ops.copy_blocks(kc, vc, torch.tensor([[0, 1]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_swap_blocks_round_trip(layout):
+    src = make_cache(6, 16, 2, 64, torch.float16, layout)
+    src.copy_(torch.randn(src.shape).half())
+    host = make_cache(4, 16, 2, 64, torch.float16, layout, fill=0)
+    nbytes = 16 * 2 * 64 * 2
+    ops.swap_blocks(src, host, nbytes, torch.tensor([[5, 0], [2, 3]]))
+    assert torch.equal(host[0], src[5]) and torch.equal(host[3], src[2])
+    assert bool((host[1] == 0).all())
+    back = torch.zeros_like(src)
+    ops.swap_blocks(host, back, nbytes, torch.tensor([[0, 1], [3, 4]]))
+    assert torch.equal(back[1], src[5]) and torch.equal(back[4], src[2])
+    assert bool((back[0] == 0).all())
+
+
+def test_swap_blocks_errors():
+    src, dst = torch.zeros(4, 8, 16), torch.zeros(2, 8, 16)
+    with pytest.raises(IndexError, match=r"block_mapping\[0, 1\] = 2 is out of range for 2 destination blocks"):
+        ops.swap_blocks(src, dst, 512, torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match="block_size_in_bytes = 1024"):
+        ops.swap_blocks(src, dst, 1024, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="densely"):
+        ops.swap_blocks(src[:, :, :8], dst, 64, torch.tensor([[0, 1]]))
+    assert bool((dst == 0).all())
+
+
+def test_flash_errors_name_the_argument():
+    key, value = make_kv(5, 2, 64, torch.float16, padding=0, fused=False)
+    kc = make_cache(4, 16, 2, 64, torch.float16, "NHD")
+    vc = kc.clone()
+    slots = torch.arange(5)
+    one = torch.ones(1)
+    with pytest.raises(IndexError, match=r"slot_mapping\[2\] = 9999 is out of range for 4 blocks x 16 slots"):
+        ops.reshape_and_cache_flash(key, value, kc, vc, torch.tensor([0, 1, 9999, 3, 4]))
+    assert bool((kc == 0).all())  # nothing written before the error
+    with pytest.raises(TypeError, match="key_cache must have the dtype of key/value"):
+        ops.reshape_and_cache_flash(key, value, kc.float(), vc, slots)
+    with pytest.raises(TypeError, match="key_cache must be int8"):
+        ops.reshape_and_cache_flash(key, value, kc, vc, slots, "int8", one, one)
+    with pytest.raises(ValueError, match="key has 2 heads of size 64 but the cache holds 2 heads of size 32"):
+        ops.reshape_and_cache_flash(key, value, kc[..., :32], vc[..., :32], slots)
+    with pytest.raises(ValueError, match="need at least slot_mapping.size\\(0\\) = 6 tokens"):
+        ops.reshape_and_cache_flash(key, value, kc, vc, torch.arange(6))
+    with pytest.raises(TypeError, match="slot_mapping must be int64"):
+        ops.reshape_and_cache_flash(key, value, kc, vc, slots.int())
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        ops.reshape_and_cache_flash(key, value, kc, vc, slots, "fp8")
+    with pytest.raises(ValueError, match="k_scale_cache is required"):
+        ops.reshape_and_cache_flash(key, value, kc.to(torch.int8), vc.to(torch.int8), slots, "int8_per_token_head")
+    with pytest.raises(ValueError, match="k_scale must have 1 or num_heads = 2 elements"):
+        ops.reshape_and_cache_flash(key, value, kc.to(torch.int8), vc.to(torch.int8), slots, "int8",
+                                    torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match="positive block size"):
+        ops.reshape_and_cache_flash(key, value, kc[:, :0], vc[:, :0], slots)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        ops.reshape_and_cache_flash(key, value, kc.transpose(2, 3), vc.transpose(2, 3), slots)
+    with pytest.raises(ValueError, match="k_scale_cache is only used"):
+        ops.reshape_and_cache_flash(key, value, kc, vc, slots, "auto", one, one, torch.zeros(4, 16, 2), None)
+
+
+def test_gather_errors():
+    kc = make_cache(4, 8, 2, 64, torch.float32, "NHD")
+    out = torch.zeros(10, 2, 64)
+    table = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"sum\(seq_lens\) = 12 but key_out/value_out have 10 rows"):
+        ops.gather_cache(kc, kc, table, torch.tensor([6, 6]), out, out.clone())
+    with pytest.raises(IndexError, match=r"block_table\[1, 1\] = 9 is out of range for 4 blocks"):
+        ops.gather_cache(kc, kc, torch.tensor([[0, 1], [2, 9]]), torch.tensor([1, 9]), out, out.clone())
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 17 must be within 0 and"):
+        ops.gather_cache(kc, kc, table, torch.tensor([17, -7]), out, out.clone())
+    with pytest.raises(TypeError, match="key_out must have the cache's dtype"):
+        ops.gather_cache(kc, kc, table, torch.tensor([5, 5]), out.half(), out.half())
+    with pytest.raises(ValueError, match="k_scale and v_scale are required"):
+        ops.gather_cache(kc.to(torch.int8), kc.to(torch.int8), table, torch.tensor([5, 5]), out, out.clone(), "int8")
+
+
+def _opcheck_cases():
+    h, d, bs = 2, 32, 8
+    key, value = make_kv(10, h, d, torch.float16, padding=2)
+    slots = make_slots(10, 4, bs)
+    cases = []
+    for kv_dtype in KV_DTYPES:
+        cache_dtype = torch.float16 if kv_dtype == "auto" else torch.int8
+        kc = make_cache(4, bs, h, d, cache_dtype, "HND")
+        vc = make_cache(4, bs, h, d, cache_dtype, "NHD")
+        ksc = vsc = None
+        if kv_dtype == "int8_per_token_head":
+            ksc, vsc = torch.zeros(4, bs, h), torch.zeros(4, bs, h)
+        cases.append((torch.ops.memwarden.reshape_and_cache_flash.default,
+                       (key, value, kc, vc, slots, kv_dtype, torch.full((h,), 0.02), torch.full((h,), 0.02), ksc,
+                        vsc)))
+        table = torch.tensor([[0, 1], [3, 2]], dtype=torch.int32)
+        seq_lens = torch.tensor([9, 16])
+        ko, vo = torch.zeros(25, h, d, dtype=torch.float16), torch.zeros(25, h, d, dtype=torch.float16)
+        scale = torch.full((1,), 0.05) if kv_dtype == "int8" else None
+        cases.append((torch.ops.memwarden.gather_cache.default,
+                      (kc, vc, table, seq_lens, ko, vo, kv_dtype, scale, scale, ksc, vsc)))
+    for kv_dtype in ("auto", "int8"):
+        cache_dtype = torch.float16 if kv_dtype == "auto" else torch.int8
+        x = 16 // torch.empty(0, dtype=cache_dtype).element_size()
+        kc = torch.zeros(4, h, d // x, bs, x, dtype=cache_dtype)
+        vc = torch.zeros(4, h, d, bs, dtype=cache_dtype)
+        cases.append((torch.ops.memwarden.reshape_and_cache.default,
+                      (key, value, kc, vc, slots, kv_dtype, torch.full((1,), 0.02), torch.full((1,), 0.02))))
+    caches = [torch.randn(4, bs, h, d) for _ in range(4)]
+    cases.append((torch.ops.memwarden.copy_blocks.default, (caches[:2], caches[2:], torch.tensor([[0, 1], [0, 2]]))))
+    cases.append((torch.ops.memwarden.swap_blocks.default,
+                  (caches[0], torch.zeros(3, bs, h, d), bs * h * d * 4, torch.tensor([[3, 0], [1, 2]]))))
+    return cases
+
+
+@pytest.mark.parametrize("index", range(len(_opcheck_cases())))
+def test_opcheck(index):
+    op, args = _opcheck_cases()[index]
+    opcheck(op, args)
+
+
+# ---- CUDA: the same ops against the CPU op (guarded: CI has no GPU) ---------------------
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+def test_cuda_flash_write_and_gather_match_cpu(head_size, dtype, kv_dtype, layout):
+    bs = 16
+    key, value = make_kv(40, NUM_HEADS, head_size, dtype)
+    slots = make_slots(40, NUM_BLOCKS, bs, generator=torch.Generator().manual_seed(head_size))
+    k_scale, v_scale = scales_for(kv_dtype, per_head=True, num_heads=NUM_HEADS)
+    (kc, vc, ksc, vsc), _ = write_both(key, value, slots, bs, dtype, layout, kv_dtype, k_scale, v_scale, "cpu")
+    (gk, gv, gks, gvs), _ = write_both(key, value, slots, bs, dtype, layout, kv_dtype, k_scale, v_scale, "cuda")
+    if kv_dtype == "int8_per_token_head":
+        # Reductions may differ in the last bit of the scale: allow one step on q.
+        assert int((gk.cpu().int() - kc.int()).abs().max()) <= 1
+        torch.testing.assert_close(gks.cpu(), ksc)
+    else:
+        assert torch.equal(gk.cpu(), kc) and torch.equal(gv.cpu(), vc)
+    table = torch.tensor([[0, 3, 5], [6, 1, 2]])
+    seq_lens = torch.tensor([40, 33])
+    args = (kv_dtype, dtype, k_scale if kv_dtype == "int8" else None, v_scale if kv_dtype == "int8" else None)
+    ck, cv = ops.gather_kv(kc, vc, table, seq_lens, *args[:2], *(args[2:]), ksc, vsc)
+    dk, dv = ops.gather_kv(gk, gv, table.cuda(), seq_lens.cuda(), kv_dtype, dtype,
+                           *(a.cuda() if a is not None else None for a in args[2:]), gks, gvs)
+    if kv_dtype != "int8_per_token_head":
+        assert torch.equal(dk.cpu(), ck) and torch.equal(dv.cpu(), cv)
+
+
+@cuda_only
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_cuda_legacy_matches_cpu(kv_dtype):
+    h, d, bs, dtype = 2, 128, 16, torch.float16
+    key, value = make_kv(30, h, d, dtype)
+    slots = make_slots(30, 4, bs)
+    cache_dtype = dtype if kv_dtype == "auto" else torch.int8
+    x = 16 // torch.empty(0, dtype=cache_dtype).element_size()
+    kc, vc = torch.zeros(4, h, d // x, bs, x, dtype=cache_dtype), torch.zeros(4, h, d, bs, dtype=cache_dtype)
+    gk, gv = kc.cuda(), vc.cuda()
+    s = torch.full((1,), 0.02)
+    ops.reshape_and_cache(key, value, kc, vc, slots, kv_dtype, s, s)
+    ops.reshape_and_cache(key.cuda(), value.cuda(), gk, gv, slots.cuda(), kv_dtype, s.cuda(), s.cuda())
+    assert torch.equal(gk.cpu(), kc) and torch.equal(gv.cpu(), vc)
+
+
+@cuda_only
+def test_cuda_copy_and_swap_blocks():
+    kcs = [torch.randn(8, 16, 2, 64, device="cuda").half() for _ in range(2)]
+    vcs = [torch.randn(8, 16, 2, 64, device="cuda").half() for _ in range(2)]
+    expected = [c.cpu() for c in kcs + vcs]
+    mapping = torch.tensor([[1, 4], [1, 5], [2, 7]])
+    for e in expected:
+        for s, d in mapping.tolist():
+            e[d] = e[s]
+    ops.copy_blocks(kcs, vcs, mapping.cuda())
+    for got, e in zip(kcs + vcs, expected):
+        assert torch.equal(got.cpu(), e)
+    host = torch.zeros(4, 16, 2, 64, dtype=torch.half).pin_memory()
+    nbytes = 16 * 2 * 64 * 2
+    ops.swap_blocks(kcs[0], host, nbytes, torch.tensor([[5, 0], [2, 3]]))
+    torch.cuda.synchronize()
+    assert torch.equal(host[0], kcs[0][5].cpu()) and torch.equal(host[3], kcs[0][2].cpu())
+    back = torch.zeros_like(kcs[0])
+    ops.swap_blocks(host, back, nbytes, torch.tensor([[0, 1], [3, 6]]))
+    ops.swap_blocks(kcs[0], back, nbytes, torch.tensor([[7, 0]]))  # device -> device
+    assert torch.equal(back[1], kcs[0][5]) and torch.equal(back[6], kcs[0][2]) and torch.equal(back[0], kcs[0][7])
+
+
+@cuda_only
+def test_cuda_bad_slot_raises_and_writes_nothing():
+    key, value = make_kv(5, 2, 64, torch.float16, padding=0, fused=False)
+    kc = torch.zeros(4, 16, 2, 64, dtype=torch.float16, device="cuda")
+    vc = kc.clone()
+    with pytest.raises(IndexError, match="out of range for 4 blocks x 16 slots"):
+        ops.reshape_and_cache_flash(key.cuda(), value.cuda(), kc, vc, torch.tensor([0, 1, 9999, 3, 4], device="cuda"))
+    assert bool((kc == 0).all())
