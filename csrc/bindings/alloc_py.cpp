@@ -275,13 +275,10 @@ MEMWARDEN_PYBIND(alloc) {
       "raw_alloc",
       [](const std::string& device, int64_t nbytes, std::uintptr_t stream) {
         if (nbytes < 0) throw std::invalid_argument("nbytes must be >= 0, got " + std::to_string(nbytes));
-        auto& a = allocator_for(device);
-        void* p;
-        {
-          py::gil_scoped_release nogil;  // OOM callbacks take the GIL back themselves
-          p = a.allocate(static_cast<std::size_t>(nbytes), stream);
-        }
-        return reinterpret_cast<std::uintptr_t>(p);
+        // The GIL stays held (so record_history sees this stack); the allocator's lock is
+        // never held while it waits for the GIL, so this cannot deadlock.
+        return reinterpret_cast<std::uintptr_t>(
+            allocator_for(device).allocate(static_cast<std::size_t>(nbytes), stream));
       },
       py::arg("device"), py::arg("nbytes"), py::arg("stream") = 0);
   module.def(
@@ -298,6 +295,56 @@ MEMWARDEN_PYBIND(alloc) {
         return allocator_for(device).block_size(reinterpret_cast<void*>(address));
       },
       py::arg("device"), py::arg("address"));
+  // A private allocator over host memory (its own pool, options and limit): for tests and
+  // components that want an isolated pool.
+  py::class_<ma::CachingAllocator>(module, "HostPool")
+      .def(py::init([](std::size_t memory_limit, std::size_t small_segment, std::size_t large_segment,
+                       std::size_t max_split_size, unsigned roundup_power2_divisions, double gc_threshold) {
+             ma::Options o;
+             o.memory_limit = memory_limit;
+             if (small_segment) o.small_segment = small_segment;
+             if (large_segment) o.large_segment = large_segment;
+             if (max_split_size) o.max_split_size = max_split_size;
+             o.roundup_power2_divisions = roundup_power2_divisions;
+             o.gc_threshold = gc_threshold;
+             return std::make_unique<ma::CachingAllocator>(std::make_shared<ma::HostBackend>(), o, "host-pool");
+           }),
+           py::arg("memory_limit") = 0, py::arg("small_segment") = 0, py::arg("large_segment") = 0,
+           py::arg("max_split_size") = 0, py::arg("roundup_power2_divisions") = 0, py::arg("gc_threshold") = 0.0)
+      .def("allocate", [](ma::CachingAllocator& a, std::size_t n, std::uintptr_t stream) {
+             return reinterpret_cast<std::uintptr_t>(a.allocate(n, stream));
+           }, py::arg("nbytes"), py::arg("stream") = 0)
+      .def("deallocate", [](ma::CachingAllocator& a, std::uintptr_t p) { a.deallocate(reinterpret_cast<void*>(p)); },
+           py::arg("address"))
+      .def("block_size", [](ma::CachingAllocator& a, std::uintptr_t p) { return a.block_size(reinterpret_cast<void*>(p)); })
+      .def("round_size", &ma::CachingAllocator::round_size)
+      .def("segment_size", &ma::CachingAllocator::segment_size)
+      .def("stats", [](ma::CachingAllocator& a) { return a.stats().to_map(); })
+      .def("reset_peak_stats", &ma::CachingAllocator::reset_peak_stats)
+      .def("empty_cache", &ma::CachingAllocator::empty_cache)
+      .def("set_memory_limit", &ma::CachingAllocator::set_memory_limit)
+      .def("memory_limit", &ma::CachingAllocator::memory_limit)
+      .def("snapshot", [](ma::CachingAllocator& a) {
+        ma::Snapshot snap = a.snapshot();
+        py::list segments;
+        for (const auto& s : snap.segments) {
+          py::dict sd;
+          sd["address"] = s.address;
+          sd["total_size"] = s.total_size;
+          sd["allocated_size"] = s.allocated_size;
+          sd["stream"] = s.stream;
+          sd["segment_type"] = s.small ? "small" : "large";
+          py::list blocks;
+          for (const auto& b : s.blocks) blocks.append(block_dict(b));
+          sd["blocks"] = blocks;
+          segments.append(sd);
+        }
+        py::dict out;
+        out["segments"] = segments;
+        out["fragmentation"] = snap.fragmentation;
+        return out;
+      });
+
   module.def(
       "replay_trace_seconds",
       [](const std::vector<long>& ops, const std::vector<long>& sizes) {
