@@ -11,7 +11,8 @@ Two traces, replayed in one process:
 
 Each trace goes through ``torch.empty`` (a) with PyTorch's default CPU allocator and (b)
 with memwarden's host allocator installed, both from Python (what user code sees) and from
-C++ (``at::empty`` in a loop, no interpreter overhead). On a GPU also (c) PyTorch's CUDA
+C++ (``at::empty`` in a loop, no interpreter overhead), and on raw pointers (the
+allocators alone: ``c10::GetDefaultCPUAllocator()->raw_allocate`` vs memwarden's core). On a GPU also (c) PyTorch's CUDA
 caching allocator and (d) memwarden's CUDA backend (through a ``torch.cuda.MemPool``).
 Reported: allocations per second (median of ``--repeats``), peak reserved / peak
 allocated, and the ratios between allocators.
@@ -152,6 +153,8 @@ def run_cpu(name, ops, sizes, peak_live, repeats):
     assert not ma.is_installed("cpu"), "benchmark expects PyTorch's own CPU allocator at start"
     res["torch_cpu_py"] = median_rate(lambda: replay_python(ops, sizes, "cpu"), n, repeats)
     res["torch_cpu_cxx"] = median_rate(lambda: _C.alloc.replay_trace_seconds(ops, sizes), n, repeats)
+    res["torch_cpu_raw"] = median_rate(lambda: _C.alloc.replay_raw_seconds(ops, sizes, False), n, repeats)
+    res["memwarden_cpu_raw"] = median_rate(lambda: _C.alloc.replay_raw_seconds(ops, sizes, True), n, repeats)
     with ma.use("cpu"):
         res["memwarden_cpu_py"] = median_rate(lambda: replay_python(ops, sizes, "cpu"), n, repeats)
         res["memwarden_cpu_cxx"] = median_rate(lambda: _C.alloc.replay_trace_seconds(ops, sizes), n, repeats)
@@ -163,6 +166,7 @@ def run_cpu(name, ops, sizes, peak_live, repeats):
     res["memwarden_cpu_reserved_over_requested"] = reserved / peak_live
     res["speedup_py"] = res["memwarden_cpu_py"] / res["torch_cpu_py"]
     res["speedup_cxx"] = res["memwarden_cpu_cxx"] / res["torch_cpu_cxx"]
+    res["speedup_raw"] = res["memwarden_cpu_raw"] / res["torch_cpu_raw"]
     return res
 
 
@@ -211,6 +215,8 @@ def main(argv=None):
               f"memwarden {res['memwarden_cpu_py']:>12,.0f}   x{res['speedup_py']:.2f}")
         print(f"  allocations/s via at::empty (C++):      PyTorch CPU {res['torch_cpu_cxx']:>12,.0f}   "
               f"memwarden {res['memwarden_cpu_cxx']:>12,.0f}   x{res['speedup_cxx']:.2f}")
+        print(f"  allocations/s, raw allocator (C++):     PyTorch CPU {res['torch_cpu_raw']:>12,.0f}   "
+              f"memwarden {res['memwarden_cpu_raw']:>12,.0f}   x{res['speedup_raw']:.2f}")
         print(f"  memwarden peak reserved / peak allocated: {res['memwarden_cpu_reserved_over_allocated']:.3f}"
               f"   / peak requested: {res['memwarden_cpu_reserved_over_requested']:.3f}"
               "   (PyTorch's CPU allocator keeps no stats: malloc)")

@@ -357,4 +357,22 @@ MEMWARDEN_PYBIND(alloc) {
       },
       py::arg("ops"), py::arg("sizes"),
       "Seconds to replay an allocate/free trace through at::empty with the current CPU allocator");
+  module.def(
+      "replay_raw_seconds",
+      [](const std::vector<long>& ops, const std::vector<long>& sizes, bool memwarden) {
+        std::vector<int> state(sizes.size(), 0);  // every slot allocated once, then freed once
+        for (long op : ops) {
+          const long slot = op >= 0 ? op : -op - 1;
+          if (slot >= static_cast<long>(sizes.size()) || state[slot] != (op >= 0 ? 0 : 1))
+            throw std::invalid_argument("replay_raw_seconds: invalid trace at op " + std::to_string(op));
+          state[slot] += 1;
+        }
+        for (int s : state)
+          if (s != 2) throw std::invalid_argument("replay_raw_seconds: every slot must be allocated and freed");
+        py::gil_scoped_release nogil;
+        return memwarden::bindings::alloc_torch::replay_raw_seconds(ops.data(), ops.size(), sizes.data(),
+                                                                    sizes.size(), memwarden);
+      },
+      py::arg("ops"), py::arg("sizes"), py::arg("memwarden"),
+      "Seconds to replay a trace on raw pointers: PyTorch's default CPU allocator or memwarden's");
 }

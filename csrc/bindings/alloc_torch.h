@@ -20,4 +20,8 @@ bool host_installed();
 // slot -ops[i]-1.
 double replay_trace_seconds(const long* ops, std::size_t n_ops, const long* sizes, std::size_t n_slots);
 
+// The same trace on raw pointers, without tensors: PyTorch's default CPU allocator
+// (c10::GetDefaultCPUAllocator()->raw_allocate) or memwarden's host allocator.
+double replay_raw_seconds(const long* ops, std::size_t n_ops, const long* sizes, std::size_t n_slots, bool memwarden);
+
 }  // namespace memwarden::bindings::alloc_torch
