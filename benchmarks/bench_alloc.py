@@ -67,6 +67,7 @@ def llm_trace(steps: int, layers: int = 8, hidden: int = 2048, heads: int = 16, 
     head_dim = hidden // heads
     sizes, ops, live_bytes, peak = [], [], 0, 0
     kv: list[list[int]] = [[] for _ in range(layers)]
+    h = None
 
     def alloc(n):
         nonlocal live_bytes, peak
@@ -88,7 +89,10 @@ def llm_trace(steps: int, layers: int = 8, hidden: int = 2048, heads: int = 16, 
                 for s in layer:
                     free(s)
                 layer.clear()
-        h = alloc(batch * hidden * elem)
+        h_prev = h if step else None
+        h = alloc(batch * hidden * elem)                                       # embedding
+        if h_prev is not None:
+            free(h_prev)
         for layer in range(layers):
             tmp = [alloc(batch * hidden * elem)]                              # norm
             tmp.append(alloc(batch * (hidden + 2 * kv_heads * head_dim) * elem))  # qkv
