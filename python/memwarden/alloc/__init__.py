@@ -148,7 +148,9 @@ def use(device: Any = "cpu", *, memory_limit: int | str | None = None,
     the previous limit comes back on exit; ``record`` records allocation stacks.
     """
     dev = _device(device)
-    prev_limit = get_memory_limit(dev) if dev == "cpu" or cuda_built() else 0
+    if dev != "cpu":
+        _require_cuda(dev)
+    prev_limit = get_memory_limit(dev)
     with contextlib.ExitStack() as stack:
         if memory_limit is not None:
             set_memory_limit(dev, memory_limit)
@@ -161,7 +163,6 @@ def use(device: Any = "cpu", *, memory_limit: int | str | None = None,
                 stack.callback(uninstall, dev)
             yield dev
         else:
-            _require_cuda(dev)
             mem_pool = torch.cuda.MemPool(_pluggable().allocator())
             with _lock:
                 _cuda_state["pools"] += 1
