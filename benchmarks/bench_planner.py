@@ -137,7 +137,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI smoke run (< 30 s)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "bench_planner.json"))
     args = ap.parse_args(argv)
-    sys.path.insert(0, os.path.join(HERE, "..", "python"))
     print(HEADER)
     rows = run(args.quick)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

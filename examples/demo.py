@@ -40,10 +40,24 @@ def demo_int8(device: str) -> None:
           f"({eager / ours:.1f}x); memory {x.numel() * 2 / 2**20:.0f} MiB -> {q.numel() / 2**20:.0f} MiB + scales")
 
 
+def demo_planning() -> None:
+    from memwarden import estimate, plan
+
+    print("\n== Will it fit? Embedded model configs, no download")
+    print(estimate.estimate("llama-3.1-8b", context=32768, batch=4).report())
+    print(f"llama-3.1-8b on one 24 GiB GPU: largest context "
+          f"{estimate.max_context('llama-3.1-8b', {0: '24GiB'})} tokens (batch 1)")
+    print("\n== Balanced expert placement: Mixtral-8x7B on two 48 GiB GPUs")
+    print(plan.plan("mixtral-8x7b", max_memory={0: "48GiB", 1: "48GiB"}, reserve="2GiB").report())
+    print("\n== DeepSeek-V3 (int4) on eight 80 GiB GPUs")
+    print(plan.plan("deepseek-v3", max_memory={i: "80GiB" for i in range(8)}, dtype="int4").report())
+
+
 def main() -> None:
     print(f"memwarden {memwarden.__version__} on torch {torch.__version__} "
           f"({'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'})")
     demo_int8("cuda" if torch.cuda.is_available() else "cpu")
+    demo_planning()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Decimal units (kB, MB, GB, TB, PB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB,
 PiB) powers of 1024; units are case-insensitive and a space between number and unit is
-optional. This is the package-wide helper (memwarden.testing has a private copy).
+optional. This is the package-wide helper.
 """
 from __future__ import annotations
 
@@ -49,14 +49,14 @@ def parse_bytes(value: int | float | str, name: str = "size") -> int:
     return int(round(number * mult))
 
 
-def format_bytes(n: int | float | None, signed: bool = False) -> str:
-    """``format_bytes(3 * 2**20) == "3.0 MiB"``; ``signed=True`` prefixes ``+`` for growth."""
+def format_bytes(n: int | float | None, signed: bool = False, digits: int = 2) -> str:
+    """``format_bytes(3 * 2**20) == "3.00 MiB"``; ``signed=True`` prefixes ``+`` for growth."""
     if n is None:
         return "n/a"
     sign = "-" if n < 0 else ("+" if signed and n > 0 else "")
     n = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.{digits}f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

@@ -1,59 +1,13 @@
-"""Byte sizes: parse "2 GiB", "512MiB", "1.5GB", 1024 and format them back.
-
-Kept private to the testing package for now; a package-wide ``memwarden._units`` may
-replace it.
-"""
+"""Byte sizes for the testing toolkit: the package-wide parser, and sizes printed with
+one decimal (pytest reports are read at a glance)."""
 from __future__ import annotations
 
-import re
+from memwarden._units import format_bytes as _format_bytes
+from memwarden._units import parse_bytes
 
 __all__ = ["parse_bytes", "format_bytes"]
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5,
-    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
-    "ti": 1024**4, "tib": 1024**4, "pi": 1024**5, "pib": 1024**5,
-}
-_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(value: int | float | str) -> int:
-    """Return a byte count from an int, a float or a string such as ``"2 GiB"``.
-
-    Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB)
-    powers of 1024; units are case-insensitive. Raises ``ValueError`` naming the value on
-    anything else (negative numbers, unknown units, bool).
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"size must be an int, float or string like '2 GiB', got {value!r}")
-    if isinstance(value, int):
-        number, mult = value, 1
-    elif isinstance(value, float):
-        number, mult = value, 1
-    elif isinstance(value, str):
-        m = _RE.match(value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(
-                f"cannot parse size {value!r}: expected a number with an optional unit "
-                "(B, kB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '2 GiB'")
-        number, mult = float(m.group(1)), _UNITS[m.group(2).lower()]
-    else:
-        raise ValueError(f"size must be an int, float or string like '2 GiB', got {type(value).__name__}")
-    if number < 0:
-        raise ValueError(f"size must not be negative, got {value!r}")
-    return int(round(number * mult))
 
 
 def format_bytes(n: int | float | None, signed: bool = False) -> str:
     """``format_bytes(3 * 2**20) == "3.0 MiB"``; ``signed=True`` prefixes ``+`` for growth."""
-    if n is None:
-        return "n/a"
-    sign = "-" if n < 0 else ("+" if signed and n > 0 else "")
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return _format_bytes(n, signed=signed, digits=1)
