@@ -97,6 +97,7 @@ struct CachingAllocator::Block {
   Block* next = nullptr;
   std::vector<StreamId> stream_uses;
   Context context;
+  Pool::iterator pool_it;  // valid while in_pool
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
 
@@ -164,7 +165,7 @@ std::size_t CachingAllocator::segment_size(std::size_t rounded) const {
 
 void CachingAllocator::insert_free(Block* b) {
   Pool& pool = b->small ? small_pool_ : large_pool_;
-  pool.insert(b);
+  b->pool_it = pool.insert(b).first;
   b->in_pool = true;
   if (b->is_split()) {
     b->split_counted = true;
@@ -175,7 +176,7 @@ void CachingAllocator::insert_free(Block* b) {
 
 void CachingAllocator::erase_free(Block* b) {
   Pool& pool = b->small ? small_pool_ : large_pool_;
-  pool.erase(b);
+  pool.erase(b->pool_it);  // by iterator: no second search
   b->in_pool = false;
   if (b->split_counted) {
     b->split_counted = false;

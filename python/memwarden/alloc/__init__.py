@@ -1,0 +1,335 @@
+"""memwarden's caching allocator, for host (CPU) tensors and, when built with CUDA, GPUs.
+
+The C++ core (``csrc/core/alloc``) keeps small (<= 1 MiB) and large pools, splits and
+coalesces blocks, enforces an optional memory limit and runs an out-of-memory chain (free
+the cache and retry, then call :func:`on_oom` callbacks and retry, then raise). Statistics
+use the key names of ``torch.cuda.memory_stats()``.
+
+Host::
+
+    import memwarden.alloc as ma
+    ma.install("cpu")                 # every CPU tensor allocated from now on is pooled
+    ma.set_memory_limit("cpu", "2 GiB")
+    x = torch.empty(1000, 1000)
+    ma.memory_stats("cpu")["allocated_bytes.all.current"]
+    print(ma.memory_summary("cpu"))
+    ma.uninstall("cpu")
+
+or scoped: ``with ma.use("cpu", memory_limit="2 GiB"): ...``.
+
+CUDA: ``install("cuda")`` swaps PyTorch's CUDA allocator for memwarden's through
+``torch.cuda.memory.CUDAPluggableAllocator`` (before the first CUDA allocation; PyTorch
+cannot switch back), and ``use("cuda")`` routes the allocations of a block of code to a
+``torch.cuda.MemPool`` backed by memwarden's allocator.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+
+from memwarden import _C
+from memwarden._units import format_bytes, parse_bytes
+
+__all__ = [
+    "install", "uninstall", "is_installed", "use", "pool", "memory_stats", "memory_allocated",
+    "memory_reserved", "max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats",
+    "reset_accumulated_memory_stats", "snapshot", "empty_cache", "set_memory_limit",
+    "get_memory_limit", "set_gc_threshold", "configure", "on_oom", "OomCallbackHandle",
+    "record_history", "memory_summary", "cuda_built",
+]
+
+_core = _C.alloc
+_lock = threading.RLock()
+_cuda_state: dict[str, Any] = {"pluggable": None, "global": False, "pools": 0}
+
+
+def cuda_built() -> bool:
+    """Whether the extension was compiled with the CUDA backend."""
+    return bool(_core.cuda_built())
+
+
+def _device(device: Any = "cpu") -> str:
+    """'cpu' or 'cuda:N' from a string, torch.device or int."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
+    if isinstance(device, torch.device):
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda":
+            return f"cuda:{device.index if device.index is not None else _current_cuda()}"
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if not isinstance(device, str):
+        raise ValueError(f"device must be 'cpu', 'cuda[:N]', a torch.device or an int, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda":
+        return f"cuda:{_current_cuda()}"
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return device
+    raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+
+
+def _current_cuda() -> int:
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def _require_cuda(device: str) -> None:
+    if not cuda_built():
+        raise RuntimeError(f"memwarden was built without CUDA: no allocator for {device!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"CUDA is not available: no allocator for {device!r}")
+
+
+# ---- installation -------------------------------------------------------------------------
+
+def _pluggable():
+    if _cuda_state["pluggable"] is None:
+        from torch.cuda.memory import CUDAPluggableAllocator
+        _cuda_state["pluggable"] = CUDAPluggableAllocator(_C.__file__, "memwarden_cuda_malloc",
+                                                          "memwarden_cuda_free")
+    return _cuda_state["pluggable"]
+
+
+def install(device: Any = "cpu") -> bool:
+    """Make memwarden's allocator serve ``device``'s tensors; returns False if it already did.
+
+    ``"cpu"``: replaces PyTorch's CPU allocator (reversible with :func:`uninstall`);
+    tensors allocated before keep their own deleter and are freed correctly.
+    ``"cuda"``: ``torch.cuda.memory.change_current_allocator`` with memwarden's pluggable
+    allocator; must happen before the first CUDA allocation and cannot be undone.
+    """
+    dev = _device(device)
+    with _lock:
+        if dev == "cpu":
+            return bool(_core.install_host())
+        _require_cuda(dev)
+        if _cuda_state["global"]:
+            return False
+        torch.cuda.memory.change_current_allocator(_pluggable())
+        _cuda_state["global"] = True
+        return True
+
+
+def uninstall(device: Any = "cpu") -> bool:
+    """Put PyTorch's own allocator back; False if memwarden's was not installed.
+
+    Memory still held by tensors allocated meanwhile is returned to memwarden's pool when
+    they are freed; call :func:`empty_cache` afterwards to give the cached segments back.
+    """
+    dev = _device(device)
+    with _lock:
+        if dev == "cpu":
+            return bool(_core.uninstall_host())
+        if _cuda_state["global"]:
+            raise RuntimeError("PyTorch cannot switch its CUDA allocator back once it was changed; "
+                               "use memwarden.alloc.use('cuda') for scoped use instead")
+        return False
+
+
+def is_installed(device: Any = "cpu") -> bool:
+    """Whether tensors of ``device`` currently come from memwarden's allocator."""
+    dev = _device(device)
+    if dev == "cpu":
+        return bool(_core.host_installed())
+    return bool(_cuda_state["global"] or _cuda_state["pools"] > 0)
+
+
+@contextlib.contextmanager
+def use(device: Any = "cpu", *, memory_limit: int | str | None = None,
+        record: bool = False) -> Iterator[str]:
+    """Scoped use: memwarden's allocator serves ``device`` inside the ``with`` block.
+
+    On the CPU it installs the host allocator (unless it already was) and uninstalls it on
+    exit; on CUDA it allocates into a ``torch.cuda.MemPool`` backed by memwarden's
+    allocator (``torch.cuda.use_mem_pool``). ``memory_limit`` applies inside the block and
+    the previous limit comes back on exit; ``record`` records allocation stacks.
+    """
+    dev = _device(device)
+    if dev != "cpu":
+        _require_cuda(dev)
+    prev_limit = get_memory_limit(dev)
+    with contextlib.ExitStack() as stack:
+        if memory_limit is not None:
+            set_memory_limit(dev, memory_limit)
+            stack.callback(set_memory_limit, dev, prev_limit)
+        if record:
+            record_history(dev, True)
+            stack.callback(record_history, dev, False)
+        if dev == "cpu":
+            if install(dev):
+                stack.callback(uninstall, dev)
+            yield dev
+        else:
+            mem_pool = torch.cuda.MemPool(_pluggable().allocator())
+            with _lock:
+                _cuda_state["pools"] += 1
+            try:
+                with torch.cuda.use_mem_pool(mem_pool, device=torch.device(dev)):
+                    yield dev
+            finally:
+                with _lock:
+                    _cuda_state["pools"] -= 1
+
+
+pool = use  # alias: ``with memwarden.alloc.pool("cuda"): ...``
+
+
+# ---- statistics and snapshots -------------------------------------------------------------
+
+def memory_stats(device: Any = "cpu") -> dict[str, int]:
+    """Counters with the key names of ``torch.cuda.memory_stats()`` (sorted by key)."""
+    return dict(sorted(_core.stats(_device(device)).items()))
+
+
+def memory_allocated(device: Any = "cpu") -> int:
+    return int(_core.stats(_device(device))["allocated_bytes.all.current"])
+
+
+def max_memory_allocated(device: Any = "cpu") -> int:
+    return int(_core.stats(_device(device))["allocated_bytes.all.peak"])
+
+
+def memory_reserved(device: Any = "cpu") -> int:
+    return int(_core.stats(_device(device))["reserved_bytes.all.current"])
+
+
+def max_memory_reserved(device: Any = "cpu") -> int:
+    return int(_core.stats(_device(device))["reserved_bytes.all.peak"])
+
+
+def reset_peak_memory_stats(device: Any = "cpu") -> None:
+    _core.reset_peak_stats(_device(device))
+
+
+def reset_accumulated_memory_stats(device: Any = "cpu") -> None:
+    _core.reset_accumulated_stats(_device(device))
+
+
+def snapshot(device: Any = "cpu") -> dict:
+    """``{"segments": [...], "fragmentation": f, ...}`` shaped like ``torch.cuda.memory_snapshot()``.
+
+    Each segment has device, address, total_size, allocated_size, active_size,
+    requested_size, stream, segment_type ("small"/"large") and blocks; each block has
+    address, size, requested_size, state ("active_allocated", "active_pending_free",
+    "inactive") and frames (the allocating Python stack when :func:`record_history` is on).
+    fragmentation = 1 - largest free block / free bytes.
+    """
+    return _core.snapshot(_device(device))
+
+
+def empty_cache(device: Any = "cpu") -> None:
+    """Give every cached, wholly free segment back to the system (or the GPU)."""
+    _core.empty_cache(_device(device))
+
+
+def set_memory_limit(device: Any, nbytes: int | float | str | None) -> None:
+    """Cap the bytes memwarden reserves for ``device`` (``None`` or 0: no limit).
+
+    Accepts byte counts and strings such as ``"16 GiB"``; a limit below what is reserved
+    gives cached segments back first. Allocations beyond it run the OOM chain.
+    """
+    n = 0 if nbytes is None else parse_bytes(nbytes, "nbytes")
+    _core.set_memory_limit(_device(device), n)
+
+
+def get_memory_limit(device: Any = "cpu") -> int | None:
+    n = int(_core.memory_limit(_device(device)))
+    return n or None
+
+
+def set_gc_threshold(device: Any, fraction: float) -> None:
+    """Free cached segments before reserving beyond ``fraction`` of the memory limit (0: off)."""
+    _core.set_gc_threshold(_device(device), float(fraction))
+
+
+def configure(device: Any = "cpu", *, max_split_size: int | str | None = None,
+              roundup_power2_divisions: int = 0, gc_threshold: float = 0.0) -> None:
+    """Rounding and splitting options (like PYTORCH_CUDA_ALLOC_CONF), while nothing is reserved."""
+    mss = 0 if max_split_size is None else parse_bytes(max_split_size, "max_split_size")
+    _core.configure(_device(device), mss, int(roundup_power2_divisions), float(gc_threshold))
+
+
+# ---- out-of-memory callbacks and history ---------------------------------------------------
+
+class OomCallbackHandle:
+    """Returned by :func:`on_oom`; ``remove()`` unregisters the callback (also a context manager)."""
+
+    def __init__(self, device: str, ident: int, callback: Callable[[int], Any]):
+        self.device, self.id, self.callback = device, ident, callback
+
+    def remove(self) -> bool:
+        return bool(_core.remove_oom_callback(self.device, self.id))
+
+    def __enter__(self) -> "OomCallbackHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def on_oom(callback: Callable[[int], Any], device: Any = "cpu") -> OomCallbackHandle:
+    """Register ``callback(nbytes)`` for when an allocation fails even after the cache was freed.
+
+    Callbacks run in registration order, each followed by a retry; one that returns False
+    says it freed nothing (no retry), True or None lets the allocation be retried. Use them
+    to give application memory back (KV pages, weights to offload). Exceptions raised in a
+    callback are reported as unraisable and count as False.
+    """
+    if not callable(callback):
+        raise ValueError(f"callback must be callable, got {callback!r}")
+    dev = _device(device)
+    return OomCallbackHandle(dev, int(_core.add_oom_callback(dev, callback)), callback)
+
+
+def record_history(device: Any = "cpu", enabled: bool = True, *, acquire_gil: bool = False) -> None:
+    """Record the allocating Python stack of each live block (see :func:`snapshot` frames).
+
+    By default the stack is taken only when the allocating thread holds the GIL (never
+    blocks). PyTorch's ops release the GIL before allocating, so to see the stacks of
+    tensor allocations pass ``acquire_gil=True``: the allocating Python thread takes the GIL
+    back for the capture, as PyTorch's own CUDA allocator does (threads without a Python
+    thread state are never captured).
+    """
+    _core.record_history(_device(device), bool(enabled), bool(acquire_gil))
+
+
+# ---- summary ------------------------------------------------------------------------------
+
+def memory_summary(device: Any = "cpu", abbreviated: bool = False) -> str:
+    """A readable table of :func:`memory_stats`, in the style of ``torch.cuda.memory_summary()``."""
+    dev = _device(device)
+    st = memory_stats(dev)
+    snap = snapshot(dev)
+    width = 79
+    rows = [("Allocated memory", "allocated_bytes", True), ("Active memory", "active_bytes", True),
+            ("Requested memory", "requested_bytes", True), ("Reserved memory", "reserved_bytes", True),
+            ("Non-releasable memory", "inactive_split_bytes", True), ("Allocations", "allocation", False),
+            ("Active allocs", "active", False), ("Reserved segments", "segment", False),
+            ("Non-releasable allocs", "inactive_split", False)]
+    pools = [("all", "")] if abbreviated else [("all", ""), ("large_pool", "      from large pool"),
+                                               ("small_pool", "      from small pool")]
+    fmt = (lambda v, is_bytes: format_bytes(v) if is_bytes else str(v))
+    lines = ["=" * width,
+             f" memwarden allocator summary, device {dev}, installed: {is_installed(dev)}",
+             "-" * width,
+             f" {'Metric':<26}| {'Cur Usage':>11} | {'Peak Usage':>11} | {'Tot Alloc':>11} | {'Tot Freed':>11}",
+             "-" * width]
+    for title, key, is_bytes in rows:
+        for pool_key, label in pools:
+            p = f"{key}.{pool_key}"
+            name = title if pool_key == "all" else label
+            vals = [fmt(st[f"{p}.{m}"], is_bytes) for m in ("current", "peak", "allocated", "freed")]
+            lines.append(f" {name:<26}| {vals[0]:>11} | {vals[1]:>11} | {vals[2]:>11} | {vals[3]:>11}")
+        lines.append("-" * width)
+    limit = st.get("memory_limit", 0)
+    lines += [f" Memory limit: {format_bytes(limit) if limit else 'none'}",
+              f" Fragmentation (1 - largest free / free): {snap['fragmentation']:.3f} "
+              f"(free {format_bytes(snap['free_bytes'])}, largest {format_bytes(snap['largest_free_block'])})",
+              f" Allocation retries: {st['num_alloc_retries']}   OOMs: {st['num_ooms']}   "
+              f"OOM callbacks run: {st['num_oom_callbacks']}",
+              f" Segment allocs/frees: {st['num_device_alloc']}/{st['num_device_free']}",
+              "=" * width]
+    return "\n".join(lines)
