@@ -2,6 +2,8 @@
 // write in place and return nothing, like vLLM's.
 #include <torch/library.h>
 
+#include "bindings/module.h"
+
 #include "ops/paged_kv.h"
 
 using namespace memwarden::ops;
@@ -47,3 +49,11 @@ TORCH_LIBRARY_IMPL(memwarden, CUDA, m) {
   m.impl("gather_cache", TORCH_FN(gather_cache_cuda));
 }
 #endif
+
+// memwarden._C.paged_kv: settings of the ops that are not arguments.
+MEMWARDEN_PYBIND(paged_kv) {
+  module.def("cuda_index_checks", &cuda_index_checks,
+             "Whether CUDA ops check index values on a host copy (a stream sync) before writing");
+  module.def("set_cuda_index_checks", &set_cuda_index_checks, pybind11::arg("enabled"),
+             "Switches the CUDA index checks on or off; returns the previous setting");
+}

@@ -1,18 +1,20 @@
 // CUDA kernels of the paged KV family.
 //
-// Writes: one thread block per token, one warp per head (heads strided over the warps);
-// "auto" copies 16 bytes per lane when the head row and both sides are 16-byte aligned;
-// INT8 quantizes per element with quant::quantize_value, and "int8_per_token_head"
-// reduces the head's absmax with warp shuffles first. Gather: one thread block per
-// (sequence, page). copy_blocks: one thread block per (pair) and cache. swap_blocks:
+// Writes: one thread block per token; "auto" spreads the token's heads over all threads,
+// 16 bytes per thread when the rows and both sides are 16-byte aligned; INT8 gives each
+// warp a head, quantizes per element with quant::quantize_value, and
+// "int8_per_token_head" reduces the head's absmax with warp shuffles first. Gather: one
+// thread block per (sequence, page), which sums the lengths of the sequences before it
+// (no cumulative-sum tensor to allocate), 16-byte copies or 8-element dequantization per
+// thread. copy_blocks: one thread block per (pair) and cache. swap_blocks:
 // cudaMemcpyAsync per pair on the current stream.
 //
-// Index checking: unless the current stream is capturing a CUDA graph, the index
-// tensors are copied to the host and checked exactly like on the CPU (one small
-// device-to-host copy, which synchronises the stream) so bad input raises a Python
-// error before anything is written. The kernels also skip every out-of-range slot,
-// block id or row on the device, so even unchecked (captured) calls never write out of
-// bounds.
+// Index checking: unless switched off (set_cuda_index_checks) or the current stream is
+// capturing a CUDA graph, the index tensors are copied to the host and checked exactly
+// like on the CPU (one small device-to-host copy, which synchronises the stream) so bad
+// input raises a Python error before anything is written. The kernels also skip every
+// out-of-range slot, block id or row on the device, so even unchecked calls never write
+// out of bounds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -21,6 +23,7 @@
 
 #include <cfloat>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/quant/int8.h"
@@ -33,7 +36,10 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kThreads = 128;  // 4 warps
 
-bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
+bool check_on_host() {
+  return cuda_index_checks() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -54,25 +60,34 @@ struct FlashSideArgs {
   int scale_per_head;
 };
 
-// One warp writes one head of one token.
+// Elements one thread moves at a time: 16 bytes when vectorized.
 template <typename T, bool kVec>
-__device__ __forceinline__ void write_head(KvCacheDtype dtype, const FlashSideArgs& a, int64_t token, int64_t block,
-                                           int64_t offset, int64_t h, int64_t head_size, int lane) {
-  const T* src = static_cast<const T*>(a.src) + token * a.src_token_stride + h * a.src_head_stride;
-  const int64_t dst_index = block * a.block_stride + offset * a.slot_stride + h * a.head_stride;
-  if (dtype == KvCacheDtype::kAuto) {
-    T* dst = static_cast<T*>(a.cache) + dst_index;
-    if constexpr (kVec) {
-      constexpr int kPer = 16 / sizeof(T);
-      const int64_t n = head_size / kPer;
-      for (int64_t i = lane; i < n; i += kWarp)
-        reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
-    } else {
-      for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = src[i];
-    }
-    return;
+constexpr int kCopyChunk = kVec ? 16 / static_cast<int>(sizeof(T)) : 1;
+
+// A 16-byte chunk, or one element.
+template <typename T, bool kVec>
+using CopyUnit = std::conditional_t<kVec, uint4, T>;
+
+// The whole thread block copies every head of one token ("auto").
+template <typename T, bool kVec>
+__device__ __forceinline__ void copy_token(const FlashSideArgs& a, int64_t token, int64_t block, int64_t offset,
+                                           int num_heads, int head_size) {
+  using Unit = CopyUnit<T, kVec>;
+  const int chunks = head_size / kCopyChunk<T, kVec>;
+  const T* src = static_cast<const T*>(a.src) + token * a.src_token_stride;
+  T* dst = static_cast<T*>(a.cache) + block * a.block_stride + offset * a.slot_stride;
+  for (int i = threadIdx.x; i < num_heads * chunks; i += blockDim.x) {
+    const int h = i / chunks, c = i % chunks;
+    reinterpret_cast<Unit*>(dst + h * a.head_stride)[c] = reinterpret_cast<const Unit*>(src + h * a.src_head_stride)[c];
   }
-  int8_t* dst = static_cast<int8_t*>(a.cache) + dst_index;
+}
+
+// One warp quantizes one head of one token.
+template <typename T>
+__device__ __forceinline__ void quantize_head(KvCacheDtype dtype, const FlashSideArgs& a, int64_t token,
+                                              int64_t block, int64_t offset, int64_t h, int64_t head_size, int lane) {
+  const T* src = static_cast<const T*>(a.src) + token * a.src_token_stride + h * a.src_head_stride;
+  int8_t* dst = static_cast<int8_t*>(a.cache) + block * a.block_stride + offset * a.slot_stride + h * a.head_stride;
   float inv_scale;
   if (dtype == KvCacheDtype::kInt8) {
     const float s = a.scale[a.scale_per_head ? h : 0];
@@ -99,10 +114,15 @@ __global__ void write_flash_kernel(KvCacheDtype dtype, FlashSideArgs k, FlashSid
   const int64_t slot = slots[token * slot_stride];
   if (slot < 0 || slot >= num_slots) return;  // skipped, or out of range (never written)
   const int64_t block = slot / block_size, offset = slot % block_size;
+  if (dtype == KvCacheDtype::kAuto) {
+    copy_token<T, kVec>(k, token, block, offset, static_cast<int>(num_heads), static_cast<int>(head_size));
+    copy_token<T, kVec>(v, token, block, offset, static_cast<int>(num_heads), static_cast<int>(head_size));
+    return;
+  }
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int64_t h = warp; h < num_heads; h += kThreads / kWarp) {
-    write_head<T, kVec>(dtype, k, token, block, offset, h, head_size, lane);
-    write_head<T, kVec>(dtype, v, token, block, offset, h, head_size, lane);
+    quantize_head<T>(dtype, k, token, block, offset, h, head_size, lane);
+    quantize_head<T>(dtype, v, token, block, offset, h, head_size, lane);
   }
 }
 
@@ -148,40 +168,87 @@ struct GatherSideArgs {
   int64_t out_token_stride, out_head_stride;
 };
 
-template <typename T, typename Index>
-__global__ void gather_kernel(KvCacheDtype dtype, GatherSideArgs k, GatherSideArgs v,
-                              const Index* __restrict__ block_table, int64_t max_blocks,
-                              const int64_t* __restrict__ cu_seq_lens, int64_t num_blocks, int64_t out_tokens,
-                              int64_t block_size, int64_t num_heads, int64_t head_size) {
-  const int64_t seq = blockIdx.x, page = blockIdx.y;
-  const int64_t begin = cu_seq_lens[seq], len = cu_seq_lens[seq + 1] - begin;
-  const int64_t first = page * block_size;
-  if (first >= len) return;
-  const int64_t block = static_cast<int64_t>(block_table[seq * max_blocks + page]);
-  if (block < 0 || block >= num_blocks) return;  // never read out of bounds
-  const int64_t n = block_size < len - first ? block_size : len - first;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  for (int64_t item = warp; item < n * num_heads; item += kThreads / kWarp) {
-    const int64_t j = item / num_heads, h = item % num_heads;
-    const int64_t row = begin + first + j;
+__device__ __forceinline__ int64_t load_index(const void* p, bool is_int64, int64_t i) {
+  return is_int64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+}
+
+// Sum of seq_lens[0, seq) over the thread block (every thread gets it).
+__device__ int64_t rows_before(const void* seq_lens, bool is_int64, int64_t seq) {
+  __shared__ int64_t warp_sums[kThreads / kWarp];
+  int64_t sum = 0;
+  for (int64_t i = threadIdx.x; i < seq; i += blockDim.x) sum += load_index(seq_lens, is_int64, i);
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = sum;
+  __syncthreads();
+  int64_t total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarp; ++w) total += warp_sums[w];
+  return total;
+}
+
+// Eight dequantized elements, stored at once.
+template <typename T>
+struct alignas(8 * sizeof(T)) Dequantized8 {
+  T v[8];
+};
+
+// Elements one thread handles at a time: 16 bytes of "auto" cache, or 8 INT8 values.
+template <typename T, bool kVec>
+__device__ __forceinline__ int gather_chunk(KvCacheDtype dtype) {
+  if constexpr (!kVec) return 1;
+  return dtype == KvCacheDtype::kAuto ? kCopyChunk<T, true> : 8;
+}
+
+// The thread block writes rows [row0, row0 + n) of one side from one page.
+template <typename T, bool kVec>
+__device__ __forceinline__ void gather_page(KvCacheDtype dtype, const GatherSideArgs& a, int64_t block, int n,
+                                            int64_t row0, int64_t out_tokens, int num_heads, int head_size) {
+  const int per = gather_chunk<T, kVec>(dtype);
+  const int chunks = head_size / per;
+  for (int i = threadIdx.x; i < n * num_heads * chunks; i += blockDim.x) {
+    const int c = i % chunks, token_head = i / chunks, h = token_head % num_heads, j = token_head / num_heads;
+    const int64_t row = row0 + j;
     if (row < 0 || row >= out_tokens) continue;
-    const GatherSideArgs* sides[2] = {&k, &v};
-    for (const GatherSideArgs* a : sides) {
-      T* dst = static_cast<T*>(a->out) + row * a->out_token_stride + h * a->out_head_stride;
-      const int64_t src_index = block * a->block_stride + j * a->slot_stride + h * a->head_stride;
-      if (dtype == KvCacheDtype::kAuto) {
-        const T* src = static_cast<const T*>(a->cache) + src_index;
-        for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = src[i];
-      } else {
-        const int8_t* src = static_cast<const int8_t*>(a->cache) + src_index;
-        const float scale = dtype == KvCacheDtype::kInt8
-                                ? a->scale[a->scale_per_head ? h : 0]
-                                : a->scale_cache[block * a->s_block_stride + j * a->s_slot_stride +
-                                                 h * a->s_head_stride];
-        for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = static_cast<T>(static_cast<float>(src[i]) * scale);
-      }
+    T* dst = static_cast<T*>(a.out) + row * a.out_token_stride + h * a.out_head_stride + c * per;
+    const int64_t src_index = block * a.block_stride + j * a.slot_stride + h * a.head_stride + c * per;
+    if (dtype == KvCacheDtype::kAuto) {
+      using Unit = CopyUnit<T, kVec>;
+      *reinterpret_cast<Unit*>(dst) = *reinterpret_cast<const Unit*>(static_cast<const T*>(a.cache) + src_index);
+      continue;
+    }
+    const float scale = dtype == KvCacheDtype::kInt8
+                            ? a.scale[a.scale_per_head ? h : 0]
+                            : a.scale_cache[block * a.s_block_stride + j * a.s_slot_stride + h * a.s_head_stride];
+    const int8_t* src = static_cast<const int8_t*>(a.cache) + src_index;
+    if constexpr (kVec) {
+      const uint2 packed = *reinterpret_cast<const uint2*>(src);
+      const int8_t* q = reinterpret_cast<const int8_t*>(&packed);
+      Dequantized8<T> out;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out.v[e] = static_cast<T>(static_cast<float>(q[e]) * scale);
+      *reinterpret_cast<Dequantized8<T>*>(dst) = out;
+    } else {
+      *dst = static_cast<T>(static_cast<float>(*src) * scale);
     }
   }
+}
+
+template <typename T, bool kVec>
+__global__ void gather_kernel(KvCacheDtype dtype, GatherSideArgs k, GatherSideArgs v, const void* block_table,
+                              bool table_int64, int64_t max_blocks, const void* seq_lens, bool lens_int64,
+                              int64_t num_blocks, int64_t out_tokens, int64_t block_size, int64_t num_heads,
+                              int64_t head_size) {
+  const int64_t seq = blockIdx.x, page = blockIdx.y;
+  const int64_t len = load_index(seq_lens, lens_int64, seq);
+  const int64_t first = page * block_size;
+  if (first >= len) return;  // the same for the whole thread block
+  const int64_t row0 = rows_before(seq_lens, lens_int64, seq) + first;
+  const int64_t block = load_index(block_table, table_int64, seq * max_blocks + page);
+  if (block < 0 || block >= num_blocks) return;  // never read out of bounds
+  const int n = static_cast<int>(block_size < len - first ? block_size : len - first);
+  gather_page<T, kVec>(dtype, k, block, n, row0, out_tokens, static_cast<int>(num_heads), static_cast<int>(head_size));
+  gather_page<T, kVec>(dtype, v, block, n, row0, out_tokens, static_cast<int>(num_heads), static_cast<int>(head_size));
 }
 
 template <bool kVec>
@@ -228,7 +295,7 @@ void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value
   const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
   const FlashGeometry g = reshape_and_cache_flash_check(key, value, key_cache, value_cache, slot_mapping, dtype,
                                                         k_scale, v_scale, k_scale_cache, v_scale_cache);
-  if (!capturing()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  if (check_on_host()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
   if (g.num_tokens == 0 || g.num_heads == 0 || g.head_size == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const bool int8_static = dtype == KvCacheDtype::kInt8;
@@ -268,7 +335,7 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, cons
   const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
   const LegacyGeometry g =
       reshape_and_cache_check(key, value, key_cache, value_cache, slot_mapping, dtype, k_scale, v_scale);
-  if (!capturing()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  if (check_on_host()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
   if (g.num_tokens == 0 || g.num_heads == 0 || g.head_size == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const bool int8 = dtype == KvCacheDtype::kInt8;
@@ -293,7 +360,7 @@ void copy_blocks_cuda(at::TensorList key_caches, at::TensorList value_caches, co
   const at::Tensor& first = key_caches[0];
   TORCH_CHECK_VALUE(first.is_cuda(), std::string(op) + ": the caches must be CUDA tensors");
   const int64_t num_blocks = first.size(0);
-  if (block_mapping.is_cpu() || !capturing()) {
+  if (block_mapping.is_cpu() || check_on_host()) {
     const at::Tensor host = block_mapping.cpu().contiguous();
     check_block_mapping_values(op, host, num_blocks, num_blocks);
     std::vector<char> is_dst(num_blocks, 0);
@@ -357,14 +424,13 @@ void gather_cache_cuda(const at::Tensor& key_cache, const at::Tensor& value_cach
   const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
   const FlashGeometry g = gather_cache_check(key_cache, value_cache, block_table, seq_lens, key_out, value_out, dtype,
                                              k_scale, v_scale, k_scale_cache, v_scale_cache);
-  if (!capturing()) check_gather_values(block_table.cpu(), seq_lens.cpu(), g.num_blocks, g.block_size, g.num_tokens);
+  if (check_on_host()) check_gather_values(block_table.cpu(), seq_lens.cpu(), g.num_blocks, g.block_size, g.num_tokens);
   const int64_t num_seqs = block_table.size(0), max_blocks = block_table.size(1);
   if (g.num_tokens == 0 || num_seqs == 0 || max_blocks == 0 || g.num_heads == 0 || g.head_size == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor cu = at::zeros({num_seqs + 1}, seq_lens.options().dtype(at::kLong));
-  cu.narrow(0, 1, num_seqs).copy_(seq_lens.to(at::kLong).cumsum(0));
   const at::Tensor table = block_table.contiguous();
+  const at::Tensor lens = seq_lens.contiguous();
   const bool int8_static = dtype == KvCacheDtype::kInt8;
   const bool per_token = dtype == KvCacheDtype::kInt8PerTokenHead;
   const auto side = [&](const at::Tensor& cache, int64_t bst, int64_t sst, int64_t hst,
@@ -393,15 +459,21 @@ void gather_cache_cuda(const at::Tensor& key_cache, const at::Tensor& value_cach
   TORCH_CHECK_VALUE(max_blocks <= 65535, std::string(op) + ": block_table may have at most 65535 columns on CUDA");
   const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(max_blocks));
   MW_DISPATCH_FLOAT_HALF_BF16(key_out.scalar_type(), "gather_cache", [&] {
-    if (table.scalar_type() == at::kInt) {
-      gather_kernel<scalar_t, int32_t><<<grid, kThreads, 0, stream>>>(
-          dtype, k, v, table.const_data_ptr<int32_t>(), max_blocks, cu.const_data_ptr<int64_t>(), g.num_blocks,
-          g.num_tokens, g.block_size, g.num_heads, g.head_size);
-    } else {
-      gather_kernel<scalar_t, int64_t><<<grid, kThreads, 0, stream>>>(
-          dtype, k, v, table.const_data_ptr<int64_t>(), max_blocks, cu.const_data_ptr<int64_t>(), g.num_blocks,
-          g.num_tokens, g.block_size, g.num_heads, g.head_size);
+    // Vector width: 16 bytes of the cache ("auto") or 8 INT8 values per thread.
+    const int64_t es = sizeof(scalar_t), cache_es = dtype == KvCacheDtype::kAuto ? es : 1;
+    const int64_t cache_align = dtype == KvCacheDtype::kAuto ? 16 : 8, out_align = dtype == KvCacheDtype::kAuto ? 16 : 8 * es;
+    bool vec = (g.head_size * cache_es) % cache_align == 0;
+    for (const GatherSideArgs* a : {&k, &v}) {
+      vec = vec && reinterpret_cast<uintptr_t>(a->cache) % cache_align == 0 &&
+            reinterpret_cast<uintptr_t>(a->out) % out_align == 0;
+      for (int64_t stride : {a->block_stride, a->slot_stride, a->head_stride})
+        vec = vec && (stride * cache_es) % cache_align == 0;
+      for (int64_t stride : {a->out_token_stride, a->out_head_stride}) vec = vec && (stride * es) % out_align == 0;
     }
+    const auto kernel = vec ? gather_kernel<scalar_t, true> : gather_kernel<scalar_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(dtype, k, v, table.const_data_ptr(), table.scalar_type() == at::kLong,
+                                          max_blocks, lens.const_data_ptr(), lens.scalar_type() == at::kLong,
+                                          g.num_blocks, g.num_tokens, g.block_size, g.num_heads, g.head_size);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

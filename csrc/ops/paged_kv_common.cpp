@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -435,6 +436,14 @@ void check_slot_values(const char* op, const at::Tensor& slot_mapping_cpu, int64
                                  to_string(block_size) + " slots");
   }
 }
+
+namespace {
+std::atomic<bool> cuda_index_checks_enabled{true};
+}  // namespace
+
+bool cuda_index_checks() { return cuda_index_checks_enabled.load(std::memory_order_relaxed); }
+
+bool set_cuda_index_checks(bool enabled) { return cuda_index_checks_enabled.exchange(enabled); }
 
 FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& key_out,

@@ -152,10 +152,11 @@ def test_reshape_and_cache_legacy_matches_reference(head_size, block_size, dtype
     assert torch.equal(kc, rk) and torch.equal(vc, rv)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gather_cache_matches_reference(kv_dtype, layout, dtype):
+def test_gather_cache_matches_reference(kv_dtype, layout, dtype, device):
     bs, h, d = 8, 2, 80
     cache_dtype = dtype if kv_dtype == "auto" else torch.int8
     gen = torch.Generator().manual_seed(1)
@@ -169,18 +170,22 @@ def test_gather_cache_matches_reference(kv_dtype, layout, dtype):
         vc.copy_(torch.randint(-128, 128, vc.shape, generator=gen, dtype=torch.int8))
     ksc = vsc = k_scale = v_scale = None
     if kv_dtype == "int8":
-        k_scale, v_scale = torch.rand(h) + 0.01, torch.rand(1) * 0 + torch.rand(h) + 0.01
+        k_scale, v_scale = torch.rand(h) + 0.01, torch.rand(h) + 0.01
     if kv_dtype == "int8_per_token_head":
         ksc = torch.rand(NUM_BLOCKS, bs, h, generator=gen)
         vsc = torch.rand(NUM_BLOCKS, bs, h, generator=gen)
     block_table = torch.tensor([[3, 0, 6], [1, 5, 2], [4, 4, 4]], dtype=torch.int32)
     seq_lens = torch.tensor([17, 0, 8], dtype=torch.int64)
     out_dtype = dtype
-    key, value = ops.gather_kv(kc, vc, block_table, seq_lens, kv_dtype, out_dtype, k_scale, v_scale, ksc, vsc)
+    def to(t):
+        return None if t is None else t.to(device)
+
+    key, value = ops.gather_kv(to(kc), to(vc), to(block_table), to(seq_lens), kv_dtype, out_dtype, to(k_scale),
+                               to(v_scale), to(ksc), to(vsc))
     rk, rv = R.gather(kc, vc, block_table, seq_lens, kv_dtype, out_dtype, k_scale, v_scale, ksc, vsc)
     assert key.shape == (25, h, d)
-    torch.testing.assert_close(key, rk, rtol=0, atol=0)
-    torch.testing.assert_close(value, rv, rtol=0, atol=0)
+    torch.testing.assert_close(key.cpu(), rk, rtol=0, atol=0)
+    torch.testing.assert_close(value.cpu(), rv, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -367,6 +372,18 @@ def test_opcheck(index):
     opcheck(op, args)
 
 
+def test_cuda_index_check_switch():
+    assert ops.cuda_index_checks_enabled()
+    with ops.cuda_index_checks(False):
+        assert not ops.cuda_index_checks_enabled()
+        with ops.cuda_index_checks(True):
+            assert ops.cuda_index_checks_enabled()
+        assert not ops.cuda_index_checks_enabled()
+    assert ops.cuda_index_checks_enabled()
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        ops.set_cuda_index_checks(1)
+
+
 # ---- CUDA: the same ops against the CPU op (guarded: CI has no GPU) ---------------------
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -447,3 +464,45 @@ def test_cuda_bad_slot_raises_and_writes_nothing():
     with pytest.raises(IndexError, match="out of range for 4 blocks x 16 slots"):
         ops.reshape_and_cache_flash(key.cuda(), value.cuda(), kc, vc, torch.tensor([0, 1, 9999, 3, 4], device="cuda"))
     assert bool((kc == 0).all())
+
+
+@cuda_only
+def test_cuda_unchecked_indices_are_skipped_not_written():
+    key, value = make_kv(5, 2, 64, torch.float16, padding=0, fused=False)
+    slots = torch.tensor([0, 1, 9999, 3, -7])
+    kc = torch.zeros(4, 16, 2, 64, dtype=torch.float16, device="cuda")
+    vc = kc.clone()
+    with ops.cuda_index_checks(False):
+        ops.reshape_and_cache_flash(key.cuda(), value.cuda(), kc, vc, slots.cuda())
+    expected_k, expected_v = torch.zeros(4, 16, 2, 64, dtype=torch.float16), torch.zeros(4, 16, 2, 64, dtype=torch.float16)
+    valid = torch.tensor([0, 1, 3])
+    ops.reshape_and_cache_flash(key[valid], value[valid], expected_k, expected_v, slots[valid])
+    assert torch.equal(kc.cpu(), expected_k) and torch.equal(vc.cpu(), expected_v)
+    # A bad block id in the table: its rows are left alone, the other page is gathered.
+    table, seq_lens = torch.tensor([[0, 77]], device="cuda"), torch.tensor([20], device="cuda")
+    out_k = torch.full((20, 2, 64), 5.0, dtype=torch.float16, device="cuda")
+    out_v = out_k.clone()
+    with ops.cuda_index_checks(False):
+        ops.gather_cache(kc, vc, table, seq_lens, out_k, out_v)
+    assert torch.equal(out_k[:16].cpu(), expected_k[0]) and bool((out_k[16:] == 5).all())
+    with pytest.raises(IndexError, match="block_table"):
+        ops.gather_cache(kc, vc, table, seq_lens, out_k, out_v)
+
+
+@cuda_only
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_cuda_gather_into_unaligned_outputs(kv_dtype):
+    # Outputs one element off 16-byte alignment take the kernel's element-wise path.
+    gen = torch.Generator().manual_seed(3)
+    shape = (4, 16, 2, 64)
+    if kv_dtype == "auto":
+        kc, vc = (torch.randn(shape, generator=gen).half() for _ in range(2))
+    else:
+        kc, vc = (torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8) for _ in range(2))
+    scale = torch.full((1,), 0.05) if kv_dtype == "int8" else None
+    table, seq_lens = torch.tensor([[2, 0]]), torch.tensor([20])
+    expected_k, expected_v = ops.gather_kv(kc, vc, table, seq_lens, kv_dtype, torch.float16, scale, scale)
+    outs = [torch.zeros(20 * 2 * 64 + 1, dtype=torch.float16, device="cuda")[1:].view(20, 2, 64) for _ in range(2)]
+    cuda_scale = None if scale is None else scale.cuda()
+    ops.gather_cache(kc.cuda(), vc.cuda(), table.cuda(), seq_lens.cuda(), *outs, kv_dtype, cuda_scale, cuda_scale)
+    assert torch.equal(outs[0].cpu(), expected_k) and torch.equal(outs[1].cpu(), expected_v)

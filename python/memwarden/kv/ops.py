@@ -25,19 +25,58 @@ the token count is ``slot_mapping.size(0)`` (key/value may be longer, i.e. padde
 
 Index checking: on CPU every slot, block id and sequence length is checked before
 anything is written (``IndexError``/``ValueError`` naming the argument). On CUDA the
-index tensors are checked the same way on a host copy (one small device-to-host copy)
-unless the stream is being captured into a CUDA graph; the kernels also skip any
-out-of-range index on the device, so nothing is ever written out of bounds.
+index tensors are checked the same way on a host copy, unless the stream is being
+captured into a CUDA graph or the checks are switched off. That copy synchronises the
+stream, which costs tens of microseconds per call (more than the write itself at decode
+sizes): a server whose slot mappings and block tables come from a block manager it
+trusts switches them off with :func:`set_cuda_index_checks` or :func:`cuda_index_checks`.
+Either way the kernels skip any out-of-range index on the device, so nothing is ever
+written or read out of bounds.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 import memwarden  # noqa: F401  (loads the ops)
+from memwarden import _C
 
-__all__ = ["copy_blocks", "gather_cache", "gather_kv", "reshape_and_cache", "reshape_and_cache_flash", "swap_blocks"]
+__all__ = [
+    "copy_blocks",
+    "cuda_index_checks",
+    "cuda_index_checks_enabled",
+    "gather_cache",
+    "gather_kv",
+    "reshape_and_cache",
+    "reshape_and_cache_flash",
+    "set_cuda_index_checks",
+    "swap_blocks",
+]
+
+
+def cuda_index_checks_enabled() -> bool:
+    """Whether CUDA ops check index values on the host before writing (the default)."""
+    return _C.paged_kv.cuda_index_checks()
+
+
+def set_cuda_index_checks(enabled: bool) -> bool:
+    """Switch the host-side index checks of the CUDA ops on or off (process-wide); returns
+    the previous setting. Out-of-range indices are skipped on the device either way."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cuda_index_checks: enabled must be a bool, got {type(enabled).__name__}")
+    return _C.paged_kv.set_cuda_index_checks(enabled)
+
+
+@contextlib.contextmanager
+def cuda_index_checks(enabled: bool) -> Iterator[None]:
+    """Context manager: CUDA index checks on or off inside the block, restored after."""
+    previous = set_cuda_index_checks(enabled)
+    try:
+        yield
+    finally:
+        set_cuda_index_checks(previous)
 
 KV_CACHE_DTYPES = ("auto", "int8", "int8_per_token_head")
 
