@@ -99,6 +99,10 @@ def bench_ops(tokens, device, repeats):
         t = {name: median_seconds(fn, device, repeats=repeats) for name, fn in
              [("copy", plain_copy), ("write", op_write), ("write_ref", ref_write), ("gather", op_gather),
               ("gather_ref", ref_gather)]}
+        if device.startswith("cuda"):  # without the host-side index checks (and their stream sync)
+            with ops.cuda_index_checks(False):
+                t["write_unchecked"] = median_seconds(op_write, device, repeats=repeats)
+                t["gather_unchecked"] = median_seconds(op_gather, device, repeats=repeats)
         nbytes = src_bytes.numel() * src_bytes.element_size()
         results[kv_dtype] = {
             "seconds": t,
@@ -110,6 +114,14 @@ def bench_ops(tokens, device, repeats):
             "copy_GBps": 2 * nbytes / t["copy"] / 1e9,
             "write_GBps": (nbytes + nbytes // (2 if kv_dtype == "int8" else 1)) / t["write"] / 1e9,
         }
+        if "write_unchecked" in t:
+            cache_bytes = nbytes // (2 if kv_dtype == "int8" else 1)
+            results[kv_dtype].update({
+                "unchecked_write_speedup_vs_ref": t["write_ref"] / t["write_unchecked"],
+                "unchecked_gather_speedup_vs_ref": t["gather_ref"] / t["gather_unchecked"],
+                "unchecked_write_GBps": (nbytes + cache_bytes) / t["write_unchecked"] / 1e9,
+                "unchecked_gather_GBps": (nbytes + cache_bytes) / t["gather_unchecked"] / 1e9,
+            })
     return results
 
 
@@ -180,12 +192,20 @@ def main():
               f"speedup {r['write_speedup_vs_ref']:5.2f}x  {100 * r['write_fraction_of_copy']:5.1f}% of copy")
         print(f"  [{kv_dtype:4}] gather {t['gather'] * 1e6:8.1f} us  ref {t['gather_ref'] * 1e6:8.1f} us  "
               f"speedup {r['gather_speedup_vs_ref']:5.2f}x  {100 * r['gather_fraction_of_copy']:5.1f}% of copy")
+        if "write_unchecked" in t:
+            print(f"  [{kv_dtype:4}] unchecked: write {t['write_unchecked'] * 1e6:.1f} us "
+                  f"({r['unchecked_write_GBps']:.0f} GB/s, {r['unchecked_write_speedup_vs_ref']:.2f}x ref), "
+                  f"gather {t['gather_unchecked'] * 1e6:.1f} us ({r['unchecked_gather_GBps']:.0f} GB/s, "
+                  f"{r['unchecked_gather_speedup_vs_ref']:.2f}x ref)")
     if args.device.startswith("cuda"):
         decode = bench_ops(64, args.device, repeats)
         results["ops_decode_64_tokens"] = decode
         for kv_dtype, r in decode.items():
-            print(f"  decode 64 tokens [{kv_dtype}] write {r['seconds']['write'] * 1e6:.1f} us, "
-                  f"gather {r['seconds']['gather'] * 1e6:.1f} us")
+            t = r["seconds"]
+            print(f"  decode 64 tokens [{kv_dtype}] write {t['write'] * 1e6:.1f} us (unchecked "
+                  f"{t['write_unchecked'] * 1e6:.1f}), gather {t['gather'] * 1e6:.1f} us (unchecked "
+                  f"{t['gather_unchecked'] * 1e6:.1f}); reference write {t['write_ref'] * 1e6:.1f}, "
+                  f"gather {t['gather_ref'] * 1e6:.1f} us")
 
     ops_count = 2000 if args.quick else 20000
     bm = {n: bench_block_manager(n, ops_count) for n in (1000, 100000)}
