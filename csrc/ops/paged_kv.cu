@@ -34,7 +34,8 @@ namespace memwarden::ops {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kThreads = 128;  // 4 warps
+constexpr int kThreads = 128;        // 4 warps per token (writes)
+constexpr int kGatherThreads = 512;  // per page: a few hundred pages must fill the GPU
 
 bool check_on_host() {
   return cuda_index_checks() &&
@@ -174,7 +175,7 @@ __device__ __forceinline__ int64_t load_index(const void* p, bool is_int64, int6
 
 // Sum of seq_lens[0, seq) over the thread block (every thread gets it).
 __device__ int64_t rows_before(const void* seq_lens, bool is_int64, int64_t seq) {
-  __shared__ int64_t warp_sums[kThreads / kWarp];
+  __shared__ int64_t warp_sums[kGatherThreads / kWarp];
   int64_t sum = 0;
   for (int64_t i = threadIdx.x; i < seq; i += blockDim.x) sum += load_index(seq_lens, is_int64, i);
 #pragma unroll
@@ -183,7 +184,7 @@ __device__ int64_t rows_before(const void* seq_lens, bool is_int64, int64_t seq)
   __syncthreads();
   int64_t total = 0;
 #pragma unroll
-  for (int w = 0; w < kThreads / kWarp; ++w) total += warp_sums[w];
+  for (int w = 0; w < kGatherThreads / kWarp; ++w) total += warp_sums[w];
   return total;
 }
 
@@ -471,7 +472,7 @@ void gather_cache_cuda(const at::Tensor& key_cache, const at::Tensor& value_cach
       for (int64_t stride : {a->out_token_stride, a->out_head_stride}) vec = vec && (stride * es) % out_align == 0;
     }
     const auto kernel = vec ? gather_kernel<scalar_t, true> : gather_kernel<scalar_t, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(dtype, k, v, table.const_data_ptr(), table.scalar_type() == at::kLong,
+    kernel<<<grid, kGatherThreads, 0, stream>>>(dtype, k, v, table.const_data_ptr(), table.scalar_type() == at::kLong,
                                           max_blocks, lens.const_data_ptr(), lens.scalar_type() == at::kLong,
                                           g.num_blocks, g.num_tokens, g.block_size, g.num_heads, g.head_size);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
