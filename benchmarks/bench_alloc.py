@@ -13,7 +13,10 @@ Each trace goes through ``torch.empty`` (a) with PyTorch's default CPU allocator
 with memwarden's host allocator installed, both from Python (what user code sees) and from
 C++ (``at::empty`` in a loop, no interpreter overhead), and on raw pointers (the
 allocators alone: ``c10::GetDefaultCPUAllocator()->raw_allocate`` vs memwarden's core). On a GPU also (c) PyTorch's CUDA
-caching allocator and (d) memwarden's CUDA backend (through a ``torch.cuda.MemPool``).
+caching allocator and (d) memwarden's CUDA backend, installed globally
+(``CUDAPluggableAllocator``, in a child process since it must precede every CUDA
+allocation) and scoped through a ``torch.cuda.MemPool`` (there PyTorch's caching allocator
+carves tensors from segments memwarden hands it).
 Reported: allocations per second (median of ``--repeats``), peak reserved / peak
 allocated, and the ratios between allocators.
 """
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -185,11 +190,35 @@ def run_cuda(res, ops, sizes, repeats):
     res["torch_cuda_reserved_over_allocated"] = st["reserved_bytes.all.peak"] / st["allocated_bytes.all.peak"]
     if ma.cuda_built():
         with ma.use(dev):
-            res["memwarden_cuda_py"] = median_rate(lambda: replay_python(ops, sizes, dev), n, repeats)
-            reserved, allocated = memwarden_peaks(dev, lambda: replay_python(ops, sizes, dev))
-        res["memwarden_cuda_reserved_over_allocated"] = reserved / allocated
-        res["speedup_cuda"] = res["memwarden_cuda_py"] / res["torch_cuda_py"]
+            res["memwarden_mempool_cuda_py"] = median_rate(lambda: replay_python(ops, sizes, dev), n, repeats)
+            torch.cuda.reset_peak_memory_stats()
+            reserved, _ = memwarden_peaks(dev, lambda: replay_python(ops, sizes, dev))
+        # What memwarden reserved against the tensor bytes PyTorch handed out of the pool.
+        res["memwarden_mempool_cuda_reserved_over_allocated"] = \
+            reserved / torch.cuda.memory_stats()["allocated_bytes.all.peak"]
+        res["speedup_mempool_cuda"] = res["memwarden_mempool_cuda_py"] / res["torch_cuda_py"]
     return res
+
+
+def cuda_global_worker(traces, repeats):
+    """Child process: memwarden as PyTorch's CUDA allocator from the first allocation on."""
+    ma.install("cuda")
+    out = {}
+    for name, ops, sizes, _ in traces:
+        n = sum(1 for op in ops if op >= 0)
+        rate = median_rate(lambda: replay_python(ops, sizes, "cuda:0"), n, repeats)
+        reserved, allocated = memwarden_peaks("cuda:0", lambda: replay_python(ops, sizes, "cuda:0"))
+        out[name] = {"memwarden_cuda_py": rate, "memwarden_cuda_reserved_over_allocated": reserved / allocated}
+    print(json.dumps(out))
+
+
+def run_cuda_global(argv, results):
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--cuda-global-worker"],
+                           capture_output=True, text=True, check=True)
+    for res, (name, values) in zip(results, json.loads(child.stdout.strip().splitlines()[-1]).items()):
+        assert res["trace"] == name
+        res.update(values)
+        res["speedup_cuda"] = res["memwarden_cuda_py"] / res["torch_cuda_py"]
 
 
 def main(argv=None):
@@ -201,6 +230,7 @@ def main(argv=None):
     ap.add_argument("--max-live", type=int, default=512 * MiB, help="cap on live bytes of the random trace")
     ap.add_argument("--steps", type=int, default=None, help="decoding steps of the LLM trace")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_alloc.json"))
+    ap.add_argument("--cuda-global-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     n_allocs = args.allocations or (5_000 if args.quick else 50_000)
@@ -208,12 +238,18 @@ def main(argv=None):
 
     traces = [("random", *random_trace(n_allocs, args.max_size, args.max_live)),
               ("llm", *llm_trace(steps))]
+    if args.cuda_global_worker:
+        return cuda_global_worker(traces, repeats)
+    cuda = torch.cuda.is_available()
     results = []
     for name, ops, sizes, peak in traces:
         res = run_cpu(name, ops, sizes, peak, repeats)
-        if torch.cuda.is_available():
+        if cuda:
             run_cuda(res, ops, sizes, repeats)
         results.append(res)
+    if cuda and ma.cuda_built():
+        run_cuda_global(sys.argv[1:] if argv is None else argv, results)
+    for res, (name, _, _, peak) in zip(results, traces):
         print(f"\n== {name} trace: {res['allocations']} allocations, peak live {peak / MiB:.1f} MiB")
         print(f"  allocations/s via torch.empty (Python): PyTorch CPU {res['torch_cpu_py']:>12,.0f}   "
               f"memwarden {res['memwarden_cpu_py']:>12,.0f}   x{res['speedup_py']:.2f}")
@@ -225,12 +261,16 @@ def main(argv=None):
               f"   / peak requested: {res['memwarden_cpu_reserved_over_requested']:.3f}"
               "   (PyTorch's CPU allocator keeps no stats: malloc)")
         if "torch_cuda_py" in res:
-            print(f"  CUDA allocations/s: PyTorch {res['torch_cuda_py']:,.0f}"
+            print(f"  CUDA allocations/s via torch.empty: PyTorch {res['torch_cuda_py']:,.0f}"
                   + (f"   memwarden {res['memwarden_cuda_py']:,.0f}   x{res['speedup_cuda']:.2f}"
-                     if "memwarden_cuda_py" in res else ""))
+                     if "memwarden_cuda_py" in res else "")
+                  + (f"   (MemPool {res['memwarden_mempool_cuda_py']:,.0f}   x{res['speedup_mempool_cuda']:.2f})"
+                     if "memwarden_mempool_cuda_py" in res else ""))
             print(f"  CUDA peak reserved / peak allocated: PyTorch {res['torch_cuda_reserved_over_allocated']:.3f}"
                   + (f"   memwarden {res['memwarden_cuda_reserved_over_allocated']:.3f}"
-                     if "memwarden_cuda_reserved_over_allocated" in res else ""))
+                     if "memwarden_cuda_reserved_over_allocated" in res else "")
+                  + (f"   (MemPool {res['memwarden_mempool_cuda_reserved_over_allocated']:.3f})"
+                     if "memwarden_mempool_cuda_reserved_over_allocated" in res else ""))
     write_json(args.json, {"benchmark": "alloc", "quick": args.quick, "repeats": repeats,
                            "environment": environment(), "results": results})
 
