@@ -17,115 +17,14 @@
 
 #include "core/quant/int8.h"
 #include "ops/dispatch.h"
+#include "ops/int8_span_vec.h"
 #include "ops/paged_kv_cpu.h"
 
-#ifdef CPU_CAPABILITY_AVX2
-#include <immintrin.h>
-#endif
 
 namespace memwarden::ops::CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-static_assert(Vec::size() == 8, "kernels assume 8 floats per vector");
-constexpr int64_t kChunk = 2 * Vec::size();
 constexpr int64_t kMinGrainElements = 1 << 14;  // elements per parallel task
-
-template <typename T>
-inline std::pair<Vec, Vec> load_chunk(const T* src) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {Vec::loadu(src), Vec::loadu(src + Vec::size())};
-  } else {
-    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src));
-    return {lo, hi};
-  }
-}
-
-template <typename T>
-inline void store_chunk(T* dst, const Vec& lo, const Vec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo.store(dst);
-    hi.store(dst + Vec::size());
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(dst);
-  }
-}
-
-// v holds integral values in [-128, 127].
-inline void store_int8(int8_t* dst, const Vec& v) {
-#ifdef CPU_CAPABILITY_AVX2
-  const __m256i i32 = _mm256_cvtps_epi32(v);
-  const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(i16, i16));
-#else
-  float values[Vec::size()];
-  v.store(values);
-  for (int i = 0; i < Vec::size(); ++i) dst[i] = static_cast<int8_t>(values[i]);
-#endif
-}
-
-inline Vec load_int8(const int8_t* src) {
-#ifdef CPU_CAPABILITY_AVX2
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-#else
-  float values[Vec::size()];
-  for (int i = 0; i < Vec::size(); ++i) values[i] = src[i];
-  return Vec::loadu(values);
-#endif
-}
-
-// The vector form of quant::quantize_value with zero point 0.
-inline Vec quantize_vec(const Vec& x, const Vec& inv_scale) {
-  Vec r = (x * inv_scale).round();
-  r = Vec::blendv(r, Vec(0.0f), r.isnan());
-  return at::vec::clamp(r, Vec(-128.0f), Vec(127.0f));
-}
-
-template <typename T>
-void quantize_span(const T* src, int8_t* dst, int64_t n, float inv_scale) {
-  const Vec vinv(inv_scale);
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) {
-    auto [lo, hi] = load_chunk(src + i);
-    store_int8(dst + i, quantize_vec(lo, vinv));
-    store_int8(dst + i + Vec::size(), quantize_vec(hi, vinv));
-  }
-  const quant::Int8Params params{0.0f, inv_scale, 0};
-  for (; i < n; ++i) dst[i] = quant::quantize_value(static_cast<float>(src[i]), params);
-}
-
-// Largest finite |x| of n elements (NaN and +-Inf do not count, as in quant::).
-template <typename T>
-float finite_absmax(const T* src, int64_t n) {
-  const Vec limit(FLT_MAX);
-  Vec vmax(0.0f);
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) {
-    auto [lo, hi] = load_chunk(src + i);
-    for (const Vec& x : {lo, hi}) {
-      const Vec a = x.abs();
-      vmax = at::vec::maximum(vmax, Vec::blendv(Vec(0.0f), a, a <= limit));
-    }
-  }
-  float lanes[Vec::size()];
-  vmax.store(lanes);
-  float result = 0.0f;
-  for (int lane = 0; lane < Vec::size(); ++lane) result = std::max(result, lanes[lane]);
-  for (; i < n; ++i) {
-    const float x = std::fabs(static_cast<float>(src[i]));
-    if (x <= FLT_MAX) result = std::max(result, x);
-  }
-  return result;
-}
-
-template <typename T>
-void dequantize_span(const int8_t* src, T* dst, int64_t n, float scale) {
-  const Vec vscale(scale);
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk)
-    store_chunk(dst + i, load_int8(src + i) * vscale, load_int8(src + i + Vec::size()) * vscale);
-  for (; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(src[i]) * scale);
-}
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kMinGrainElements / std::max<int64_t>(elements_per_item, 1));
@@ -179,10 +78,10 @@ void write_token(const FlashGeometry& g, KvCacheDtype dtype, const FlashSide& s,
   for (int64_t h = 0; h < H; ++h) {
     const T* head = src + h * s.src_head_stride;
     if (dtype == KvCacheDtype::kInt8) {
-      quantize_span(head, dst + h * s.head_stride, D, s.inv_scale[h]);
+      quantize_span(head, dst + h * s.head_stride, D, quant::Int8Params{0.0f, s.inv_scale[h], 0});
     } else {
-      const quant::Int8Params p = quant::symmetric_params(finite_absmax(head, D));
-      quantize_span(head, dst + h * s.head_stride, D, p.inv_scale);
+      const quant::Int8Params p = quant::symmetric_params(finite_range(head, D, /*symmetric=*/true).absmax);
+      quantize_span(head, dst + h * s.head_stride, D, p);
       s.scale_cache[block * s.s_block_stride + offset * s.s_slot_stride + h * s.s_head_stride] = p.scale;
     }
   }
@@ -293,7 +192,7 @@ void gather_token(const FlashGeometry& g, KvCacheDtype dtype, const GatherSide& 
       const float scale = dtype == KvCacheDtype::kInt8
                               ? s.scale[h]
                               : s.scale_cache[block * s.s_block_stride + offset * s.s_slot_stride + h * s.s_head_stride];
-      dequantize_span(src + h * s.head_stride, dst + h * s.out_head_stride, D, scale);
+      dequantize_span(src + h * s.head_stride, dst + h * s.out_head_stride, D, scale, 0);
     }
   }
 }
