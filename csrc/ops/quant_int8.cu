@@ -101,44 +101,38 @@ __device__ __forceinline__ int64_t scale_index(int64_t row, int64_t col, const q
   return row * layout.row_stride + col / layout.group_size;
 }
 
-template <typename T, int N, bool kPerColumn>
-__global__ void quantize_static_kernel(const T* __restrict__ input, int8_t* __restrict__ q,
-                                       const float* __restrict__ scales, const int32_t* __restrict__ zero_points,
-                                       int64_t rows, int64_t cols, quant::ScaleLayout layout) {
+// Element-wise conversions with one element's scale and zero point.
+struct QuantizeElement {
+  __device__ __forceinline__ int8_t operator()(float x, float scale, int32_t zero_point) const {
+    return quant::quantize_value(x, {scale, scale > 0.0f ? 1.0f / scale : 0.0f, zero_point});
+  }
+};
+
+template <typename T>
+struct DequantizeElement {
+  __device__ __forceinline__ T operator()(float q, float scale, int32_t zero_point) const {
+    return static_cast<T>(quant::dequantize_value(static_cast<int8_t>(q), scale, zero_point));
+  }
+};
+
+// Static quantization and dequantization: N elements per thread over a [rows, cols]
+// grid, each converted with the scale (and zero point) of its group or column.
+template <typename In, typename Out, int N, bool kPerColumn, typename Convert>
+__global__ void elementwise_kernel(const In* __restrict__ input, Out* __restrict__ output,
+                                   const float* __restrict__ scales, const int32_t* __restrict__ zero_points,
+                                   int64_t rows, int64_t cols, quant::ScaleLayout layout, Convert convert) {
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     for (int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * N; col < cols;
          col += static_cast<int64_t>(gridDim.x) * blockDim.x * N) {
       float x[N];
-      load_floats<T, N>(input + row * cols + col, x);
-      int8_t out[N];
+      load_floats<In, N>(input + row * cols + col, x);
+      Out out[N];
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const int64_t index = kPerColumn ? col + j : scale_index(row, col, layout);
-        const float s = scales[index];
-        const quant::Int8Params params{s, s > 0.0f ? 1.0f / s : 0.0f, zero_points ? zero_points[index] : 0};
-        out[j] = quant::quantize_value(x[j], params);
+        out[j] = convert(x[j], scales[index], zero_points ? zero_points[index] : 0);
       }
-      store_values<int8_t, N>(q + row * cols + col, out);
-    }
-  }
-}
-
-template <typename T, int N, bool kPerColumn>
-__global__ void dequantize_kernel(const int8_t* __restrict__ q, T* __restrict__ output,
-                                  const float* __restrict__ scales, const int32_t* __restrict__ zero_points,
-                                  int64_t rows, int64_t cols, quant::ScaleLayout layout) {
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    for (int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * N; col < cols;
-         col += static_cast<int64_t>(gridDim.x) * blockDim.x * N) {
-      const Pack<int8_t, N> in = *reinterpret_cast<const Pack<int8_t, N>*>(q + row * cols + col);
-      T out[N];
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const int64_t index = kPerColumn ? col + j : scale_index(row, col, layout);
-        out[j] = static_cast<T>(quant::dequantize_value(in.values[j], scales[index],
-                                                        zero_points ? zero_points[index] : 0));
-      }
-      store_values<T, N>(output + row * cols + col, out);
+      store_values<Out, N>(output + row * cols + col, out);
     }
   }
 }
@@ -241,9 +235,10 @@ at::Tensor quantize_int8_static_cuda(const at::Tensor& input, const at::Tensor& 
   MW_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_int8_static_cuda", [&] {
     dispatch_elementwise<scalar_t>(input.const_data_ptr(), kVectorBytes, rows, cols, layout,
                                    [&](auto width, auto per_column, const ElementwiseLaunch& shape) {
-      quantize_static_kernel<scalar_t, decltype(width)::value, decltype(per_column)::value>
+      elementwise_kernel<scalar_t, int8_t, decltype(width)::value, decltype(per_column)::value>
           <<<shape.grid, shape.block, 0, stream>>>(input.const_data_ptr<scalar_t>(), q.data_ptr<int8_t>(),
-                                                   scale.const_data_ptr<float>(), zero_points, rows, cols, layout);
+                                                   scale.const_data_ptr<float>(), zero_points, rows, cols, layout,
+                                                   QuantizeElement{});
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -264,9 +259,10 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& q, const at::Tensor& scale,
     // N int8 loads per step: the q pointer needs N-byte alignment (the output is fresh).
     dispatch_elementwise<scalar_t>(q.const_data_ptr(), kVectorBytes / sizeof(scalar_t), rows, cols, layout,
                                    [&](auto width, auto per_column, const ElementwiseLaunch& shape) {
-      dequantize_kernel<scalar_t, decltype(width)::value, decltype(per_column)::value>
+      elementwise_kernel<int8_t, scalar_t, decltype(width)::value, decltype(per_column)::value>
           <<<shape.grid, shape.block, 0, stream>>>(q.const_data_ptr<int8_t>(), out.data_ptr<scalar_t>(),
-                                                   scale.const_data_ptr<float>(), zero_points, rows, cols, layout);
+                                                   scale.const_data_ptr<float>(), zero_points, rows, cols, layout,
+                                                   DequantizeElement<scalar_t>{});
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
