@@ -69,6 +69,12 @@ constexpr int kCopyChunk = kVec ? 16 / static_cast<int>(sizeof(T)) : 1;
 template <typename T, bool kVec>
 using CopyUnit = std::conditional_t<kVec, uint4, T>;
 
+// Eight elements loaded or stored at once.
+template <typename T>
+struct alignas(8 * sizeof(T)) Pack8 {
+  T v[8];
+};
+
 // The whole thread block copies every head of one token ("auto").
 template <typename T, bool kVec>
 __device__ __forceinline__ void copy_token(const FlashSideArgs& a, int64_t token, int64_t block, int64_t offset,
@@ -83,27 +89,46 @@ __device__ __forceinline__ void copy_token(const FlashSideArgs& a, int64_t token
   }
 }
 
-// One warp quantizes one head of one token.
+// The whole thread block quantizes every head of one token with static scales ("int8"),
+// eight elements per thread when vectorized.
+template <typename T, bool kVec>
+__device__ __forceinline__ void quantize_token_static(const FlashSideArgs& a, int64_t token, int64_t block,
+                                                      int64_t offset, int num_heads, int head_size) {
+  constexpr int kPer = kVec ? 8 : 1;
+  const int chunks = head_size / kPer;
+  const T* src = static_cast<const T*>(a.src) + token * a.src_token_stride;
+  int8_t* dst = static_cast<int8_t*>(a.cache) + block * a.block_stride + offset * a.slot_stride;
+  for (int i = threadIdx.x; i < num_heads * chunks; i += blockDim.x) {
+    const int h = i / chunks, c = i % chunks;
+    const float s = a.scale[a.scale_per_head ? h : 0];
+    const quant::Int8Params params{0.0f, s > 0.0f ? 1.0f / s : 0.0f, 0};
+    const T* x = src + h * a.src_head_stride + c * kPer;
+    int8_t* q = dst + h * a.head_stride + c * kPer;
+    if constexpr (kVec) {
+      const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(x);
+      Pack8<int8_t> out;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out.v[e] = quant::quantize_value(static_cast<float>(in.v[e]), params);
+      *reinterpret_cast<Pack8<int8_t>*>(q) = out;
+    } else {
+      *q = quant::quantize_value(static_cast<float>(*x), params);
+    }
+  }
+}
+
+// One warp quantizes one head of one token with its own scale ("int8_per_token_head").
 template <typename T>
-__device__ __forceinline__ void quantize_head(KvCacheDtype dtype, const FlashSideArgs& a, int64_t token,
-                                              int64_t block, int64_t offset, int64_t h, int64_t head_size, int lane) {
+__device__ __forceinline__ void quantize_head_dynamic(const FlashSideArgs& a, int64_t token, int64_t block,
+                                                      int64_t offset, int64_t h, int64_t head_size, int lane) {
   const T* src = static_cast<const T*>(a.src) + token * a.src_token_stride + h * a.src_head_stride;
   int8_t* dst = static_cast<int8_t*>(a.cache) + block * a.block_stride + offset * a.slot_stride + h * a.head_stride;
-  float inv_scale;
-  if (dtype == KvCacheDtype::kInt8) {
-    const float s = a.scale[a.scale_per_head ? h : 0];
-    inv_scale = s > 0.0f ? 1.0f / s : 0.0f;
-  } else {
-    float absmax = 0.0f;
-    for (int64_t i = lane; i < head_size; i += kWarp) {
-      const float x = fabsf(static_cast<float>(src[i]));
-      if (x <= FLT_MAX) absmax = fmaxf(absmax, x);
-    }
-    const quant::Int8Params p = quant::symmetric_params(warp_max(absmax));
-    inv_scale = p.inv_scale;
-    if (lane == 0) a.scale_cache[block * a.s_block_stride + offset * a.s_slot_stride + h * a.s_head_stride] = p.scale;
+  float absmax = 0.0f;
+  for (int64_t i = lane; i < head_size; i += kWarp) {
+    const float x = fabsf(static_cast<float>(src[i]));
+    if (x <= FLT_MAX) absmax = fmaxf(absmax, x);
   }
-  const quant::Int8Params params{0.0f, inv_scale, 0};
+  const quant::Int8Params params = quant::symmetric_params(warp_max(absmax));
+  if (lane == 0) a.scale_cache[block * a.s_block_stride + offset * a.s_slot_stride + h * a.s_head_stride] = params.scale;
   for (int64_t i = lane; i < head_size; i += kWarp) dst[i] = quant::quantize_value(static_cast<float>(src[i]), params);
 }
 
@@ -120,10 +145,15 @@ __global__ void write_flash_kernel(KvCacheDtype dtype, FlashSideArgs k, FlashSid
     copy_token<T, kVec>(v, token, block, offset, static_cast<int>(num_heads), static_cast<int>(head_size));
     return;
   }
+  if (dtype == KvCacheDtype::kInt8) {
+    quantize_token_static<T, kVec>(k, token, block, offset, static_cast<int>(num_heads), static_cast<int>(head_size));
+    quantize_token_static<T, kVec>(v, token, block, offset, static_cast<int>(num_heads), static_cast<int>(head_size));
+    return;
+  }
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int64_t h = warp; h < num_heads; h += kThreads / kWarp) {
-    quantize_head<T>(dtype, k, token, block, offset, h, head_size, lane);
-    quantize_head<T>(dtype, v, token, block, offset, h, head_size, lane);
+    quantize_head_dynamic<T>(k, token, block, offset, h, head_size, lane);
+    quantize_head_dynamic<T>(v, token, block, offset, h, head_size, lane);
   }
 }
 
@@ -188,12 +218,6 @@ __device__ int64_t rows_before(const void* seq_lens, bool is_int64, int64_t seq)
   return total;
 }
 
-// Eight dequantized elements, stored at once.
-template <typename T>
-struct alignas(8 * sizeof(T)) Dequantized8 {
-  T v[8];
-};
-
 // Elements one thread handles at a time: 16 bytes of "auto" cache, or 8 INT8 values.
 template <typename T, bool kVec>
 __device__ __forceinline__ int gather_chunk(KvCacheDtype dtype) {
@@ -225,10 +249,10 @@ __device__ __forceinline__ void gather_page(KvCacheDtype dtype, const GatherSide
     if constexpr (kVec) {
       const uint2 packed = *reinterpret_cast<const uint2*>(src);
       const int8_t* q = reinterpret_cast<const int8_t*>(&packed);
-      Dequantized8<T> out;
+      Pack8<T> out;
 #pragma unroll
       for (int e = 0; e < 8; ++e) out.v[e] = static_cast<T>(static_cast<float>(q[e]) * scale);
-      *reinterpret_cast<Dequantized8<T>*>(dst) = out;
+      *reinterpret_cast<Pack8<T>*>(dst) = out;
     } else {
       *dst = static_cast<T>(static_cast<float>(*src) * scale);
     }
@@ -308,14 +332,16 @@ void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value
                                      g.vs_slot_stride, g.vs_head_stride, v_scale, int8_static, g.num_heads);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), "reshape_and_cache_flash", [&] {
-    const int64_t es = sizeof(scalar_t);
-    const bool vec = dtype == KvCacheDtype::kAuto && (g.head_size * es) % 16 == 0 && aligned16(k.src) &&
-                     aligned16(v.src) && aligned16(k.cache) && aligned16(v.cache) &&
-                     (g.src_token_stride * es) % 16 == 0 && (g.src_head_stride * es) % 16 == 0 &&
-                     (g.src_v_token_stride * es) % 16 == 0 && (g.src_v_head_stride * es) % 16 == 0 &&
-                     (g.k_block_stride * es) % 16 == 0 && (g.k_slot_stride * es) % 16 == 0 &&
-                     (g.k_head_stride * es) % 16 == 0 && (g.v_block_stride * es) % 16 == 0 &&
-                     (g.v_slot_stride * es) % 16 == 0 && (g.v_head_stride * es) % 16 == 0;
+    // Vector width: 16 bytes of "auto" rows, or 8 elements quantized to 8 bytes ("int8").
+    const int64_t es = sizeof(scalar_t), cache_es = dtype == KvCacheDtype::kAuto ? es : 1;
+    const int64_t per = dtype == KvCacheDtype::kAuto ? 16 / es : 8;
+    bool vec = dtype != KvCacheDtype::kInt8PerTokenHead && g.head_size % per == 0;
+    for (const FlashSideArgs* a : {&k, &v}) {
+      vec = vec && reinterpret_cast<uintptr_t>(a->src) % (per * es) == 0 &&
+            reinterpret_cast<uintptr_t>(a->cache) % (per * cache_es) == 0 && a->src_token_stride % per == 0 &&
+            a->src_head_stride % per == 0 && a->block_stride % per == 0 && a->slot_stride % per == 0 &&
+            a->head_stride % per == 0;
+    }
     const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
     const int64_t num_slots = g.num_blocks * g.block_size;
     if (vec) {

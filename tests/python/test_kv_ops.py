@@ -506,3 +506,25 @@ def test_cuda_gather_into_unaligned_outputs(kv_dtype):
     cuda_scale = None if scale is None else scale.cuda()
     ops.gather_cache(kc.cuda(), vc.cuda(), table.cuda(), seq_lens.cuda(), *outs, kv_dtype, cuda_scale, cuda_scale)
     assert torch.equal(outs[0].cpu(), expected_k) and torch.equal(outs[1].cpu(), expected_v)
+
+
+@cuda_only
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_cuda_write_from_unaligned_inputs(kv_dtype):
+    # key/value one element off 16-byte alignment take the kernel's element-wise path.
+    key, value = make_kv(24, 2, 64, torch.float16, padding=0, fused=False)
+    slots = make_slots(24, 4, 16, generator=torch.Generator().manual_seed(5))
+    scale = torch.full((2,), 0.03)
+    cache_dtype = torch.float16 if kv_dtype == "auto" else torch.int8
+    expected = [torch.zeros(4, 16, 2, 64, dtype=cache_dtype) for _ in range(2)]
+    ops.reshape_and_cache_flash(key, value, *expected, slots, kv_dtype, scale, scale)
+
+    def unaligned(t):
+        buffer = torch.zeros(t.numel() + 1, dtype=t.dtype, device="cuda")
+        buffer[1:].copy_(t.reshape(-1))
+        return buffer[1:].view(t.shape)
+
+    got = [torch.zeros(4, 16, 2, 64, dtype=cache_dtype, device="cuda") for _ in range(2)]
+    ops.reshape_and_cache_flash(unaligned(key), unaligned(value), *got, slots.cuda(), kv_dtype, scale.cuda(),
+                                scale.cuda())
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
