@@ -214,7 +214,9 @@ def cuda_global_worker(traces, repeats):
 
 def run_cuda_global(argv, results):
     child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--cuda-global-worker"],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the CUDA worker failed:\n{child.stderr[-3000:]}")
     for res, (name, values) in zip(results, json.loads(child.stdout.strip().splitlines()[-1]).items()):
         assert res["trace"] == name
         res.update(values)

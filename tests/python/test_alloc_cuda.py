@@ -47,3 +47,24 @@ def test_mem_pool_scoped_same_numbers():
     assert y == pytest.approx(ref, rel=1e-3)
     del x
     torch.cuda.synchronize()
+
+
+def test_global_install_serves_every_cuda_tensor():
+    # Must precede the first CUDA allocation of a process, so it runs in a fresh one.
+    script = """
+import torch, memwarden.alloc as ma
+assert ma.install("cuda")
+x = torch.randn(1 << 20, device="cuda")
+y = (x * 2).sum().item()
+st = ma.memory_stats("cuda")
+assert st["allocated_bytes.all.current"] >= 2 * 4 * (1 << 20), st["allocated_bytes.all.current"]
+assert any(b["address"] == x.data_ptr() for s in ma.snapshot("cuda")["segments"] for b in s["blocks"])
+del x
+torch.cuda.synchronize()
+print("ok", y == y)
+"""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok True"

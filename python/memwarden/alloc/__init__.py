@@ -73,7 +73,9 @@ def _device(device: Any = "cpu") -> str:
 
 
 def _current_cuda() -> int:
-    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+    # current_device() would initialise CUDA, and with it PyTorch's allocator, which
+    # install("cuda") must precede; before initialisation the current device is 0.
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def _require_cuda(device: str) -> None:
