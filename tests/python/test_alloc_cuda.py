@@ -57,7 +57,7 @@ assert ma.install("cuda")
 x = torch.randn(1 << 20, device="cuda")
 y = (x * 2).sum().item()
 st = ma.memory_stats("cuda")
-assert st["allocated_bytes.all.current"] >= 2 * 4 * (1 << 20), st["allocated_bytes.all.current"]
+assert st["allocated_bytes.all.current"] >= 4 * (1 << 20), st["allocated_bytes.all.current"]
 assert any(b["address"] == x.data_ptr() for s in ma.snapshot("cuda")["segments"] for b in s["blocks"])
 del x
 torch.cuda.synchronize()
