@@ -202,6 +202,28 @@ TEST(AllocSplit, SplitAndCoalesce) {
   EXPECT_EQ(be->used(), 0u);
 }
 
+// Thousands of live pointers (the address table grows several times), freed in random
+// order (deletions shift later entries back): every lookup must stay right throughout.
+TEST(AllocSplit, ManyLivePointersFreedInRandomOrder) {
+  auto be = std::make_shared<TestBackend>();
+  CachingAllocator a(be);
+  std::vector<void*> live;
+  for (int i = 0; i < 5000; ++i) live.push_back(a.allocate(512 * (1 + i % 3)));
+  std::mt19937 rng(7);
+  std::shuffle(live.begin(), live.end(), rng);
+  for (std::size_t i = 0; i < live.size(); ++i) {
+    a.deallocate(live[i]);
+    EXPECT_FALSE(a.owns(live[i]));
+    if (i + 1 < live.size()) EXPECT_TRUE(a.owns(live[i + 1]));
+  }
+  EXPECT_THROW(a.deallocate(live[0]), std::invalid_argument);
+  EXPECT_EQ(S(a, "allocation.all.current"), 0);
+  EXPECT_EQ(S(a, "inactive_split.all.current"), 0);
+  for (const auto& seg : a.snapshot().segments) EXPECT_EQ(seg.blocks.size(), 1u);  // all merged back
+  a.empty_cache();
+  EXPECT_EQ(be->used(), 0u);
+}
+
 TEST(AllocSplit, LargeRemainderKeptOnlyWhenAboveSmallSize) {
   CachingAllocator a(std::make_shared<TestBackend>());
   void* p = a.allocate(12 * MiB + 512 * KiB);  // 14 MiB segment (rounded to 2 MiB): 1.5 MiB rest > 1 MiB

@@ -42,13 +42,6 @@ void validate(const Options& o) {
   if (!(o.gc_threshold >= 0.0 && o.gc_threshold < 1.0)) bad("gc_threshold must be in [0, 1)");
 }
 
-void Stat::update(int64_t delta) {
-  current += delta;
-  if (delta > 0) allocated += delta;
-  else freed -= delta;
-  peak = std::max(peak, current);
-}
-
 std::map<std::string, int64_t> Stats::to_map() const {
   std::map<std::string, int64_t> m;
   auto put = [&m](const std::string& prefix, const Stat& s) {
@@ -98,13 +91,64 @@ struct CachingAllocator::Block {
   std::vector<StreamId> stream_uses;
   Context context;
   Pool::iterator pool_it;  // valid while in_pool
+  Pool::node_type free_node;  // this block's set node while it is out of the pool (reused, not reallocated)
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
 
-bool CachingAllocator::BlockLess::operator()(const Block* a, const Block* b) const {
-  if (a->stream != b->stream) return a->stream < b->stream;
-  if (a->size != b->size) return a->size < b->size;
-  return a->ptr < b->ptr;
+CachingAllocator::Block* CachingAllocator::AddressTable::find(std::uintptr_t address) const {
+  if (slots_.empty()) return nullptr;
+  const std::size_t mask = slots_.size() - 1;
+  for (std::size_t i = home(address);; i = (i + 1) & mask) {
+    if (slots_[i].address == address) return slots_[i].block;
+    if (slots_[i].address == 0) return nullptr;
+  }
+}
+
+void CachingAllocator::AddressTable::insert(std::uintptr_t address, Block* block) {
+  if (2 * (count_ + 1) > slots_.size()) grow();  // load factor <= 1/2 keeps probes short
+  const std::size_t mask = slots_.size() - 1;
+  std::size_t i = home(address);
+  while (slots_[i].address != 0) i = (i + 1) & mask;
+  slots_[i] = {address, block};
+  ++count_;
+}
+
+CachingAllocator::Block* CachingAllocator::AddressTable::take(std::uintptr_t address) {
+  if (slots_.empty()) return nullptr;
+  const std::size_t mask = slots_.size() - 1;
+  std::size_t hole = home(address);
+  while (slots_[hole].address != address) {
+    if (slots_[hole].address == 0) return nullptr;
+    hole = (hole + 1) & mask;
+  }
+  Block* taken = slots_[hole].block;
+  // Backward-shift deletion: pull later entries of the probe run into the hole so that
+  // lookups never need tombstones.
+  for (std::size_t j = (hole + 1) & mask; slots_[j].address != 0; j = (j + 1) & mask) {
+    const std::size_t h = home(slots_[j].address);
+    if (((j - h) & mask) >= ((j - hole) & mask)) {
+      slots_[hole] = slots_[j];
+      hole = j;
+    }
+  }
+  slots_[hole] = Slot{};
+  --count_;
+  return taken;
+}
+
+std::size_t CachingAllocator::AddressTable::home(std::uintptr_t address) const {
+  // Fibonacci hashing: the multiply spreads the address's bits (its low ones are zero) to
+  // the top, which pick the slot.
+  const unsigned bits = static_cast<unsigned>(__builtin_ctzll(slots_.size()));
+  return static_cast<std::size_t>((address * 0x9E3779B97F4A7C15ull) >> (64 - bits));
+}
+
+void CachingAllocator::AddressTable::grow() {
+  std::vector<Slot> old = std::move(slots_);
+  slots_.assign(old.empty() ? 64 : 2 * old.size(), Slot{});
+  count_ = 0;
+  for (const Slot& s : old)
+    if (s.address != 0) insert(s.address, s.block);
 }
 
 CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Options options, std::string device)
@@ -135,11 +179,24 @@ CachingAllocator::~CachingAllocator() {
     backend_->deallocate(reinterpret_cast<void*>(kv.first), total);
   }
   segments_.clear();
+  for (Block* b : spare_blocks_) delete b;
 }
 
-void CachingAllocator::update_stat(Stat* arr, bool small, int64_t delta) {
-  arr[kAll].update(delta);
-  arr[small ? kSmall : kLarge].update(delta);
+CachingAllocator::Block* CachingAllocator::new_block() {
+  if (spare_blocks_.empty()) return new Block;
+  Block* b = spare_blocks_.back();
+  spare_blocks_.pop_back();
+  b->requested = 0;
+  b->allocated = b->in_pool = b->split_counted = false;
+  b->event_count = 0;
+  b->prev = b->next = nullptr;
+  return b;
+}
+
+void CachingAllocator::recycle_block(Block* b) {
+  b->stream_uses.clear();
+  b->context.reset();
+  spare_blocks_.push_back(b);
 }
 
 std::size_t CachingAllocator::round_size(std::size_t bytes) const {
@@ -165,7 +222,13 @@ std::size_t CachingAllocator::segment_size(std::size_t rounded) const {
 
 void CachingAllocator::insert_free(Block* b) {
   Pool& pool = b->small ? small_pool_ : large_pool_;
-  b->pool_it = pool.insert(b).first;
+  const FreeEntry entry{b->stream, b->size, b->ptr, b};
+  if (b->free_node.empty()) {
+    b->pool_it = pool.insert(entry).first;
+  } else {
+    b->free_node.value() = entry;
+    b->pool_it = pool.insert(std::move(b->free_node)).position;
+  }
   b->in_pool = true;
   if (b->is_split()) {
     b->split_counted = true;
@@ -176,7 +239,7 @@ void CachingAllocator::insert_free(Block* b) {
 
 void CachingAllocator::erase_free(Block* b) {
   Pool& pool = b->small ? small_pool_ : large_pool_;
-  pool.erase(b->pool_it);  // by iterator: no second search
+  b->free_node = pool.extract(b->pool_it);  // by iterator: no second search; the node is kept for reuse
   b->in_pool = false;
   if (b->split_counted) {
     b->split_counted = false;
@@ -186,12 +249,9 @@ void CachingAllocator::erase_free(Block* b) {
 }
 
 CachingAllocator::Block* CachingAllocator::find_free_block(Pool& pool, std::size_t size, StreamId stream) {
-  Block key;
-  key.stream = stream;
-  key.size = size;
-  auto it = pool.lower_bound(&key);
-  if (it == pool.end() || (*it)->stream != stream) return nullptr;
-  Block* b = *it;
+  auto it = pool.lower_bound(FreeEntry{stream, size, 0, nullptr});
+  if (it == pool.end() || it->stream != stream) return nullptr;
+  Block* b = it->block;
   const std::size_t msplit = options_.max_split_size;
   if (msplit != SIZE_MAX) {
     // Do not carve small requests out of oversize blocks, nor waste much of one.
@@ -207,7 +267,7 @@ CachingAllocator::Block* CachingAllocator::new_segment_locked(std::size_t size, 
   if (limit != 0 && (size > limit || reserved_locked() > limit - size)) return nullptr;
   void* p = backend_->allocate(size);
   if (p == nullptr) return nullptr;
-  Block* b = new Block;
+  Block* b = new_block();
   b->ptr = reinterpret_cast<std::uintptr_t>(p);
   b->size = size;
   b->stream = stream;
@@ -228,7 +288,7 @@ void CachingAllocator::release_segment_locked(Block* b) {
   update_stat(stats_.reserved_bytes, b->small, -static_cast<int64_t>(b->size));
   if (b->size >= options_.max_split_size) stats_.oversize_segments.update(-1);
   ++stats_.num_device_free;
-  delete b;
+  recycle_block(b);
 }
 
 bool CachingAllocator::release_cached_locked(std::size_t until_reserved) {
@@ -250,14 +310,14 @@ void CachingAllocator::free_block_locked(Block* b) {
   b->stream_uses.clear();
   b->context.reset();
   if (b->prev != nullptr && b->prev->in_pool) {
+    // The free block in front grows over b: it keeps its address, so segments_ stays valid.
     Block* p = b->prev;
     erase_free(p);
-    b->ptr = p->ptr;
-    b->size += p->size;
-    b->prev = p->prev;
-    if (b->prev != nullptr) b->prev->next = b;
-    else segments_[b->ptr] = b;
-    delete p;
+    p->size += b->size;
+    p->next = b->next;
+    if (p->next != nullptr) p->next->prev = p;
+    recycle_block(b);
+    b = p;
   }
   if (b->next != nullptr && b->next->in_pool) {
     Block* n = b->next;
@@ -265,7 +325,7 @@ void CachingAllocator::free_block_locked(Block* b) {
     b->size += n->size;
     b->next = n->next;
     if (b->next != nullptr) b->next->prev = b;
-    delete n;
+    recycle_block(n);
   }
   insert_free(b);
 }
@@ -328,7 +388,7 @@ CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size,
   const bool split = b->small ? remaining >= options_.min_block
                               : (size < options_.max_split_size && remaining > options_.small_size);
   if (split) {
-    Block* rest = new Block;
+    Block* rest = new_block();
     rest->ptr = b->ptr + size;
     rest->size = remaining;
     rest->stream = b->stream;
@@ -342,7 +402,7 @@ CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size,
   }
   b->allocated = true;
   b->requested = requested;
-  allocated_.emplace(b->ptr, b);
+  allocated_.insert(b->ptr, b);
   update_stat(stats_.allocation, b->small, 1);
   update_stat(stats_.allocated_bytes, b->small, static_cast<int64_t>(b->size));
   update_stat(stats_.requested_bytes, b->small, static_cast<int64_t>(requested));
@@ -421,11 +481,9 @@ void* CachingAllocator::allocate(std::size_t bytes, StreamId stream) {
 void CachingAllocator::deallocate(void* ptr) {
   if (ptr == nullptr) return;
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
-  if (it == allocated_.end())
+  Block* b = allocated_.take(reinterpret_cast<std::uintptr_t>(ptr));
+  if (b == nullptr)
     throw std::invalid_argument("memwarden allocator (" + device_ + "): pointer was not allocated here or was already freed");
-  Block* b = it->second;
-  allocated_.erase(it);
   b->allocated = false;
   update_stat(stats_.allocation, b->small, -1);
   update_stat(stats_.allocated_bytes, b->small, -static_cast<int64_t>(b->size));
@@ -445,10 +503,8 @@ void CachingAllocator::deallocate(void* ptr) {
 
 void CachingAllocator::record_stream(void* ptr, StreamId stream) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
-  if (it == allocated_.end())
-    throw std::invalid_argument("record_stream: pointer is not a live allocation of this allocator");
-  Block* b = it->second;
+  Block* b = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (b == nullptr) throw std::invalid_argument("record_stream: pointer is not a live allocation of this allocator");
   if (stream == b->stream) return;
   if (std::find(b->stream_uses.begin(), b->stream_uses.end(), stream) == b->stream_uses.end())
     b->stream_uses.push_back(stream);
@@ -456,14 +512,14 @@ void CachingAllocator::record_stream(void* ptr, StreamId stream) {
 
 bool CachingAllocator::owns(const void* ptr) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return allocated_.count(reinterpret_cast<std::uintptr_t>(ptr)) != 0;
+  return allocated_.find(reinterpret_cast<std::uintptr_t>(ptr)) != nullptr;
 }
 
 std::size_t CachingAllocator::block_size(const void* ptr) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
-  if (it == allocated_.end()) throw std::invalid_argument("block_size: pointer is not a live allocation");
-  return it->second->size;
+  const Block* b = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (b == nullptr) throw std::invalid_argument("block_size: pointer is not a live allocation");
+  return b->size;
 }
 
 void CachingAllocator::empty_cache() {

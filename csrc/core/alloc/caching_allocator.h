@@ -27,7 +27,6 @@
 #include <set>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "core/alloc/backend.h"
@@ -52,7 +51,15 @@ void validate(const Options& options);
 
 struct Stat {
   int64_t current = 0, peak = 0, allocated = 0, freed = 0;
-  void update(int64_t delta);
+  void update(int64_t delta) {
+    current += delta;
+    if (delta > 0) {
+      allocated += delta;
+      if (current > peak) peak = current;
+    } else {
+      freed -= delta;
+    }
+  }
 };
 
 enum StatType { kAll = 0, kSmall = 1, kLarge = 2, kStatTypes = 3 };
@@ -152,10 +159,39 @@ class CachingAllocator {
 
  private:
   struct Block;
-  struct BlockLess {
-    bool operator()(const Block* a, const Block* b) const;
+  // A free block's ordering fields are copied into its set entry, so a search compares
+  // without loading the Block itself.
+  struct FreeEntry {
+    StreamId stream;
+    std::size_t size;
+    std::uintptr_t address;
+    Block* block;
+    bool operator<(const FreeEntry& o) const {
+      if (stream != o.stream) return stream < o.stream;
+      if (size != o.size) return size < o.size;
+      return address < o.address;
+    }
   };
-  using Pool = std::set<Block*, BlockLess>;
+  using Pool = std::set<FreeEntry>;
+
+  // Handed-out blocks by address: open addressing with linear probing, so an allocation
+  // and a free cost no node allocation (std::unordered_map allocates one per insert).
+  class AddressTable {
+   public:
+    Block* find(std::uintptr_t address) const;
+    void insert(std::uintptr_t address, Block* block);  // address must not be present
+    Block* take(std::uintptr_t address);  // finds and removes; null when absent
+
+   private:
+    struct Slot {
+      std::uintptr_t address = 0;  // 0: empty (no block starts at address 0)
+      Block* block = nullptr;
+    };
+    std::size_t home(std::uintptr_t address) const;
+    void grow();
+    std::vector<Slot> slots_;
+    std::size_t count_ = 0;
+  };
 
   Block* try_allocate_locked(std::size_t size, std::size_t requested, StreamId stream, bool& released);
   Block* find_free_block(Pool& pool, std::size_t size, StreamId stream);
@@ -169,14 +205,20 @@ class CachingAllocator {
   void synchronize_and_drain_events_locked();
   [[noreturn]] void throw_oom_locked(std::size_t requested, std::size_t rounded);
   std::size_t reserved_locked() const { return static_cast<std::size_t>(stats_.reserved_bytes[kAll].current); }
-  static void update_stat(Stat* arr, bool small, int64_t delta);
+  static void update_stat(Stat* arr, bool small, int64_t delta) {
+    arr[kAll].update(delta);
+    arr[small ? kSmall : kLarge].update(delta);
+  }
+  Block* new_block();
+  void recycle_block(Block* b);
 
   std::shared_ptr<Backend> backend_;
   Options options_;
   std::string device_;
   mutable std::mutex mutex_;
   Pool small_pool_, large_pool_;
-  std::unordered_map<std::uintptr_t, Block*> allocated_;  // handed-out blocks by address
+  AddressTable allocated_;
+  std::vector<Block*> spare_blocks_;  // Block objects kept for reuse: splits and merges allocate nothing
   std::map<std::uintptr_t, Block*> segments_;             // first block of each segment
   std::vector<std::pair<EventId, Block*>> pending_events_;
   Stats stats_;
