@@ -109,23 +109,28 @@ py::dict block_dict(const ma::BlockInfo& b) {
   return d;
 }
 
+py::dict segment_dict(const ma::SegmentInfo& s) {
+  py::dict sd;
+  sd["address"] = s.address;
+  sd["total_size"] = s.total_size;
+  sd["allocated_size"] = s.allocated_size;
+  sd["active_size"] = s.active_size;
+  sd["requested_size"] = s.requested_size;
+  sd["stream"] = s.stream;
+  sd["segment_type"] = s.small ? "small" : "large";
+  py::list blocks;
+  for (const auto& b : s.blocks) blocks.append(block_dict(b));
+  sd["blocks"] = blocks;
+  return sd;
+}
+
 py::dict snapshot_dict(const std::string& device) {
   ma::Snapshot snap = allocator_for(device).snapshot();
   py::list segments;
   const int dev_index = device == "cpu" ? -1 : std::stoi(device.substr(device.find(':') + 1));
   for (const auto& s : snap.segments) {
-    py::dict sd;
+    py::dict sd = segment_dict(s);
     sd["device"] = dev_index;
-    sd["address"] = s.address;
-    sd["total_size"] = s.total_size;
-    sd["allocated_size"] = s.allocated_size;
-    sd["active_size"] = s.active_size;
-    sd["requested_size"] = s.requested_size;
-    sd["stream"] = s.stream;
-    sd["segment_type"] = s.small ? "small" : "large";
-    py::list blocks;
-    for (const auto& b : s.blocks) blocks.append(block_dict(b));
-    sd["blocks"] = blocks;
     segments.append(sd);
   }
   py::dict out;
@@ -327,18 +332,7 @@ MEMWARDEN_PYBIND(alloc) {
       .def("snapshot", [](ma::CachingAllocator& a) {
         ma::Snapshot snap = a.snapshot();
         py::list segments;
-        for (const auto& s : snap.segments) {
-          py::dict sd;
-          sd["address"] = s.address;
-          sd["total_size"] = s.total_size;
-          sd["allocated_size"] = s.allocated_size;
-          sd["stream"] = s.stream;
-          sd["segment_type"] = s.small ? "small" : "large";
-          py::list blocks;
-          for (const auto& b : s.blocks) blocks.append(block_dict(b));
-          sd["blocks"] = blocks;
-          segments.append(sd);
-        }
+        for (const auto& s : snap.segments) segments.append(segment_dict(s));
         py::dict out;
         out["segments"] = segments;
         out["fragmentation"] = snap.fragmentation;

@@ -144,6 +144,33 @@ int64_t index_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kInt ? t.const_data_ptr<int32_t>()[i] : t.const_data_ptr<int64_t>()[i];
 }
 
+// The scales an INT8 cache dtype needs, into g: static k/v scales for "int8" (null when
+// not given), per-(token, head) scale caches for "int8_per_token_head" (and none else).
+void check_cache_scales(const char* op, KvCacheDtype dtype, const at::Tensor* k_scale, const at::Tensor* v_scale,
+                        const std::optional<at::Tensor>& k_scale_cache,
+                        const std::optional<at::Tensor>& v_scale_cache, const at::Tensor& key_cache,
+                        FlashGeometry& g) {
+  if (dtype == KvCacheDtype::kInt8) {
+    TORCH_CHECK_VALUE(k_scale && v_scale,
+                      std::string(op) + ": k_scale and v_scale are required for kv_cache_dtype \"int8\"");
+    g.per_head_scale = check_static_scale(op, "k_scale", *k_scale, key_cache, g.num_heads);
+    const bool v_per_head = check_static_scale(op, "v_scale", *v_scale, key_cache, g.num_heads);
+    TORCH_CHECK_VALUE(v_per_head == g.per_head_scale,
+                      std::string(op) + ": k_scale and v_scale must have the same number of elements, got " +
+                          shape_string(*k_scale) + " and " + shape_string(*v_scale));
+  }
+  if (dtype == KvCacheDtype::kInt8PerTokenHead) {
+    int64_t ks[3], vs[3];
+    check_scale_cache(op, "k_scale_cache", k_scale_cache, key_cache, g.num_blocks, g.block_size, g.num_heads, ks);
+    check_scale_cache(op, "v_scale_cache", v_scale_cache, key_cache, g.num_blocks, g.block_size, g.num_heads, vs);
+    g.ks_block_stride = ks[0], g.ks_slot_stride = ks[1], g.ks_head_stride = ks[2];
+    g.vs_block_stride = vs[0], g.vs_slot_stride = vs[1], g.vs_head_stride = vs[2];
+  } else {
+    check_no_scale_cache(op, "k_scale_cache", k_scale_cache);
+    check_no_scale_cache(op, "v_scale_cache", v_scale_cache);
+  }
+}
+
 }  // namespace
 
 KvCacheDtype parse_kv_cache_dtype(const char* op, c10::string_view name) {
@@ -206,23 +233,7 @@ FlashGeometry reshape_and_cache_flash_check(const at::Tensor& key, const at::Ten
   g.src_v_head_stride = stride_of(value, 1);
   fill_flash_cache_strides(key_cache, value_cache, g);
 
-  if (dtype == KvCacheDtype::kInt8) {
-    g.per_head_scale = check_static_scale(op, "k_scale", k_scale, key_cache, g.num_heads);
-    const bool v_per_head = check_static_scale(op, "v_scale", v_scale, key_cache, g.num_heads);
-    TORCH_CHECK_VALUE(v_per_head == g.per_head_scale,
-                      std::string(op) + ": k_scale and v_scale must have the same number of elements, got " +
-                          shape_string(k_scale) + " and " + shape_string(v_scale));
-  }
-  if (dtype == KvCacheDtype::kInt8PerTokenHead) {
-    int64_t ks[3], vs[3];
-    check_scale_cache(op, "k_scale_cache", k_scale_cache, key_cache, g.num_blocks, g.block_size, g.num_heads, ks);
-    check_scale_cache(op, "v_scale_cache", v_scale_cache, key_cache, g.num_blocks, g.block_size, g.num_heads, vs);
-    g.ks_block_stride = ks[0], g.ks_slot_stride = ks[1], g.ks_head_stride = ks[2];
-    g.vs_block_stride = vs[0], g.vs_slot_stride = vs[1], g.vs_head_stride = vs[2];
-  } else {
-    check_no_scale_cache(op, "k_scale_cache", k_scale_cache);
-    check_no_scale_cache(op, "v_scale_cache", v_scale_cache);
-  }
+  check_cache_scales(op, dtype, &k_scale, &v_scale, k_scale_cache, v_scale_cache, key_cache, g);
   return g;
 }
 
@@ -498,24 +509,8 @@ FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& 
   g.src_v_token_stride = stride_of(value_out, 0);
   g.src_v_head_stride = stride_of(value_out, 1);
   fill_flash_cache_strides(key_cache, value_cache, g);
-  if (dtype == KvCacheDtype::kInt8) {
-    TORCH_CHECK_VALUE(k_scale.has_value() && v_scale.has_value(),
-                      std::string(op) + ": k_scale and v_scale are required for kv_cache_dtype \"int8\"");
-    g.per_head_scale = check_static_scale(op, "k_scale", *k_scale, key_cache, g.num_heads);
-    const bool v_per_head = check_static_scale(op, "v_scale", *v_scale, key_cache, g.num_heads);
-    TORCH_CHECK_VALUE(v_per_head == g.per_head_scale,
-                      std::string(op) + ": k_scale and v_scale must have the same number of elements");
-  }
-  if (dtype == KvCacheDtype::kInt8PerTokenHead) {
-    int64_t ks[3], vs[3];
-    check_scale_cache(op, "k_scale_cache", k_scale_cache, key_cache, g.num_blocks, g.block_size, g.num_heads, ks);
-    check_scale_cache(op, "v_scale_cache", v_scale_cache, key_cache, g.num_blocks, g.block_size, g.num_heads, vs);
-    g.ks_block_stride = ks[0], g.ks_slot_stride = ks[1], g.ks_head_stride = ks[2];
-    g.vs_block_stride = vs[0], g.vs_slot_stride = vs[1], g.vs_head_stride = vs[2];
-  } else {
-    check_no_scale_cache(op, "k_scale_cache", k_scale_cache);
-    check_no_scale_cache(op, "v_scale_cache", v_scale_cache);
-  }
+  check_cache_scales(op, dtype, k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr, k_scale_cache,
+                     v_scale_cache, key_cache, g);
   return g;
 }
 
