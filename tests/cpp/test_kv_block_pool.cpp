@@ -332,3 +332,33 @@ TEST(KvBlockHashIndex, HeavyChurnMatchesUnorderedMap) {
   }
   for (const auto& [key, value] : model) EXPECT_EQ(index.find(key), std::optional<int32_t>(value));
 }
+
+TEST(KvBlockPool, CachingDisabledCachesNothing) {
+  BlockPool pool(4, /*enable_caching=*/false);
+  auto a = *pool.allocate(2);
+  EXPECT_FALSE(pool.cache(a[0], 100));
+  EXPECT_EQ(pool.num_cached(), 0);
+  EXPECT_FALSE(pool.lookup(100).has_value());
+  EXPECT_FALSE(pool.hash_of(a[0]).has_value());
+}
+
+TEST(KvBlockPool, CacheChurnKeepsEveryLiveHashFindable) {
+  // Every block cached with a hash sharing its low bits, then reused in rounds: each
+  // allocation evicts a hash from the index, each new cache() inserts one.
+  const int32_t num_blocks = 64;
+  BlockPool pool(num_blocks);
+  uint64_t next_hash = 0;
+  for (int round = 0; round < 200; ++round) {
+    auto blocks = *pool.allocate(num_blocks / 2 + round % 7);
+    for (int32_t b : blocks) pool.cache(b, (next_hash++ << 32) | 0x55);
+    pool.release(blocks);
+    int32_t cached = 0;
+    for (int32_t b = 0; b < num_blocks; ++b) {
+      const auto hash = pool.hash_of(b);
+      if (!hash) continue;
+      ++cached;
+      EXPECT_EQ(pool.lookup(*hash), std::optional<int32_t>(b));
+    }
+    ASSERT_EQ(pool.num_cached(), cached);
+  }
+}

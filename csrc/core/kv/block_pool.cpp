@@ -34,6 +34,7 @@ BlockHash hash_block(BlockHash parent, const int32_t* tokens, size_t num_tokens,
 BlockPool::BlockPool(int32_t num_blocks, bool enable_caching) : enable_caching_(enable_caching) {
   if (num_blocks < 0 || num_blocks == std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("num_blocks must be in [0, 2^31 - 1), got " + id_string(num_blocks));
+  if (enable_caching) cache_ = BlockHashIndex(num_blocks);  // at most one hash per block
   nodes_.resize(static_cast<size_t>(num_blocks) + 1);
   const int32_t s = sentinel();
   nodes_[s].prev = nodes_[s].next = s;
@@ -120,18 +121,13 @@ bool BlockPool::cache(BlockId block, BlockHash hash) {
   check_id(block);
   Node& n = nodes_[block];
   if (n.ref == 0) throw std::invalid_argument("block " + id_string(block) + " is free and cannot be cached");
-  if (!enable_caching_ || n.hashed || cache_.count(hash)) return false;
+  if (!enable_caching_ || n.hashed || !cache_.insert(hash, block)) return false;
   n.hashed = true;
   n.hash = hash;
-  cache_.emplace(hash, block);
   return true;
 }
 
-std::optional<BlockId> BlockPool::lookup(BlockHash hash) const {
-  const auto it = cache_.find(hash);
-  if (it == cache_.end()) return std::nullopt;
-  return it->second;
-}
+std::optional<BlockId> BlockPool::lookup(BlockHash hash) const { return cache_.find(hash); }
 
 std::optional<BlockHash> BlockPool::hash_of(BlockId block) const {
   check_id(block);
