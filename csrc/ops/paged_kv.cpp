@@ -64,20 +64,9 @@ void copy_blocks_cpu(at::TensorList key_caches, at::TensorList value_caches, con
   const int64_t num_blocks = key_caches[0].size(0);
   const at::Tensor mapping = block_mapping.to(at::kCPU).contiguous();
   check_block_mapping_values(op, mapping, num_blocks, num_blocks);
-  // Pairs run in parallel, so a destination may not be written twice nor be a source.
+  check_block_pairs_independent(op, mapping, num_blocks, /*same_storage=*/true);
   const int64_t* m = mapping.const_data_ptr<int64_t>();
   const int64_t n = mapping.size(0);
-  std::vector<char> is_dst(num_blocks, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(!is_dst[m[2 * i + 1]], std::string(op) + ": block_mapping[" + std::to_string(i) +
-                                                 ", 1] = " + std::to_string(m[2 * i + 1]) +
-                                                 " is a destination more than once");
-    is_dst[m[2 * i + 1]] = 1;
-  }
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK_VALUE(!is_dst[m[2 * i]], std::string(op) + ": block_mapping[" + std::to_string(i) + ", 0] = " +
-                                             std::to_string(m[2 * i]) +
-                                             " is both a source and a destination in one call");
   std::vector<at::Tensor> caches(key_caches.begin(), key_caches.end());
   caches.insert(caches.end(), value_caches.begin(), value_caches.end());
   std::vector<BlockBytes> geometry;
@@ -101,6 +90,7 @@ void swap_blocks_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t block
   if (n == 0 || block_size_in_bytes == 0) return;
   const at::Tensor mapping = block_mapping.contiguous();
   check_block_mapping_values(op, mapping, src.size(0), dst.size(0));
+  check_block_pairs_independent(op, mapping, dst.size(0), src.is_alias_of(dst));
   const int64_t* m = mapping.const_data_ptr<int64_t>();
   const BlockBytes s = block_bytes(op, "src", src), d = block_bytes(op, "dst", dst);
   const char* src_base = static_cast<const char*>(src.const_data_ptr());

@@ -390,16 +390,7 @@ void copy_blocks_cuda(at::TensorList key_caches, at::TensorList value_caches, co
   if (block_mapping.is_cpu() || check_on_host()) {
     const at::Tensor host = block_mapping.cpu().contiguous();
     check_block_mapping_values(op, host, num_blocks, num_blocks);
-    std::vector<char> is_dst(num_blocks, 0);
-    const int64_t* m = host.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < host.size(0); ++i) {
-      TORCH_CHECK_VALUE(!is_dst[m[2 * i + 1]], std::string(op) + ": block_mapping[" + std::to_string(i) +
-                                                   ", 1] is a destination more than once");
-      is_dst[m[2 * i + 1]] = 1;
-    }
-    for (int64_t i = 0; i < host.size(0); ++i)
-      TORCH_CHECK_VALUE(!is_dst[m[2 * i]], std::string(op) + ": block_mapping[" + std::to_string(i) +
-                                               ", 0] is both a source and a destination in one call");
+    check_block_pairs_independent(op, host, num_blocks, /*same_storage=*/true);
   }
   const c10::cuda::CUDAGuard guard(first.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -429,6 +420,7 @@ void swap_blocks_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t bloc
   if (n == 0 || block_size_in_bytes == 0) return;
   const at::Tensor mapping = block_mapping.contiguous();
   check_block_mapping_values(op, mapping, src.size(0), dst.size(0));
+  check_block_pairs_independent(op, mapping, dst.size(0), src.is_alias_of(dst));
   const BlockBytes s = block_bytes(op, "src", src), d = block_bytes(op, "dst", dst);
   const at::Device device = src.is_cuda() ? src.device() : dst.device();
   const c10::cuda::CUDAGuard guard(device);

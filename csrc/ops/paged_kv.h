@@ -105,6 +105,11 @@ void swap_blocks_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t block
 // Checks the values of a CPU block mapping against the block counts.
 void check_block_mapping_values(const char* op, const at::Tensor& block_mapping, int64_t src_blocks,
                                 int64_t dst_blocks);
+// The pairs of a block mapping run in parallel (CPU) or in any order: a destination may
+// appear once, and when source and destination share storage no block may be both.
+// block_mapping is a CPU tensor whose values were checked.
+void check_block_pairs_independent(const char* op, const at::Tensor& block_mapping, int64_t dst_blocks,
+                                   bool same_storage);
 
 // ---- gather_cache -------------------------------------------------------------------------
 // Writes the first seq_lens[i] tokens of sequence i (pages block_table[i, :]) into rows

@@ -144,6 +144,20 @@ int64_t index_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kInt ? t.const_data_ptr<int32_t>()[i] : t.const_data_ptr<int64_t>()[i];
 }
 
+// value holds num_heads heads of head_size like key, and both hold at least num_tokens
+// rows (they may be longer: padded), so the kernels never read past either.
+void check_value_and_token_rows(const char* op, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+                                int64_t head_size, int64_t num_tokens) {
+  TORCH_CHECK_VALUE(dim_of(value, 1) == num_heads && dim_of(value, 2) == head_size,
+                    std::string(op) + ": value has " + to_string(dim_of(value, 1)) + " heads of size " +
+                        to_string(dim_of(value, 2)) + " but the cache holds " + to_string(num_heads) +
+                        " heads of size " + to_string(head_size));
+  TORCH_CHECK_VALUE(dim_of(key, 0) >= num_tokens && dim_of(value, 0) >= num_tokens,
+                    std::string(op) + ": key and value need at least slot_mapping.size(0) = " +
+                        to_string(num_tokens) + " tokens, got " + to_string(dim_of(key, 0)) + " and " +
+                        to_string(dim_of(value, 0)));
+}
+
 // The scales an INT8 cache dtype needs, into g: static k/v scales for "int8" (null when
 // not given), per-(token, head) scale caches for "int8_per_token_head" (and none else).
 void check_cache_scales(const char* op, KvCacheDtype dtype, const at::Tensor* k_scale, const at::Tensor* v_scale,
@@ -219,14 +233,7 @@ FlashGeometry reshape_and_cache_flash_check(const at::Tensor& key, const at::Ten
                         to_string(dim_of(key, 2)) + " but the cache holds " + to_string(g.num_heads) +
                         " heads of size " + to_string(g.head_size) + " (key " + shape_string(key) + ", key_cache " +
                         shape_string(key_cache) + ")");
-  TORCH_CHECK_VALUE(dim_of(value, 1) == g.num_heads && dim_of(value, 2) == g.head_size,
-                    std::string(op) + ": value has " + to_string(dim_of(value, 1)) + " heads of size " +
-                        to_string(dim_of(value, 2)) + " but the cache holds " + to_string(g.num_heads) +
-                        " heads of size " + to_string(g.head_size));
-  TORCH_CHECK_VALUE(dim_of(key, 0) >= g.num_tokens && dim_of(value, 0) >= g.num_tokens,
-                    std::string(op) + ": key and value need at least slot_mapping.size(0) = " +
-                        to_string(g.num_tokens) + " tokens, got " + to_string(dim_of(key, 0)) + " and " +
-                        to_string(dim_of(value, 0)));
+  check_value_and_token_rows(op, key, value, g.num_heads, g.head_size, g.num_tokens);
   g.src_token_stride = stride_of(key, 0);
   g.src_head_stride = stride_of(key, 1);
   g.src_v_token_stride = stride_of(value, 0);
@@ -307,10 +314,7 @@ LegacyGeometry reshape_and_cache_check(const at::Tensor& key, const at::Tensor& 
                     std::string(op) + ": value_cache must have shape [" + to_string(g.num_blocks) + ", " +
                         to_string(g.num_heads) + ", " + to_string(g.head_size) + ", " + to_string(g.block_size) +
                         "], got " + shape_string(value_cache));
-  check_same_shape(op, "key", key.narrow_symint(0, 0, value.sym_size(0)), "value", value);
-  TORCH_CHECK_VALUE(dim_of(key, 0) >= g.num_tokens,
-                    std::string(op) + ": key and value need at least slot_mapping.size(0) = " +
-                        to_string(g.num_tokens) + " tokens, got " + to_string(dim_of(key, 0)));
+  check_value_and_token_rows(op, key, value, g.num_heads, g.head_size, g.num_tokens);
   g.key_token_stride = stride_of(key, 0);
   g.key_head_stride = stride_of(key, 1);
   g.value_token_stride = stride_of(value, 0);
@@ -434,6 +438,24 @@ void check_block_mapping_values(const char* op, const at::Tensor& block_mapping,
                       std::string(op) + ": block_mapping[" + to_string(i) + ", 1] = " + to_string(p[2 * i + 1]) +
                           " is out of range for " + to_string(dst_blocks) + " destination blocks");
   }
+}
+
+void check_block_pairs_independent(const char* op, const at::Tensor& block_mapping, int64_t dst_blocks,
+                                   bool same_storage) {
+  const at::Tensor mapping = block_mapping.contiguous();
+  const int64_t* m = mapping.const_data_ptr<int64_t>();
+  const int64_t n = mapping.size(0);
+  std::vector<char> is_dst(dst_blocks, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(!is_dst[m[2 * i + 1]], std::string(op) + ": block_mapping[" + to_string(i) + ", 1] = " +
+                                                 to_string(m[2 * i + 1]) + " is a destination more than once");
+    is_dst[m[2 * i + 1]] = 1;
+  }
+  if (!same_storage) return;
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(m[2 * i] >= dst_blocks || !is_dst[m[2 * i]],
+                      std::string(op) + ": block_mapping[" + to_string(i) + ", 0] = " + to_string(m[2 * i]) +
+                          " is both a source and a destination in one call");
 }
 
 void check_slot_values(const char* op, const at::Tensor& slot_mapping_cpu, int64_t num_blocks, int64_t block_size) {

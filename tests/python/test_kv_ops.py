@@ -278,7 +278,25 @@ def test_swap_blocks_errors():
         ops.swap_blocks(src, dst, 1024, torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="densely"):
         ops.swap_blocks(src[:, :, :8], dst, 64, torch.tensor([[0, 1]]))
-    assert bool((dst == 0).all())
+    # Pairs run in parallel: one destination twice, or a chain within one tensor, would
+    # leave a result that depends on thread timing.
+    with pytest.raises(ValueError, match=r"block_mapping\[1, 1\] = 1 is a destination more than once"):
+        ops.swap_blocks(src, dst, 512, torch.tensor([[0, 1], [2, 1]]))
+    with pytest.raises(ValueError, match=r"block_mapping\[1, 0\] = 1 is both a source and a destination"):
+        ops.swap_blocks(src, src, 512, torch.tensor([[0, 1], [1, 2]]))
+    assert bool((dst == 0).all()) and bool((src == 0).all())
+    ops.swap_blocks(src, dst, 512, torch.tensor([[1, 0], [1, 1]]))  # fan-out from one source is fine
+
+
+def test_legacy_value_rows_and_heads_checked():
+    kc, vc = torch.zeros(2, 2, 2, 4, 4), torch.zeros(2, 2, 8, 4)
+    key, slots = torch.randn(4, 2, 8), torch.arange(4)
+    with pytest.raises(ValueError, match="need at least slot_mapping.size\\(0\\) = 4 tokens, got 4 and 1"):
+        ops.reshape_and_cache(key, torch.randn(1, 2, 8), kc, vc, slots)
+    with pytest.raises(ValueError, match="value has 3 heads of size 8"):
+        ops.reshape_and_cache(key, torch.randn(4, 3, 8), kc, vc, slots)
+    ops.reshape_and_cache(key, torch.randn(6, 2, 8), kc, vc, slots)  # longer (padded) value is fine
+    assert bool((vc == 0).sum() < vc.numel())
 
 
 def test_flash_errors_name_the_argument():

@@ -138,7 +138,9 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, 
     """Copy the first ``block_size_in_bytes`` bytes of block ``s`` of ``src`` to block ``d`` of
     ``dst`` for each row ``(s, d)`` of ``block_mapping`` (a CPU int64 ``[n, 2]`` tensor).
     Dimension 0 of ``src``/``dst`` indexes blocks. CUDA <-> host (pinned host memory makes it
-    asynchronous), CUDA <-> CUDA, and host <-> host."""
+    asynchronous), CUDA <-> CUDA, and host <-> host. Pairs run in parallel: a destination
+    may appear once, and when ``src`` and ``dst`` are the same tensor no block may be both a
+    source and a destination."""
     torch.ops.memwarden.swap_blocks(src, dst, block_size_in_bytes, block_mapping)
 
 
