@@ -252,12 +252,12 @@ MEMWARDEN_PYBIND(alloc) {
           py::gil_scoped_acquire gil;
           try {
             py::object r = (*holder->fn)(bytes);
-            return r.is_none() ? true : r.cast<bool>();
+            if (r.is_none()) return true;
+            const int truth = PyObject_IsTrue(r.ptr());  // any truthy result, as documented
+            if (truth < 0) throw py::error_already_set();
+            return truth == 1;
           } catch (py::error_already_set& e) {
             e.discard_as_unraisable("memwarden OOM callback");
-            return false;
-          } catch (const std::exception& e) {
-            PyErr_WarnEx(PyExc_RuntimeWarning, e.what(), 1);
             return false;
           }
         });

@@ -79,14 +79,15 @@ def test_install_uninstall_roundtrip():
     ma.empty_cache("cpu")
 
 
-def test_tensor_from_before_install_is_freed_by_its_own_allocator():
+def test_tensor_from_before_install_is_freed_by_its_own_allocator(capfd):
     before = torch.randn(1000)
     base = allocated()
     with ma.use("cpu"):
         ptr = before.data_ptr()
         assert not _owned(ptr)
-        del before  # must not reach memwarden's free
+        del before  # must not reach memwarden's free (which would report a failed free)
         assert allocated() == base
+    assert "free failed" not in capfd.readouterr().err
 
 
 def _owned(ptr):
@@ -175,6 +176,19 @@ def test_oom_callback_frees_application_memory(host):
     assert ma.memory_stats("cpu")["num_oom_callbacks"] >= 2
 
 
+def test_oom_callback_truthy_result_allows_retry(host):
+    ma.set_memory_limit("cpu", "64 MiB")
+    cache = [torch.empty(40 * MiB, dtype=torch.uint8)]
+
+    def give_back(nbytes):
+        cache.clear()
+        return "freed 40 MiB"  # truthy, not a bool
+
+    with ma.on_oom(give_back, "cpu"):
+        t = torch.empty(40 * MiB, dtype=torch.uint8)
+    assert t.numel() == 40 * MiB and not cache
+
+
 def test_oom_chain_order_raw(monkeypatch):
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
@@ -223,7 +237,7 @@ def test_argument_errors():
         ma.memory_stats("tpu")
     with pytest.raises(ValueError):
         ma.set_memory_limit("cpu", -1)
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="callback must be callable"):
         ma.on_oom(42)
     with pytest.raises(ValueError):
         _C.alloc.raw_free("cpu", 12345)
@@ -285,6 +299,29 @@ def test_use_context_restores_state():
     assert ma.get_memory_limit("cpu") is None
     del x
     ma.empty_cache("cpu")
+
+
+def test_use_record_leaves_recording_as_it_found_it():
+    ma.record_history("cpu", True)
+    try:
+        with ma.use("cpu", record=True):
+            pass
+        p = _allocate_here(1000)  # still recording after the block
+        try:
+            blocks = {b["address"]: b for s in ma.snapshot("cpu")["segments"] for b in s["blocks"]}
+            assert blocks[p]["frames"] and blocks[p]["frames"][0]["name"] == "_allocate_here"
+        finally:
+            _C.alloc.raw_free("cpu", p)
+    finally:
+        ma.record_history("cpu", False)
+    with ma.use("cpu", record=True):
+        pass
+    q = _allocate_here(1000)  # recording was off before the block: off again after it
+    try:
+        blocks = {b["address"]: b for s in ma.snapshot("cpu")["segments"] for b in s["blocks"]}
+        assert blocks[q]["frames"] == []
+    finally:
+        _C.alloc.raw_free("cpu", q)
 
 
 def test_memory_summary(host):

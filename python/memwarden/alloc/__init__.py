@@ -44,6 +44,7 @@ __all__ = [
 _core = _C.alloc
 _lock = threading.RLock()
 _cuda_state: dict[str, Any] = {"pluggable": None, "global": False, "pools": 0}
+_history: dict[str, tuple[bool, bool]] = {}  # device -> (enabled, acquire_gil) as last set by record_history
 
 
 def cuda_built() -> bool:
@@ -157,7 +158,7 @@ def use(device: Any = "cpu", *, memory_limit: int | str | None = None,
         if memory_limit is not None:
             set_memory_limit(dev, memory_limit)
             stack.callback(set_memory_limit, dev, prev_limit)
-        if record:
+        if record and not _history.get(dev, (False, False))[0]:  # already recording: leave it as set
             record_history(dev, True)
             stack.callback(record_history, dev, False)
         if dev == "cpu":
@@ -281,7 +282,7 @@ def on_oom(callback: Callable[[int], Any], device: Any = "cpu") -> OomCallbackHa
     callback are reported as unraisable and count as False.
     """
     if not callable(callback):
-        raise ValueError(f"callback must be callable, got {callback!r}")
+        raise TypeError(f"callback must be callable, got {callback!r}")
     dev = _device(device)
     return OomCallbackHandle(dev, int(_core.add_oom_callback(dev, callback)), callback)
 
@@ -295,7 +296,9 @@ def record_history(device: Any = "cpu", enabled: bool = True, *, acquire_gil: bo
     back for the capture, as PyTorch's own CUDA allocator does (threads without a Python
     thread state are never captured).
     """
-    _core.record_history(_device(device), bool(enabled), bool(acquire_gil))
+    dev = _device(device)
+    _core.record_history(dev, bool(enabled), bool(acquire_gil))
+    _history[dev] = (bool(enabled), bool(acquire_gil))
 
 
 # ---- summary ------------------------------------------------------------------------------
