@@ -109,6 +109,20 @@ py::dict block_dict(const ma::BlockInfo& b) {
   return d;
 }
 
+// A benchmark trace: op >= 0 allocates sizes[op], op < 0 frees slot -op - 1; every slot
+// is allocated once and then freed once.
+void check_trace(const char* name, const std::vector<long>& ops, const std::vector<long>& sizes) {
+  const long num_slots = static_cast<long>(sizes.size());
+  std::vector<int> state(sizes.size(), 0);
+  for (long op : ops) {
+    const bool ok = op >= 0 ? op < num_slots && state[op] == 0 : op >= -num_slots && state[-op - 1] == 1;
+    if (!ok) throw std::invalid_argument(std::string(name) + ": invalid trace at op " + std::to_string(op));
+    state[op >= 0 ? op : -op - 1] += 1;
+  }
+  for (int s : state)
+    if (s != 2) throw std::invalid_argument(std::string(name) + ": every slot must be allocated and freed");
+}
+
 py::dict segment_dict(const ma::SegmentInfo& s) {
   py::dict sd;
   sd["address"] = s.address;
@@ -342,9 +356,7 @@ MEMWARDEN_PYBIND(alloc) {
   module.def(
       "replay_trace_seconds",
       [](const std::vector<long>& ops, const std::vector<long>& sizes) {
-        for (long op : ops)
-          if (op >= static_cast<long>(sizes.size()) || -op - 1 >= static_cast<long>(sizes.size()))
-            throw std::out_of_range("replay_trace_seconds: op " + std::to_string(op) + " out of range");
+        check_trace("replay_trace_seconds", ops, sizes);
         py::gil_scoped_release nogil;
         return memwarden::bindings::alloc_torch::replay_trace_seconds(ops.data(), ops.size(), sizes.data(),
                                                                       sizes.size());
@@ -354,15 +366,7 @@ MEMWARDEN_PYBIND(alloc) {
   module.def(
       "replay_raw_seconds",
       [](const std::vector<long>& ops, const std::vector<long>& sizes, bool memwarden) {
-        std::vector<int> state(sizes.size(), 0);  // every slot allocated once, then freed once
-        for (long op : ops) {
-          const long slot = op >= 0 ? op : -op - 1;
-          if (slot >= static_cast<long>(sizes.size()) || state[slot] != (op >= 0 ? 0 : 1))
-            throw std::invalid_argument("replay_raw_seconds: invalid trace at op " + std::to_string(op));
-          state[slot] += 1;
-        }
-        for (int s : state)
-          if (s != 2) throw std::invalid_argument("replay_raw_seconds: every slot must be allocated and freed");
+        check_trace("replay_raw_seconds", ops, sizes);
         py::gil_scoped_release nogil;
         return memwarden::bindings::alloc_torch::replay_raw_seconds(ops.data(), ops.size(), sizes.data(),
                                                                     sizes.size(), memwarden);

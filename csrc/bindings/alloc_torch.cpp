@@ -95,17 +95,27 @@ double replay_raw_seconds(const long* ops, std::size_t n_ops, const long* sizes,
   std::vector<void*> slots(n_slots, nullptr);
   c10::Allocator* dflt = c10::GetDefaultCPUAllocator();
   ma::CachingAllocator& mw = ma::host_allocator();
+  const auto release = [&](void* p) {
+    if (memwarden) mw.deallocate(p);
+    else dflt->raw_deallocate(p);
+  };
   const auto start = std::chrono::steady_clock::now();
-  for (std::size_t i = 0; i < n_ops; ++i) {
-    const long op = ops[i];
-    if (op >= 0) {
-      const auto n = static_cast<std::size_t>(sizes[op]);
-      slots[static_cast<std::size_t>(op)] = memwarden ? mw.allocate(n) : dflt->raw_allocate(n);
-    } else {
-      void* p = slots[static_cast<std::size_t>(-op - 1)];
-      if (memwarden) mw.deallocate(p);
-      else dflt->raw_deallocate(p);
+  try {
+    for (std::size_t i = 0; i < n_ops; ++i) {
+      const long op = ops[i];
+      if (op >= 0) {
+        const auto n = static_cast<std::size_t>(sizes[op]);
+        slots[static_cast<std::size_t>(op)] = memwarden ? mw.allocate(n) : dflt->raw_allocate(n);
+      } else {
+        void*& p = slots[static_cast<std::size_t>(-op - 1)];
+        release(p);
+        p = nullptr;
+      }
     }
+  } catch (...) {  // out of memory part-way: give back what the trace holds
+    for (void* p : slots)
+      if (p != nullptr) release(p);
+    throw;
   }
   const auto end = std::chrono::steady_clock::now();
   return std::chrono::duration<double>(end - start).count();
