@@ -3,7 +3,8 @@
 // Learned from PyTorch's CUDACachingAllocator and RAPIDS RMM (no code copied):
 //  * two pools: requests <= small_size (1 MiB) are carved from small segments (2 MiB),
 //    larger ones from large segments (20 MiB, or the request rounded to 2 MiB);
-//  * best fit over free blocks ordered by (stream, size, address); blocks are split when
+//  * best fit over free blocks ordered by (stream, size, address), found through per-stream
+//    exact-size lists and a bitmap (a set for blocks above the segment size); blocks are split when
 //    the rest is worth keeping and coalesced with free neighbours when freed; blocks of
 //    max_split_size or more are never split;
 //  * a block is reused on the stream it was allocated on at once; a block used on other
