@@ -420,6 +420,59 @@ TEST(AllocStreams, PerStreamReuseAndRecordStream) {
   EXPECT_EQ(be->used(), 0u);
 }
 
+// Every allocation takes the smallest free block of at least its rounded size in its pool
+// and on its stream, the lowest address among equal sizes, or else a new segment; checked
+// against the snapshot before each request, for free blocks both in the size-class lists
+// and above their cap (a 16 B min_block caps the lists at 1 MiB).
+void check_best_fit_lowest_address(const Options& options) {
+  auto be = std::make_shared<TestBackend>();
+  CachingAllocator a(be, options);
+  std::mt19937_64 rng(7);
+  const std::size_t common_sizes[] = {4 * KiB, 8 * KiB, 64 * KiB, 1536 * KiB, 3 * MiB, 12 * MiB, 24 * MiB};
+  std::vector<void*> live;
+  for (int op = 0; op < 3000; ++op) {
+    if (!live.empty() && (rng() % 2 == 0 || live.size() > 64)) {
+      const std::size_t i = rng() % live.size();
+      a.deallocate(live[i]);
+      live[i] = live.back();
+      live.pop_back();
+      continue;
+    }
+    const std::size_t bytes = rng() % 2 == 0 ? common_sizes[rng() % std::size(common_sizes)] : 1 + rng() % (30 * MiB);
+    const StreamId stream = rng() % 4 == 0 ? 2 : 1;
+    const std::size_t rounded = a.round_size(bytes);
+    const bool small = rounded <= options.small_size;
+    const BlockInfo* best = nullptr;
+    const Snapshot before = a.snapshot();
+    for (const SegmentInfo& seg : before.segments) {
+      if (seg.stream != stream || seg.small != small) continue;
+      for (const BlockInfo& b : seg.blocks)
+        if (!b.active && b.size >= rounded &&
+            (best == nullptr || b.size < best->size || (b.size == best->size && b.address < best->address)))
+          best = &b;
+    }
+    const int device_allocs = be->allocs;
+    void* p = a.allocate(bytes, stream);
+    if (best != nullptr) {
+      ASSERT_EQ(U(p), best->address) << "request of " << rounded << " B, op " << op;
+    } else {
+      ASSERT_EQ(be->allocs, device_allocs + 1) << "request of " << rounded << " B, op " << op;
+    }
+    live.push_back(p);
+  }
+  for (void* p : live) a.deallocate(p);
+  a.empty_cache();
+  EXPECT_EQ(be->used(), 0u);
+}
+
+TEST(AllocBestFit, SmallestSizeThenLowestAddress) { check_best_fit_lowest_address(Options{}); }
+
+TEST(AllocBestFit, SmallestSizeThenLowestAddressAboveListCap) {
+  Options options;
+  options.min_block = 16;
+  check_best_fit_lowest_address(options);
+}
+
 TEST(AllocStats, AgreeWithModelAndPeaks) {
   auto be = std::make_shared<TestBackend>();
   CachingAllocator a(be);

@@ -90,8 +90,10 @@ struct CachingAllocator::Block {
   Block* next = nullptr;
   std::vector<StreamId> stream_uses;
   Context context;
-  Pool::iterator pool_it;  // valid while in_pool
-  Pool::node_type free_node;  // this block's set node while it is out of the pool (reused, not reallocated)
+  Block* free_prev = nullptr;  // neighbours in a size-class list, while in one
+  Block* free_next = nullptr;
+  FreeSet::iterator pool_it;  // valid while in a pool's above_cap set
+  FreeSet::node_type free_node;  // this block's set node while it is out of the set (reused, not reallocated)
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
 
@@ -155,6 +157,18 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Options opt
     : backend_(std::move(backend)), options_(options), device_(std::move(device)) {
   if (!backend_) throw std::invalid_argument("CachingAllocator: backend must not be null");
   validate(options_);
+  size_pools();
+}
+
+void CachingAllocator::size_pools() {
+  // Up to 64Ki lists per pool and stream (512 KiB of heads): with the default 512 B min_block
+  // that covers every block of a shared segment; bigger blocks go to the set.
+  const std::size_t max_lists = std::size_t{1} << 16;
+  const std::size_t list_limit = max_lists * options_.min_block;
+  small_pool_.cap = std::min(options_.small_segment, list_limit);
+  large_pool_.cap = std::min(options_.large_segment, list_limit);
+  small_pool_.lists_by_stream.clear();
+  large_pool_.lists_by_stream.clear();
 }
 
 CachingAllocator::~CachingAllocator() {
@@ -220,14 +234,27 @@ std::size_t CachingAllocator::segment_size(std::size_t rounded) const {
   return round_up(rounded, options_.round_large);
 }
 
+SizeClassLists<CachingAllocator::Block>* CachingAllocator::size_class_lists(Pool& pool, StreamId stream, bool create) {
+  for (auto& [s, lists] : pool.lists_by_stream)
+    if (s == stream) return lists.get();
+  if (!create) return nullptr;
+  const std::size_t granule = options_.min_block;
+  pool.lists_by_stream.emplace_back(stream, std::make_unique<SizeClassLists<Block>>(granule, pool.cap / granule));
+  return pool.lists_by_stream.back().second.get();
+}
+
 void CachingAllocator::insert_free(Block* b) {
   Pool& pool = b->small ? small_pool_ : large_pool_;
-  const FreeEntry entry{b->stream, b->size, b->ptr, b};
-  if (b->free_node.empty()) {
-    b->pool_it = pool.insert(entry).first;
+  if (b->size <= pool.cap) {
+    size_class_lists(pool, b->stream, true)->insert(b);
   } else {
-    b->free_node.value() = entry;
-    b->pool_it = pool.insert(std::move(b->free_node)).position;
+    const FreeEntry entry{b->stream, b->size, b->ptr, b};
+    if (b->free_node.empty()) {
+      b->pool_it = pool.above_cap.insert(entry).first;
+    } else {
+      b->free_node.value() = entry;
+      b->pool_it = pool.above_cap.insert(std::move(b->free_node)).position;
+    }
   }
   b->in_pool = true;
   if (b->is_split()) {
@@ -239,7 +266,8 @@ void CachingAllocator::insert_free(Block* b) {
 
 void CachingAllocator::erase_free(Block* b) {
   Pool& pool = b->small ? small_pool_ : large_pool_;
-  b->free_node = pool.extract(b->pool_it);  // by iterator: no second search; the node is kept for reuse
+  if (b->size <= pool.cap) size_class_lists(pool, b->stream, false)->erase(b);
+  else b->free_node = pool.above_cap.extract(b->pool_it);  // by iterator: no second search; the node is kept for reuse
   b->in_pool = false;
   if (b->split_counted) {
     b->split_counted = false;
@@ -249,9 +277,14 @@ void CachingAllocator::erase_free(Block* b) {
 }
 
 CachingAllocator::Block* CachingAllocator::find_free_block(Pool& pool, std::size_t size, StreamId stream) {
-  auto it = pool.lower_bound(FreeEntry{stream, size, 0, nullptr});
-  if (it == pool.end() || it->stream != stream) return nullptr;
-  Block* b = it->block;
+  // Every listed block is smaller than every block in the set, so the lists answer first.
+  Block* b = nullptr;
+  if (SizeClassLists<Block>* lists = size_class_lists(pool, stream, false)) b = lists->smallest_at_least(size);
+  if (b == nullptr) {
+    auto it = pool.above_cap.lower_bound(FreeEntry{stream, size, 0, nullptr});
+    if (it == pool.above_cap.end() || it->stream != stream) return nullptr;
+    b = it->block;
+  }
   const std::size_t msplit = options_.max_split_size;
   if (msplit != SIZE_MAX) {
     // Do not carve small requests out of oversize blocks, nor waste much of one.
@@ -622,6 +655,7 @@ void CachingAllocator::set_options(const Options& options) {
     throw std::invalid_argument("allocator options can only change while nothing is reserved (call empty_cache() "
                                 "after freeing every block)");
   options_ = options;
+  size_pools();
 }
 
 int CachingAllocator::add_oom_callback(OomCallback cb) {

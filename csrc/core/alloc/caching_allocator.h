@@ -3,7 +3,8 @@
 // Learned from PyTorch's CUDACachingAllocator and RAPIDS RMM (no code copied):
 //  * two pools: requests <= small_size (1 MiB) are carved from small segments (2 MiB),
 //    larger ones from large segments (20 MiB, or the request rounded to 2 MiB);
-//  * best fit over free blocks ordered by (stream, size, address); blocks are split when
+//  * best fit over free blocks ordered by (stream, size, address), found through per-stream
+//    exact-size lists and a bitmap (a set for blocks above the segment size); blocks are split when
 //    the rest is worth keeping and coalesced with free neighbours when freed; blocks of
 //    max_split_size or more are never split;
 //  * a block is reused on the stream it was allocated on at once; a block used on other
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "core/alloc/backend.h"
+#include "core/alloc/size_class_lists.h"
 
 namespace memwarden::alloc {
 
@@ -159,8 +161,8 @@ class CachingAllocator {
 
  private:
   struct Block;
-  // A free block's ordering fields are copied into its set entry, so a search compares
-  // without loading the Block itself.
+  // Free blocks above the size-class lists' cap. A block's ordering fields are copied into
+  // its set entry, so a search compares without loading the Block itself.
   struct FreeEntry {
     StreamId stream;
     std::size_t size;
@@ -172,7 +174,14 @@ class CachingAllocator {
       return address < o.address;
     }
   };
-  using Pool = std::set<FreeEntry>;
+  using FreeSet = std::set<FreeEntry>;
+  // The free blocks of one pool: per stream, exact-size lists up to the cap (most blocks), and
+  // one set ordered by (stream, size, address) for the bigger ones.
+  struct Pool {
+    std::vector<std::pair<StreamId, std::unique_ptr<SizeClassLists<Block>>>> lists_by_stream;
+    FreeSet above_cap;
+    std::size_t cap = 0;  // largest size kept in the lists; set from the options
+  };
 
   // Handed-out blocks by address: open addressing with linear probing, so an allocation
   // and a free cost no node allocation (std::unordered_map allocates one per insert).
@@ -195,6 +204,8 @@ class CachingAllocator {
 
   Block* try_allocate_locked(std::size_t size, std::size_t requested, StreamId stream, bool& released);
   Block* find_free_block(Pool& pool, std::size_t size, StreamId stream);
+  SizeClassLists<Block>* size_class_lists(Pool& pool, StreamId stream, bool create);
+  void size_pools();  // sets each pool's cap from options_ (while both pools are empty)
   Block* new_segment_locked(std::size_t size, bool small, StreamId stream);
   void insert_free(Block* b);
   void erase_free(Block* b);
