@@ -40,6 +40,63 @@ def demo_int8(device: str) -> None:
           f"({eager / ours:.1f}x); memory {x.numel() * 2 / 2**20:.0f} MiB -> {q.numel() / 2**20:.0f} MiB + scales")
 
 
+def demo_paged_kv(device: str) -> None:
+    from memwarden import kv
+
+    heads, head_size, block_size, num_blocks = 8, 128, 16, 64
+    print(f"\n== Paged KV cache on {device}: INT8 pages of {block_size} tokens x {heads} heads x {head_size}, "
+          "four requests sharing a 48-token system prompt")
+    manager = kv.KVCacheManager(num_blocks, block_size)
+    key_cache = torch.zeros(num_blocks, block_size, heads, head_size, dtype=torch.int8, device=device)
+    value_cache = torch.zeros_like(key_cache)
+    scale = torch.tensor([4.0 / 127], device=device)  # static INT8 scale for values within +-4
+    system_prompt = list(range(100, 148))
+    written = {}  # token position in the prompt -> the K row written for it (the last request's view)
+    for request in range(4):
+        prompt = system_prompt + [1000 * (request + 1) + t for t in range(20)]
+        cached = manager.add_sequence(request, prompt)
+        new = len(prompt) - cached
+        key = torch.randn(new, heads, head_size, device=device).clamp(-4, 4).half()
+        slots = torch.tensor(manager.slot_mapping(request, cached, len(prompt)), device=device)
+        kv.reshape_and_cache_flash(key, torch.zeros_like(key), key_cache, value_cache, slots, "int8", scale, scale)
+        for i in range(new):
+            written[cached + i] = key[i]
+        print(f"  request {request}: {len(prompt)} prompt tokens, {cached:2d} found in the prefix cache, "
+              f"{new} written")
+    table = torch.tensor([manager.block_table(3)], device=device)
+    keys, _ = kv.gather_kv(key_cache, value_cache, table, torch.tensor([68], device=device), "int8", torch.float16,
+                           scale, scale)
+    expected = torch.stack([written[i] for i in range(68)])
+    steps = ((keys.float() - expected.float()).abs().max() / scale).item()
+    stats = manager.stats()
+    print(f"  blocks in use {stats['num_blocks'] - stats['num_free_blocks']} of {num_blocks} "
+          f"(without sharing: {4 * -(-68 // block_size)}); prefix hit rate {stats['prefix_hit_rate']:.0%}; "
+          f"request 3 read back through its block table within {steps:.2f} quantization steps")
+
+
+def demo_allocator() -> None:
+    import memwarden.alloc as ma
+
+    MiB = 1 << 20
+    print("\n== Caching allocator: a 256 MiB 'device' emulated on host memory, with an out-of-memory callback")
+    with ma.use("cpu", memory_limit="256 MiB"):
+        pages = [torch.ones(64 * MiB, dtype=torch.uint8) for _ in range(3)]  # e.g. cached KV pages
+
+        def give_back(nbytes: int) -> bool:
+            print(f"  out of memory for {nbytes / MiB:.0f} MiB: the callback drops a 64 MiB page")
+            return bool(pages) and pages.pop() is not None
+
+        with ma.on_oom(give_back, "cpu"):
+            activations = torch.empty(100 * MiB, dtype=torch.uint8)
+        stats = ma.memory_stats("cpu")
+        print(f"  allocated {stats['allocated_bytes.all.current'] / MiB:.0f} MiB, reserved "
+              f"{stats['reserved_bytes.all.current'] / MiB:.0f} MiB, peak {stats['reserved_bytes.all.peak'] / MiB:.0f} "
+              f"MiB, {stats['num_alloc_retries']} retries, {stats['num_oom_callbacks']} callback(s); "
+              f"{len(pages)} pages kept")
+        del activations, pages
+    ma.empty_cache("cpu")
+
+
 def demo_planning() -> None:
     from memwarden import estimate, plan
 
@@ -56,7 +113,10 @@ def demo_planning() -> None:
 def main() -> None:
     print(f"memwarden {memwarden.__version__} on torch {torch.__version__} "
           f"({'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'})")
-    demo_int8("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    demo_int8(device)
+    demo_paged_kv(device)
+    demo_allocator()
     demo_planning()
 
 
