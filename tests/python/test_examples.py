@@ -1,0 +1,19 @@
+"""The README's first command runs examples/demo.py: it must keep running and saying the right things."""
+import pathlib
+import re
+import runpy
+
+DEMO = pathlib.Path(__file__).resolve().parents[2] / "examples" / "demo.py"
+
+
+def test_demo_runs_and_reports_expected_figures(capsys):
+    runpy.run_path(str(DEMO), run_name="__main__")
+    out = capsys.readouterr().out
+    # Four requests share a 48-token system prompt: 3 full blocks found by the three later ones.
+    assert re.findall(r"(\d+) found in the prefix cache", out) == ["0", "48", "48", "48"]
+    assert "blocks in use 11 of 64 (without sharing: 20); prefix hit rate 53%" in out
+    steps = float(re.search(r"within ([0-9.]+) quantization steps", out).group(1))
+    assert steps <= 0.5 + 1e-6
+    # The OOM callback freed one 64 MiB page and the 100 MiB allocation then fit under 256 MiB.
+    assert "out of memory for 100 MiB" in out and "allocated 228 MiB" in out and "2 pages kept" in out
+    assert "plan for mixtral-8x7b (bfloat16): fits" in out
