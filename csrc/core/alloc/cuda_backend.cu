@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -83,8 +84,15 @@ class CudaBackend final : public Backend {
   int device_;
 };
 
-std::mutex g_mutex;
-std::array<CachingAllocator*, kMaxDevices> g_allocators{};
+std::mutex g_mutex;  // serialises the creation of allocators, not their use
+std::array<std::atomic<CachingAllocator*>, kMaxDevices> g_allocators{};
+
+// The device count is fixed once CUDA is initialised; asking the runtime on every
+// allocation would put an API call on the hot path.
+int device_count_once() {
+  static const int count = cuda_device_count();
+  return count;
+}
 
 }  // namespace
 
@@ -98,13 +106,16 @@ int cuda_device_count() {
 }
 
 CachingAllocator& cuda_allocator(int device) {
-  if (device < 0 || device >= kMaxDevices || device >= cuda_device_count())
+  if (device < 0 || device >= kMaxDevices || device >= device_count_once())
     throw std::out_of_range("memwarden: no CUDA device " + std::to_string(device));
+  if (CachingAllocator* existing = g_allocators[device].load(std::memory_order_acquire)) return *existing;
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_allocators[device] == nullptr)
-    g_allocators[device] =
-        new CachingAllocator(std::make_shared<CudaBackend>(device), Options{}, "cuda:" + std::to_string(device));
-  return *g_allocators[device];
+  CachingAllocator* allocator = g_allocators[device].load(std::memory_order_relaxed);
+  if (allocator == nullptr) {  // never freed: tensors may outlive every Python object
+    allocator = new CachingAllocator(std::make_shared<CudaBackend>(device), Options{}, "cuda:" + std::to_string(device));
+    g_allocators[device].store(allocator, std::memory_order_release);
+  }
+  return *allocator;
 }
 
 }  // namespace memwarden::alloc
