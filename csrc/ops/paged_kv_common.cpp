@@ -144,6 +144,18 @@ int64_t index_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kInt ? t.const_data_ptr<int32_t>()[i] : t.const_data_ptr<int64_t>()[i];
 }
 
+// The writes' slot mapping is int64 [num_tokens], and every tensor is on key_cache's device.
+void check_slot_mapping_and_devices(const char* op, const at::Tensor& key, const at::Tensor& value,
+                                    const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                    const at::Tensor& slot_mapping) {
+  check_dim(op, "slot_mapping", slot_mapping, 1, "[num_tokens]");
+  check_index_dtype(op, "slot_mapping", slot_mapping, /*allow_int32=*/false);
+  check_device(op, "key", key, key_cache);
+  check_device(op, "value", value, key_cache);
+  check_device(op, "value_cache", value_cache, key_cache);
+  check_device(op, "slot_mapping", slot_mapping, key_cache);
+}
+
 // value holds num_heads heads of head_size like key, and both hold at least num_tokens
 // rows (they may be longer: padded), so the kernels never read past either.
 void check_value_and_token_rows(const char* op, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
@@ -215,12 +227,7 @@ FlashGeometry reshape_and_cache_flash_check(const at::Tensor& key, const at::Ten
   check_flash_cache(op, "key_cache", key_cache, dtype, key.scalar_type());
   check_flash_cache(op, "value_cache", value_cache, dtype, key.scalar_type());
   check_same_shape(op, "key_cache", key_cache, "value_cache", value_cache);
-  check_dim(op, "slot_mapping", slot_mapping, 1, "[num_tokens]");
-  check_index_dtype(op, "slot_mapping", slot_mapping, /*allow_int32=*/false);
-  check_device(op, "key", key, key_cache);
-  check_device(op, "value", value, key_cache);
-  check_device(op, "value_cache", value_cache, key_cache);
-  check_device(op, "slot_mapping", slot_mapping, key_cache);
+  check_slot_mapping_and_devices(op, key, value, key_cache, value_cache, slot_mapping);
 
   FlashGeometry g;
   g.num_blocks = dim_of(key_cache, 0);
@@ -284,12 +291,7 @@ LegacyGeometry reshape_and_cache_check(const at::Tensor& key, const at::Tensor& 
                                                              dtype_string(cache.scalar_type()));
     }
   }
-  check_dim(op, "slot_mapping", slot_mapping, 1, "[num_tokens]");
-  check_index_dtype(op, "slot_mapping", slot_mapping, false);
-  check_device(op, "key", key, key_cache);
-  check_device(op, "value", value, key_cache);
-  check_device(op, "value_cache", value_cache, key_cache);
-  check_device(op, "slot_mapping", slot_mapping, key_cache);
+  check_slot_mapping_and_devices(op, key, value, key_cache, value_cache, slot_mapping);
 
   LegacyGeometry g;
   g.num_blocks = dim_of(key_cache, 0);
