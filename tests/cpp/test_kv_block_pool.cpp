@@ -2,16 +2,11 @@
 
 #include <chrono>
 #include <cstdint>
-#include <random>
-#include <set>
 #include <stdexcept>
-#include <unordered_map>
 #include <vector>
 
 #include "core/kv/block_pool.h"
-#include "core/kv/hash_index.h"
 
-using memwarden::kv::BlockHashIndex;
 using memwarden::kv::BlockPair;
 using memwarden::kv::BlockPool;
 using memwarden::kv::KVCacheManager;
@@ -222,115 +217,6 @@ TEST(KvBlockPool, OperationsDoNotGrowWithPoolSize) {
   }
   // Generous (sanitizer builds, shared machine): a linear scan would be ~100x.
   EXPECT_LT(large, small * 5.0) << "small " << small << " large " << large;
-}
-
-TEST(KvBlockHashIndex, CapacityIsPowerOfTwoAtLeastTwiceMaxEntries) {
-  EXPECT_EQ(BlockHashIndex().capacity(), 0u);
-  EXPECT_EQ(BlockHashIndex(0).capacity(), 0u);
-  EXPECT_EQ(BlockHashIndex(1).capacity(), 2u);
-  EXPECT_EQ(BlockHashIndex(4).capacity(), 8u);
-  EXPECT_EQ(BlockHashIndex(5).capacity(), 16u);
-  EXPECT_THROW(BlockHashIndex(-1), std::invalid_argument);
-}
-
-TEST(KvBlockHashIndex, InsertFindEraseAndLimits) {
-  BlockHashIndex index(2);
-  EXPECT_FALSE(index.find(7).has_value());
-  EXPECT_TRUE(index.insert(7, 0));
-  EXPECT_FALSE(index.insert(7, 1));  // present: unchanged
-  EXPECT_EQ(index.find(7), std::optional<int32_t>(0));
-  EXPECT_TRUE(index.insert(0, 1));  // key 0 is an ordinary key
-  EXPECT_EQ(index.find(0), std::optional<int32_t>(1));
-  EXPECT_FALSE(index.insert(0, 2));  // full, but present: false, not an error
-  EXPECT_THROW(index.insert(8, 2), std::length_error);
-  EXPECT_THROW(index.insert(9, -1), std::invalid_argument);
-  EXPECT_TRUE(index.erase(7));
-  EXPECT_FALSE(index.erase(7));
-  EXPECT_FALSE(index.find(7).has_value());
-  EXPECT_EQ(index.size(), 1);
-
-  BlockHashIndex empty;
-  EXPECT_FALSE(empty.find(0).has_value());
-  EXPECT_FALSE(empty.erase(0));
-  EXPECT_THROW(empty.insert(0, 0), std::length_error);
-}
-
-namespace {
-// n distinct keys whose probes all start at the same slot of `index`.
-std::vector<uint64_t> keys_with_one_home(const BlockHashIndex& index, size_t n) {
-  std::vector<uint64_t> keys;
-  const size_t home = index.home_slot(0);
-  for (uint64_t k = 0; keys.size() < n; ++k)
-    if (index.home_slot(k) == home) keys.push_back(k);
-  return keys;
-}
-}  // namespace
-
-TEST(KvBlockHashIndex, EraseInTheMiddleOfAProbeChain) {
-  BlockHashIndex index(8);
-  const std::vector<uint64_t> keys = keys_with_one_home(index, 6);
-  for (size_t i = 0; i < keys.size(); ++i) ASSERT_TRUE(index.insert(keys[i], static_cast<int32_t>(i)));
-  EXPECT_TRUE(index.erase(keys[2]));  // later entries must shift back to stay reachable
-  EXPECT_FALSE(index.find(keys[2]).has_value());
-  for (size_t i = 0; i < keys.size(); ++i)
-    if (i != 2) EXPECT_EQ(index.find(keys[i]), std::optional<int32_t>(static_cast<int32_t>(i))) << i;
-  EXPECT_TRUE(index.erase(keys[0]));  // the head of the chain
-  EXPECT_TRUE(index.erase(keys[5]));  // its tail
-  for (size_t i : {1, 3, 4}) EXPECT_EQ(index.find(keys[i]), std::optional<int32_t>(static_cast<int32_t>(i))) << i;
-  EXPECT_EQ(index.size(), 3);
-}
-
-TEST(KvBlockHashIndex, ChainWrapsAroundTheEndOfTheTable) {
-  BlockHashIndex index(5);  // 16 slots
-  std::vector<uint64_t> last_slot_keys;
-  std::vector<uint64_t> first_slot_keys;
-  for (uint64_t k = 0; last_slot_keys.size() < 3 || first_slot_keys.size() < 2; ++k) {
-    if (index.home_slot(k) == index.capacity() - 1 && last_slot_keys.size() < 3) last_slot_keys.push_back(k);
-    if (index.home_slot(k) == 0 && first_slot_keys.size() < 2) first_slot_keys.push_back(k);
-  }
-  // Slots 15, 0, 1 hold the last-slot keys; the first-slot keys land in 2 and 3.
-  for (uint64_t k : last_slot_keys) ASSERT_TRUE(index.insert(k, 1));
-  for (uint64_t k : first_slot_keys) ASSERT_TRUE(index.insert(k, 2));
-  EXPECT_TRUE(index.erase(last_slot_keys[0]));  // shifts entries back across the wrap
-  for (size_t i = 1; i < 3; ++i) EXPECT_EQ(index.find(last_slot_keys[i]), std::optional<int32_t>(1));
-  for (uint64_t k : first_slot_keys) EXPECT_EQ(index.find(k), std::optional<int32_t>(2));
-}
-
-TEST(KvBlockHashIndex, HeavyChurnMatchesUnorderedMap) {
-  // Random inserts, erases and finds against a std::unordered_map model, near the
-  // maximum load; half the keys differ only in their high 32 bits (equal low bits).
-  const int32_t max_entries = 500;
-  BlockHashIndex index(max_entries);
-  std::unordered_map<uint64_t, int32_t> model;
-  std::mt19937_64 rng(12345);
-  auto random_key = [&]() -> uint64_t {
-    const uint64_t k = rng() % 1500;
-    return rng() % 2 ? k : (k << 32) | 0x2a;
-  };
-  for (int op = 0; op < 300000; ++op) {
-    const uint64_t key = random_key();
-    switch (rng() % 3) {
-      case 0: {
-        const int32_t value = static_cast<int32_t>(rng() % 1000);
-        if (static_cast<int32_t>(model.size()) == max_entries && !model.count(key)) {
-          EXPECT_THROW(index.insert(key, value), std::length_error);
-        } else {
-          ASSERT_EQ(index.insert(key, value), model.emplace(key, value).second) << "op " << op;
-        }
-        break;
-      }
-      case 1:
-        ASSERT_EQ(index.erase(key), model.erase(key) == 1) << "op " << op;
-        break;
-      default: {
-        const auto it = model.find(key);
-        ASSERT_EQ(index.find(key), it == model.end() ? std::nullopt : std::optional<int32_t>(it->second))
-            << "op " << op;
-      }
-    }
-    ASSERT_EQ(index.size(), static_cast<int32_t>(model.size()));
-  }
-  for (const auto& [key, value] : model) EXPECT_EQ(index.find(key), std::optional<int32_t>(value));
 }
 
 TEST(KvBlockPool, CachingDisabledCachesNothing) {

@@ -97,62 +97,6 @@ struct CachingAllocator::Block {
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
 
-CachingAllocator::Block* CachingAllocator::AddressTable::find(std::uintptr_t address) const {
-  if (slots_.empty()) return nullptr;
-  const std::size_t mask = slots_.size() - 1;
-  for (std::size_t i = home(address);; i = (i + 1) & mask) {
-    if (slots_[i].address == address) return slots_[i].block;
-    if (slots_[i].address == 0) return nullptr;
-  }
-}
-
-void CachingAllocator::AddressTable::insert(std::uintptr_t address, Block* block) {
-  if (2 * (count_ + 1) > slots_.size()) grow();  // load factor <= 1/2 keeps probes short
-  const std::size_t mask = slots_.size() - 1;
-  std::size_t i = home(address);
-  while (slots_[i].address != 0) i = (i + 1) & mask;
-  slots_[i] = {address, block};
-  ++count_;
-}
-
-CachingAllocator::Block* CachingAllocator::AddressTable::take(std::uintptr_t address) {
-  if (slots_.empty()) return nullptr;
-  const std::size_t mask = slots_.size() - 1;
-  std::size_t hole = home(address);
-  while (slots_[hole].address != address) {
-    if (slots_[hole].address == 0) return nullptr;
-    hole = (hole + 1) & mask;
-  }
-  Block* taken = slots_[hole].block;
-  // Backward-shift deletion: pull later entries of the probe run into the hole so that
-  // lookups never need tombstones.
-  for (std::size_t j = (hole + 1) & mask; slots_[j].address != 0; j = (j + 1) & mask) {
-    const std::size_t h = home(slots_[j].address);
-    if (((j - h) & mask) >= ((j - hole) & mask)) {
-      slots_[hole] = slots_[j];
-      hole = j;
-    }
-  }
-  slots_[hole] = Slot{};
-  --count_;
-  return taken;
-}
-
-std::size_t CachingAllocator::AddressTable::home(std::uintptr_t address) const {
-  // Fibonacci hashing: the multiply spreads the address's bits (its low ones are zero) to
-  // the top, which pick the slot.
-  const unsigned bits = static_cast<unsigned>(__builtin_ctzll(slots_.size()));
-  return static_cast<std::size_t>((address * 0x9E3779B97F4A7C15ull) >> (64 - bits));
-}
-
-void CachingAllocator::AddressTable::grow() {
-  std::vector<Slot> old = std::move(slots_);
-  slots_.assign(old.empty() ? 64 : 2 * old.size(), Slot{});
-  count_ = 0;
-  for (const Slot& s : old)
-    if (s.address != 0) insert(s.address, s.block);
-}
-
 CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Options options, std::string device)
     : backend_(std::move(backend)), options_(options), device_(std::move(device)) {
   if (!backend_) throw std::invalid_argument("CachingAllocator: backend must not be null");

@@ -32,6 +32,7 @@
 
 #include "core/alloc/backend.h"
 #include "core/alloc/size_class_lists.h"
+#include "core/common/flat_index.h"
 
 namespace memwarden::alloc {
 
@@ -183,25 +184,6 @@ class CachingAllocator {
     std::size_t cap = 0;  // largest size kept in the lists; set from the options
   };
 
-  // Handed-out blocks by address: open addressing with linear probing, so an allocation
-  // and a free cost no node allocation (std::unordered_map allocates one per insert).
-  class AddressTable {
-   public:
-    Block* find(std::uintptr_t address) const;
-    void insert(std::uintptr_t address, Block* block);  // address must not be present
-    Block* take(std::uintptr_t address);  // finds and removes; null when absent
-
-   private:
-    struct Slot {
-      std::uintptr_t address = 0;  // 0: empty (no block starts at address 0)
-      Block* block = nullptr;
-    };
-    std::size_t home(std::uintptr_t address) const;
-    void grow();
-    std::vector<Slot> slots_;
-    std::size_t count_ = 0;
-  };
-
   Block* try_allocate_locked(std::size_t size, std::size_t requested, StreamId stream, bool& released);
   Block* find_free_block(Pool& pool, std::size_t size, StreamId stream);
   SizeClassLists<Block>* size_class_lists(Pool& pool, StreamId stream, bool create);
@@ -228,7 +210,7 @@ class CachingAllocator {
   std::string device_;
   mutable std::mutex mutex_;
   Pool small_pool_, large_pool_;
-  AddressTable allocated_;
+  core::FlatIndex<Block*, nullptr> allocated_;  // handed-out blocks by address
   std::vector<Block*> spare_blocks_;  // Block objects kept for reuse: splits and merges allocate nothing
   std::map<std::uintptr_t, Block*> segments_;             // first block of each segment
   std::vector<std::pair<EventId, Block*>> pending_events_;

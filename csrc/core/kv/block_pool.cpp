@@ -34,7 +34,7 @@ BlockHash hash_block(BlockHash parent, const int32_t* tokens, size_t num_tokens,
 BlockPool::BlockPool(int32_t num_blocks, bool enable_caching) : enable_caching_(enable_caching) {
   if (num_blocks < 0 || num_blocks == std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("num_blocks must be in [0, 2^31 - 1), got " + id_string(num_blocks));
-  if (enable_caching) cache_ = BlockHashIndex(num_blocks);  // at most one hash per block
+  if (enable_caching) cache_.reserve(static_cast<size_t>(num_blocks));  // at most one hash per block: never grows
   nodes_.resize(static_cast<size_t>(num_blocks) + 1);
   const int32_t s = sentinel();
   nodes_[s].prev = nodes_[s].next = s;
@@ -127,7 +127,11 @@ bool BlockPool::cache(BlockId block, BlockHash hash) {
   return true;
 }
 
-std::optional<BlockId> BlockPool::lookup(BlockHash hash) const { return cache_.find(hash); }
+std::optional<BlockId> BlockPool::lookup(BlockHash hash) const {
+  const BlockId block = cache_.find(hash);
+  if (block < 0) return std::nullopt;
+  return block;
+}
 
 std::optional<BlockHash> BlockPool::hash_of(BlockId block) const {
   check_id(block);

@@ -10,7 +10,7 @@
 // stays findable until its memory is reused; freed hashed blocks queue at the back
 // (least recently freed evicted first), freed unhashed blocks at the front (reused
 // first). Allocation takes blocks from the front and drops the hash of a reused block.
-// The hash -> block map is a BlockHashIndex (hash_index.h) sized once for num_blocks.
+// The hash -> block map is a FlatIndex (core/common/flat_index.h) sized once for num_blocks.
 //
 // KVCacheManager tracks sequences on top of a device pool (and optionally a host pool
 // for swapping): block tables, copy-on-write after fork, swap mappings, statistics.
@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/kv/hash_index.h"
+#include "core/common/flat_index.h"
 
 namespace memwarden::kv {
 
@@ -43,7 +43,7 @@ class BlockPool {
   int32_t num_blocks() const { return static_cast<int32_t>(nodes_.size()) - 1; }
   // Blocks with ref count 0 (free, possibly still holding a cached hash).
   int32_t num_free() const { return num_free_; }
-  int32_t num_cached() const { return cache_.size(); }
+  int32_t num_cached() const { return static_cast<int32_t>(cache_.size()); }
   bool caching_enabled() const { return enable_caching_; }
 
   // n blocks with ref count 1, or nothing (and no change) when fewer than n are free.
@@ -82,7 +82,7 @@ class BlockPool {
   void evict_hash(int32_t i);
 
   std::vector<Node> nodes_;  // nodes_[num_blocks] is the sentinel of the circular queue
-  BlockHashIndex cache_;  // allocates nothing when caching is disabled
+  core::FlatIndex<BlockId, -1> cache_;  // allocates nothing when caching is disabled
   int32_t num_free_ = 0;
   bool enable_caching_;
   int64_t evictions_ = 0;
