@@ -303,8 +303,10 @@ TEST(AllocLimit, HardLimitAndTightSegments) {
   a.set_memory_limit(1 * MiB);  // below what is reserved: the cache shrinks to fit
   EXPECT_EQ(S(a, "reserved_bytes.all.current"), 0);
   EXPECT_THROW(a.allocate(1 * MiB + 1), OutOfMemory);
-  a.set_memory_limit(0);
-  a.deallocate(a.allocate(64 * MiB));
+  a.set_memory_limit(0);  // unlimited again
+  void* big = a.allocate(64 * MiB);
+  EXPECT_EQ(S(a, "reserved_bytes.all.current"), int64_t(64 * MiB));
+  a.deallocate(big);
 }
 
 TEST(AllocLimit, LimitingBackendAdaptor) {
@@ -316,6 +318,8 @@ TEST(AllocLimit, LimitingBackendAdaptor) {
   EXPECT_THROW(a.allocate(8 * MiB), OutOfMemory);
   a.deallocate(p);
   void* q = a.allocate(8 * MiB);  // carved from the cached 10 MiB segment
+  EXPECT_EQ(q, p);
+  EXPECT_EQ(lim->used(), 10 * MiB);
   a.deallocate(q);
   a.empty_cache();
   EXPECT_EQ(lim->used(), 0u);

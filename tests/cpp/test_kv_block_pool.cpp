@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -230,21 +231,29 @@ TEST(KvBlockPool, CachingDisabledCachesNothing) {
 
 TEST(KvBlockPool, CacheChurnKeepsEveryLiveHashFindable) {
   // Every block cached with a hash sharing its low bits, then reused in rounds: each
-  // allocation evicts a hash from the index, each new cache() inserts one.
+  // allocation evicts the hash its block held, each new cache() inserts one. A model
+  // (block -> hash it holds) says what must be findable and what must be gone.
   const int32_t num_blocks = 64;
   BlockPool pool(num_blocks);
+  std::vector<std::optional<uint64_t>> held(num_blocks);
+  std::vector<uint64_t> evicted;
   uint64_t next_hash = 0;
   for (int round = 0; round < 200; ++round) {
     auto blocks = *pool.allocate(num_blocks / 2 + round % 7);
-    for (int32_t b : blocks) pool.cache(b, (next_hash++ << 32) | 0x55);
+    for (int32_t b : blocks) {
+      if (held[b]) evicted.push_back(*held[b]);
+      held[b] = (next_hash++ << 32) | 0x55;
+      ASSERT_TRUE(pool.cache(b, *held[b]));
+    }
     pool.release(blocks);
     int32_t cached = 0;
     for (int32_t b = 0; b < num_blocks; ++b) {
-      const auto hash = pool.hash_of(b);
-      if (!hash) continue;
+      if (!held[b]) continue;
       ++cached;
-      EXPECT_EQ(pool.lookup(*hash), std::optional<int32_t>(b));
+      ASSERT_EQ(pool.lookup(*held[b]), std::optional<int32_t>(b)) << "round " << round;
     }
     ASSERT_EQ(pool.num_cached(), cached);
+    for (uint64_t h : evicted) ASSERT_FALSE(pool.lookup(h).has_value()) << "round " << round;
   }
+  EXPECT_GT(evicted.size(), 0u);
 }

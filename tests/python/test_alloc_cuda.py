@@ -28,8 +28,8 @@ def test_raw_blocks_stats_and_limit():
     finally:
         ma.set_memory_limit(DEV, None)
     ma.empty_cache(DEV)
-    assert ma.memory_stats(DEV)["reserved_bytes.all.current"] == base["reserved_bytes.all.current"] or \
-        base["allocated_bytes.all.current"] > 0
+    # Our segment is gone; blocks of other tests can only have been freed meanwhile.
+    assert ma.memory_stats(DEV)["reserved_bytes.all.current"] <= base["reserved_bytes.all.current"]
 
 
 def test_mem_pool_scoped_same_numbers():
@@ -56,15 +56,17 @@ import torch, memwarden.alloc as ma
 assert ma.install("cuda")
 x = torch.randn(1 << 20, device="cuda")
 y = (x * 2).sum().item()
+reference = (x.cpu() * 2).sum().item()
+assert abs(y - reference) <= 1e-3 * max(1.0, abs(reference)), (y, reference)
 st = ma.memory_stats("cuda")
 assert st["allocated_bytes.all.current"] >= 4 * (1 << 20), st["allocated_bytes.all.current"]
 assert any(b["address"] == x.data_ptr() for s in ma.snapshot("cuda")["segments"] for b in s["blocks"])
 del x
 torch.cuda.synchronize()
-print("ok", y == y)
+print("ok")
 """
     import subprocess
     import sys
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok True"
+    assert result.stdout.strip() == "ok"

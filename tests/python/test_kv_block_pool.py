@@ -274,7 +274,7 @@ def test_manager_prefix_fork_cow_and_stats():
     assert copies == [(m.block_table(2)[2], m.block_table(3)[2])]
     s = m.stats()
     assert s["num_cow_copies"] == 1 and s["prefix_hit_tokens"] == 8 and s["prefix_query_tokens"] == 19
-    assert 0 < s["usage"] <= 1
+    assert s["usage"] == 5 / 8  # seq 1: 3 blocks, seq 2: 2 shared + 1, seq 3: the copy of seq 2's last block
     assert m.slot_mapping(1, 3, 5) == [m.block_table(1)[0] * 4 + 3, m.block_table(1)[1] * 4]
     with pytest.raises(IndexError, match="unknown sequence 42"):
         m.free_sequence(42)

@@ -114,13 +114,13 @@ def test_flash_negative_slots_and_padding_leave_cache_untouched():
     slots = torch.tensor([-1, 3, -1, -1, 9, -5])
     ops.reshape_and_cache_flash(key, value, kc, vc, slots)
     written = {3, 9}
-    flat = kc.view(16, 2, 64)
+    flat, flat_v = kc.view(16, 2, 64), vc.view(16, 2, 64)
     for s in range(16):
         if s in written:
             continue
-        assert bool((flat[s] == 5).all())
+        assert bool((flat[s] == 5).all()) and bool((flat_v[s] == 5).all())
     assert torch.equal(flat[3], key[1]) and torch.equal(flat[9], key[4])
-    assert torch.equal(vc.view(16, 2, 64)[9], value[4])
+    assert torch.equal(flat_v[3], value[1]) and torch.equal(flat_v[9], value[4])
 
 
 def legacy_grid():
@@ -285,7 +285,9 @@ def test_swap_blocks_errors():
     with pytest.raises(ValueError, match=r"block_mapping\[1, 0\] = 1 is both a source and a destination"):
         ops.swap_blocks(src, src, 512, torch.tensor([[0, 1], [1, 2]]))
     assert bool((dst == 0).all()) and bool((src == 0).all())
+    src = torch.randn(4, 8, 16)
     ops.swap_blocks(src, dst, 512, torch.tensor([[1, 0], [1, 1]]))  # fan-out from one source is fine
+    assert torch.equal(dst[0], src[1]) and torch.equal(dst[1], src[1])
 
 
 def test_legacy_value_rows_and_heads_checked():
@@ -295,8 +297,10 @@ def test_legacy_value_rows_and_heads_checked():
         ops.reshape_and_cache(key, torch.randn(1, 2, 8), kc, vc, slots)
     with pytest.raises(ValueError, match="value has 3 heads of size 8"):
         ops.reshape_and_cache(key, torch.randn(4, 3, 8), kc, vc, slots)
-    ops.reshape_and_cache(key, torch.randn(6, 2, 8), kc, vc, slots)  # longer (padded) value is fine
-    assert bool((vc == 0).sum() < vc.numel())
+    value = torch.randn(6, 2, 8)
+    ops.reshape_and_cache(key, value, kc, vc, slots)  # longer (padded) value is fine
+    # Slots 0..3 are block 0: value_cache[block, head, d, offset] = value[token, head, d].
+    assert torch.equal(vc[0], value[:4].permute(1, 2, 0)) and bool((vc[1] == 0).all())
 
 
 def test_flash_errors_name_the_argument():
@@ -422,7 +426,9 @@ def test_cuda_flash_write_and_gather_match_cpu(head_size, dtype, kv_dtype, layou
     if kv_dtype == "int8_per_token_head":
         # Reductions may differ in the last bit of the scale: allow one step on q.
         assert int((gk.cpu().int() - kc.int()).abs().max()) <= 1
+        assert int((gv.cpu().int() - vc.int()).abs().max()) <= 1
         torch.testing.assert_close(gks.cpu(), ksc)
+        torch.testing.assert_close(gvs.cpu(), vsc)
     else:
         assert torch.equal(gk.cpu(), kc) and torch.equal(gv.cpu(), vc)
     table = torch.tensor([[0, 3, 5], [6, 1, 2]])
@@ -433,6 +439,11 @@ def test_cuda_flash_write_and_gather_match_cpu(head_size, dtype, kv_dtype, layou
                            *(a.cuda() if a is not None else None for a in args[2:]), gks, gvs)
     if kv_dtype != "int8_per_token_head":
         assert torch.equal(dk.cpu(), ck) and torch.equal(dv.cpu(), cv)
+    else:
+        # One step of q (the largest scale), plus the output dtype's rounding of either side.
+        step = float(max(ksc.max(), vsc.max()))
+        torch.testing.assert_close(dk.cpu(), ck, atol=2.0 * step, rtol=0)
+        torch.testing.assert_close(dv.cpu(), cv, atol=2.0 * step, rtol=0)
 
 
 @cuda_only
