@@ -1,11 +1,33 @@
 """memwarden: keep LLM inference inside its memory.
 
-Importing the package loads the native extension, which registers the tensor ops as
-``torch.ops.memwarden.*``. Heavier pieces (transformers, plotting, HTTP) load lazily.
+``import memwarden`` is light: it imports neither torch nor the native extension. The
+submodules load what they need when they are imported: :mod:`memwarden.quant`,
+:mod:`memwarden.kv` and :mod:`memwarden.alloc` load the extension (and with it
+``torch.ops.memwarden.*``); they are also reachable as attributes
+(``memwarden.quant.quantize_int8(...)`` after a plain ``import memwarden``). Code that
+calls ``torch.ops.memwarden.*`` directly calls :func:`load_ops` first.
 """
-import torch  # noqa: F401  (the extension links against the torch already imported)
+from __future__ import annotations
 
-from memwarden import _C  # noqa: F401  (registers torch.ops.memwarden)
+import importlib
+from typing import Any
+
+from memwarden._native import load as load_ops
 from memwarden._version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_ops"]
+
+# Submodules imported on first attribute access (PEP 562).
+_LAZY_SUBMODULES = frozenset({"alloc", "kv", "quant"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"memwarden.{name}")
+    if name == "_C":  # ``from memwarden import _C`` loads torch first
+        return load_ops()
+    raise AttributeError(f"module 'memwarden' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

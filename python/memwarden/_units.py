@@ -1,8 +1,15 @@
 """Byte sizes: parse ``"16GiB"``, ``"16 GB"``, ``1.5e9`` or ``1024`` and format them back.
 
-Decimal units (kB, MB, GB, TB, PB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB,
-PiB) powers of 1024; units are case-insensitive and a space between number and unit is
-optional. This is the package-wide helper.
+The rule: a number (an ``int``, or a finite ``float``) is a count of bytes; a string
+needs a unit (``"512"`` is rejected: write ``"512B"`` or ``"512 MiB"``), so a size read
+from a command line or a config file is never taken for bytes by accident. Decimal units
+(kB, MB, GB, TB, PB, or k/M/G/T/P) are powers of 1000, binary ones (KiB, MiB, GiB, TiB,
+PiB, or Ki/Mi/Gi/Ti/Pi) powers of 1024; units are case-insensitive and a space between
+number and unit is optional. This is the package-wide helper: every size a memwarden
+function accepts goes through :func:`parse_bytes`, every size it prints through
+:func:`format_bytes`.
+
+May import: the standard library only.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import re
 __all__ = ["parse_bytes", "format_bytes"]
 
 _UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
     "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5,
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
@@ -21,10 +28,10 @@ _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(value: int | float | str, name: str = "size") -> int:
-    """Return a byte count from an int, a float or a string such as ``"2 GiB"``.
+    """Return a byte count from an int or float (bytes) or a string with a unit (``"2 GiB"``).
 
-    Raises ``ValueError`` naming ``name`` and the value for negative numbers, unknown
-    units, NaN/inf, bools and other types.
+    Raises ``ValueError`` naming ``name`` and the value for negative numbers, strings
+    without a unit or with an unknown one, NaN/inf, bools and other types.
     """
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int, float or string like '2 GiB', got {value!r}")
@@ -36,9 +43,12 @@ def parse_bytes(value: int | float | str, name: str = "size") -> int:
         number, mult = value, 1
     elif isinstance(value, str):
         m = _RE.match(value)
+        if m and not m.group(2):
+            raise ValueError(f"cannot parse {name} {value!r}: give a unit, e.g. '48GiB' "
+                             f"(or '{m.group(1)}B' for bytes)")
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(
-                f"cannot parse {name} {value!r}: expected a number with an optional unit "
+                f"cannot parse {name} {value!r}: expected a number with a unit "
                 "(B, kB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '16GiB'")
         number, mult = float(m.group(1)), _UNITS[m.group(2).lower()]
     else:

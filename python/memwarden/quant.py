@@ -22,7 +22,9 @@ from typing import Optional
 
 import torch
 
-import memwarden  # noqa: F401  (loads the ops)
+from memwarden import _native
+
+_native.load()  # registers torch.ops.memwarden.*
 
 __all__ = ["GRANULARITIES", "broadcast_scale", "dequantize_int8", "quantize_int8", "quantize_int8_into", "scaled_int8_quant"]
 

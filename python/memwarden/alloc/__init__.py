@@ -30,7 +30,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from memwarden import _C
+from memwarden import _native
+from memwarden._devices import device_key
+from memwarden._table import format_table
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "record_history", "memory_summary", "cuda_built",
 ]
 
+_C = _native.load()
 _core = _C.alloc
 _lock = threading.RLock()
 _cuda_state: dict[str, Any] = {"pluggable": None, "global": False, "pools": 0}
@@ -53,30 +56,16 @@ def cuda_built() -> bool:
 
 
 def _device(device: Any = "cpu") -> str:
-    """'cpu' or 'cuda:N' from a string, torch.device or int."""
-    if isinstance(device, int) and not isinstance(device, bool):
-        return f"cuda:{device}"
-    if isinstance(device, torch.device):
-        if device.type == "cpu":
-            return "cpu"
-        if device.type == "cuda":
-            return f"cuda:{device.index if device.index is not None else _current_cuda()}"
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if not isinstance(device, str):
-        raise ValueError(f"device must be 'cpu', 'cuda[:N]', a torch.device or an int, got {device!r}")
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda":
-        return f"cuda:{_current_cuda()}"
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return device
-    raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-
-
-def _current_cuda() -> int:
-    # current_device() would initialise CUDA, and with it PyTorch's allocator, which
-    # install("cuda") must precede; before initialisation the current device is 0.
-    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    """'cpu' or 'cuda:N' (the core's names) from anything :func:`memwarden._devices.device_key`
+    reads. A bare 'cuda' is the current device, read without initialising CUDA (which
+    would bring up PyTorch's allocator, and install('cuda') must come before it)."""
+    key = device_key(device)
+    if isinstance(key, int):
+        return f"cuda:{key}"
+    if key == "cpu":
+        return key
+    raise ValueError(f"device must be 'cpu' or 'cuda[:N]' (or a GPU index), got {device!r}: "
+                     f"memwarden's allocator has no {key!r} backend")
 
 
 def _require_cuda(device: str) -> None:
@@ -308,33 +297,27 @@ def memory_summary(device: Any = "cpu", abbreviated: bool = False) -> str:
     dev = _device(device)
     st = memory_stats(dev)
     snap = snapshot(dev)
-    width = 79
-    rows = [("Allocated memory", "allocated_bytes", True), ("Active memory", "active_bytes", True),
-            ("Requested memory", "requested_bytes", True), ("Reserved memory", "reserved_bytes", True),
-            ("Non-releasable memory", "inactive_split_bytes", True), ("Allocations", "allocation", False),
-            ("Active allocs", "active", False), ("Reserved segments", "segment", False),
-            ("Non-releasable allocs", "inactive_split", False)]
-    pools = [("all", "")] if abbreviated else [("all", ""), ("large_pool", "      from large pool"),
-                                               ("small_pool", "      from small pool")]
-    fmt = (lambda v, is_bytes: format_bytes(v) if is_bytes else str(v))
-    lines = ["=" * width,
-             f" memwarden allocator summary, device {dev}, installed: {is_installed(dev)}",
-             "-" * width,
-             f" {'Metric':<26}| {'Cur Usage':>11} | {'Peak Usage':>11} | {'Tot Alloc':>11} | {'Tot Freed':>11}",
-             "-" * width]
-    for title, key, is_bytes in rows:
+    metrics = [("Allocated memory", "allocated_bytes", True), ("Active memory", "active_bytes", True),
+               ("Requested memory", "requested_bytes", True), ("Reserved memory", "reserved_bytes", True),
+               ("Non-releasable memory", "inactive_split_bytes", True), ("Allocations", "allocation", False),
+               ("Active allocs", "active", False), ("Reserved segments", "segment", False),
+               ("Non-releasable allocs", "inactive_split", False)]
+    pools = [("all", "")] if abbreviated else [("all", ""), ("large_pool", "  from large pool"),
+                                               ("small_pool", "  from small pool")]
+    rows: list[list[str]] = []
+    for title, key, is_bytes in metrics:
+        if rows and not abbreviated:
+            rows.append([])  # a blank line between metrics
         for pool_key, label in pools:
-            p = f"{key}.{pool_key}"
-            name = title if pool_key == "all" else label
-            vals = [fmt(st[f"{p}.{m}"], is_bytes) for m in ("current", "peak", "allocated", "freed")]
-            lines.append(f" {name:<26}| {vals[0]:>11} | {vals[1]:>11} | {vals[2]:>11} | {vals[3]:>11}")
-        lines.append("-" * width)
+            values = [st[f"{key}.{pool_key}.{m}"] for m in ("current", "peak", "allocated", "freed")]
+            rows.append([title if pool_key == "all" else label,
+                         *(format_bytes(v) if is_bytes else str(v) for v in values)])
     limit = st.get("memory_limit", 0)
-    lines += [f" Memory limit: {format_bytes(limit) if limit else 'none'}",
-              f" Fragmentation (1 - largest free / free): {snap['fragmentation']:.3f} "
+    footer = [f"Memory limit: {format_bytes(limit) if limit else 'none'}",
+              f"Fragmentation (1 - largest free / free): {snap['fragmentation']:.3f} "
               f"(free {format_bytes(snap['free_bytes'])}, largest {format_bytes(snap['largest_free_block'])})",
-              f" Allocation retries: {st['num_alloc_retries']}   OOMs: {st['num_ooms']}   "
+              f"Allocation retries: {st['num_alloc_retries']}   OOMs: {st['num_ooms']}   "
               f"OOM callbacks run: {st['num_oom_callbacks']}",
-              f" Segment allocs/frees: {st['num_device_alloc']}/{st['num_device_free']}",
-              "=" * width]
-    return "\n".join(lines)
+              f"Segment allocs/frees: {st['num_device_alloc']}/{st['num_device_free']}"]
+    return format_table(f"memwarden allocator summary, device {dev}, installed: {is_installed(dev)}",
+                        ["Metric", "Cur Usage", "Peak Usage", "Tot Alloc", "Tot Freed"], rows, footer)

@@ -7,12 +7,16 @@ and the block manager that decides which block holds which tokens.
   prefix-hash cache with LRU eviction, all-or-nothing allocation.
 * :class:`KVCacheManager` -- sequences on top of a pool: prefix reuse, append with
   copy-on-write after ``fork``, swap-out/in mappings, statistics.
+* :mod:`memwarden.kv.cache` -- the transformers ``Cache`` on top (imported on its own:
+  it is the one module of memwarden.kv that imports transformers).
 
 See docs/kv.md.
 """
-from memwarden import _C
+from memwarden import _native
 from memwarden.kv import ops
 from memwarden.kv.ops import copy_blocks, gather_cache, gather_kv, reshape_and_cache, reshape_and_cache_flash, swap_blocks
+
+_C = _native.load()
 
 BlockPool = _C.kv.BlockPool
 KVCacheManager = _C.kv.KVCacheManager

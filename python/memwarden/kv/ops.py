@@ -40,8 +40,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-import memwarden  # noqa: F401  (loads the ops)
-from memwarden import _C
+from memwarden import _native
+
+_C = _native.load()  # registers torch.ops.memwarden.*
 
 __all__ = [
     "copy_blocks",

@@ -2,7 +2,9 @@
 
 The pytest plugin lives in :mod:`memwarden.testing.plugin` (loaded through the
 ``pytest11`` entry point); this package holds the pieces it is built from, usable on
-their own. Importing it does not import matplotlib or pytest.
+their own. Importing it does not import torch, matplotlib or pytest: torch
+and memwarden's allocator (with the extension) are imported when a measurement first
+needs them.
 """
 from ._isolation import IsolatedProcessError, run_isolated
 from ._leak import LeakChecker, LeakResult, MemoryLeakError
@@ -10,7 +12,7 @@ from ._limits import PeakMonitor, PeakResult
 from ._reset import ResetReport, reset_memory, wait_for
 from ._resources import GpuResources, InsufficientMemory, Reservation
 from ._tracker import Analysis, MemoryTracker, Sample, Trend
-from ._units import format_bytes, parse_bytes
+from memwarden._units import format_bytes, parse_bytes
 
 __all__ = [
     "reset_memory", "ResetReport", "wait_for",

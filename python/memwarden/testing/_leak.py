@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from . import _sources as src
 from ._reset import collect_garbage, reset_memory
-from ._units import format_bytes, parse_bytes
+from memwarden._table import format_table
+from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["LeakChecker", "LeakResult", "SourceReading", "MemoryLeakError"]
 
@@ -86,22 +87,25 @@ class LeakResult:
         thr = self.fail_threshold if self.verdict == "fail" else self.warn_threshold
         over = [r for r in self.readings if r.growth >= thr]
         r = max([r for r in over if r.precise] or over or self.readings, key=lambda r: r.growth)
-        return (f"{what}leaked {format_bytes(r.growth)} on {self.device} according to {r.name} "
-                f"({self.verdict} threshold {format_bytes(thr)})")
+        return (f"{what}leaked {format_bytes(r.growth, digits=1)} on {self.device} according to {r.name} "
+                f"({self.verdict} threshold {format_bytes(thr, digits=1)})")
 
     def format(self, top: int = 8) -> str:
+        rows = []
+        for r in self.readings:
+            notes = [] if r.precise else [f"noisy; ignores < {format_bytes(r.noise_floor, digits=1)}"
+                                          if r.noise_floor else "noisy"]
+            if r.exempt:
+                notes.append(f"{format_bytes(r.exempt, digits=1)} exempt: broader-scoped fixtures")
+            rows.append([r.name, format_bytes(r.before, digits=1), format_bytes(r.after, digits=1),
+                         format_bytes(r.growth, signed=True, digits=1), "; ".join(notes)])
         lines = [f"memwarden leak check: {self.summary()}",
                  f"  measured {self.attempts} time(s), with a full cleanup before each retry",
-                 f"  {'source':<16}{'before':>14}{'after':>14}{'growth':>14}"]
-        for r in self.readings:
-            tag = "" if r.precise else f"  (noisy; ignores < {format_bytes(r.noise_floor)})" if r.noise_floor else "  (noisy)"
-            ex = f"  [{format_bytes(r.exempt)} exempt: broader-scoped fixtures]" if r.exempt else ""
-            lines.append(f"  {r.name:<16}{format_bytes(r.before):>14}{format_bytes(r.after):>14}"
-                         f"{format_bytes(r.growth, signed=True):>14}{tag}{ex}")
+                 format_table("", ["source", "before", "after", "growth", "note"], rows)]
         if self.new_tensors:
             total = sum(n for _, n, _ in self.new_tensors)
             lines.append(f"  live tensors created during the test and still alive "
-                         f"({len(self.new_tensors)}, {format_bytes(total)}):")
+                         f"({len(self.new_tensors)}, {format_bytes(total, digits=1)}):")
             groups: dict[tuple, int] = {}
             for desc, n, holders in self.new_tensors:
                 key = (desc, n, tuple(holders))
@@ -112,14 +116,14 @@ class LeakResult:
                     break
                 held = f"  held by {'; '.join(holders)}" if holders else ""
                 mult = f"{count} x " if count > 1 else ""
-                lines.append(f"    {format_bytes(n * count):>10}  {mult}{desc}{held}")
+                lines.append(f"    {format_bytes(n * count, digits=1):>10}  {mult}{desc}{held}")
         if self.new_blocks:
             total = sum(b.size for b in self.new_blocks)
             lines.append(f"  live allocator blocks created during the test "
-                         f"({len(self.new_blocks)}, {format_bytes(total)}):")
+                         f"({len(self.new_blocks)}, {format_bytes(total, digits=1)}):")
             for b in self.new_blocks[:top]:
                 where = b.where()
-                lines.append(f"    {format_bytes(b.size):>10}  at 0x{b.address:x}"
+                lines.append(f"    {format_bytes(b.size, digits=1):>10}  at 0x{b.address:x}"
                              + (f"  allocated at {where}" if where else "  (no stack recorded)"))
             if len(self.new_blocks) > top:
                 lines.append(f"    ... {len(self.new_blocks) - top} more")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _sources as src
-from ._units import format_bytes
+from memwarden._units import format_bytes
 
 __all__ = ["PeakMonitor", "PeakResult"]
 
@@ -28,9 +28,9 @@ class PeakResult:
         return "\n".join(f"    {f}:{ln} in {fn}" for f, ln, fn in self.where[:limit])
 
     def describe(self, limit_bytes: int | None = None) -> str:
-        s = f"peak {format_bytes(self.peak)} above the start on {self.device} (source: {self.source})"
+        s = f"peak {format_bytes(self.peak, digits=1)} above the start on {self.device} (source: {self.source})"
         if limit_bytes is not None:
-            s += f", limit {format_bytes(limit_bytes)}"
+            s += f", limit {format_bytes(limit_bytes, digits=1)}"
         if self.where:
             s += "\n  the largest sampled value was reached at (innermost last):\n" + self.format_where()
         return s

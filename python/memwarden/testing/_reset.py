@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _sources as src
-from ._units import format_bytes
+from memwarden._units import format_bytes
 
 __all__ = ["reset_memory", "ResetReport", "wait_for"]
 
@@ -63,7 +63,7 @@ class ResetReport:
         parts = [f"reset_memory({self.device}):"]
         for k, v in self.freed().items():
             if v is not None:
-                parts.append(f"{k} {format_bytes(self.before[k])} -> {format_bytes(self.after[k])}")
+                parts.append(f"{k} {format_bytes(self.before[k], digits=1)} -> {format_bytes(self.after[k], digits=1)}")
         return " ".join(parts)
 
 

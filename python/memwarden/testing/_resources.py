@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _sources as src
-from ._units import format_bytes, parse_bytes
+from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["GpuResources", "Reservation", "InsufficientMemory"]
 
@@ -81,18 +81,18 @@ class GpuResources:
         nbytes = parse_bytes(size)
         dev = src.resolve_device(device if device is not None else self.default_device)
         if src.device_type(dev) == "cuda" and not src.cuda_available():
-            raise InsufficientMemory(f"cannot reserve {format_bytes(nbytes)} on {dev}: CUDA is not available")
+            raise InsufficientMemory(f"cannot reserve {format_bytes(nbytes, digits=1)} on {dev}: CUDA is not available")
         cap = self.capacity(dev)
         free, _ = src.free_and_total(dev)
         with self._lock:
             used = sum(r.nbytes for r in self._live if r.device == dev)
             if used + nbytes > cap:
                 raise InsufficientMemory(
-                    f"cannot reserve {format_bytes(nbytes)} on {dev}: {format_bytes(used)} of the "
-                    f"{format_bytes(cap)} budget is already reserved")
+                    f"cannot reserve {format_bytes(nbytes, digits=1)} on {dev}: {format_bytes(used, digits=1)} of the "
+                    f"{format_bytes(cap, digits=1)} budget is already reserved")
             if nbytes > free:
                 raise InsufficientMemory(
-                    f"cannot reserve {format_bytes(nbytes)} on {dev}: only {format_bytes(free)} free")
+                    f"cannot reserve {format_bytes(nbytes, digits=1)} on {dev}: only {format_bytes(free, digits=1)} free")
             r = Reservation(self, dev, nbytes, self.owner)
             self._live.append(r)
             return r

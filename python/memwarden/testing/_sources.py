@@ -27,6 +27,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from memwarden._devices import device_key
+
 __all__ = [
     "resolve_device", "device_type", "alloc_backend", "use_backend", "allocator_stats",
     "allocated_bytes", "reserved_bytes", "peak_allocated_bytes", "reset_peak", "empty_cache",
@@ -52,19 +54,18 @@ def cuda_available() -> bool:
 
 
 def resolve_device(device: Any = None) -> str:
-    """``None``/"auto" -> "cuda:<current>" when CUDA is available, else "cpu";
-    "cuda" -> "cuda:<current>"; torch.device and ints accepted."""
-    if device is None or device == "auto":
+    """"cpu" or "cuda:N": ``None``/"auto" -> the current CUDA device when CUDA is
+    available, else "cpu"; anything :func:`memwarden._devices.device_key` reads ("cuda",
+    "cuda:N", an index, a torch.device) -> "cuda:N"; "mps" and "disk" are refused."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         device = "cuda" if cuda_available() else "cpu"
-    if isinstance(device, int):
-        device = f"cuda:{device}"
-    device = str(device)
-    if device == "cuda":
-        idx = _torch().cuda.current_device() if cuda_available() else 0
-        return f"cuda:{idx}"
-    if device.startswith("cuda:") or device == "cpu":
-        return device
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None for auto), got {device!r}")
+    key = device_key(device)
+    if isinstance(key, int):
+        return f"cuda:{key}"
+    if key == "cpu":
+        return key
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None/'auto'), got {device!r}: "
+                     f"the testing toolkit measures no {key!r} memory")
 
 
 def device_type(device: str) -> str:

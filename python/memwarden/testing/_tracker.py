@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import _sources as src
-from ._units import format_bytes, parse_bytes
+from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["MemoryTracker", "Sample", "Analysis", "Trend"]
 
@@ -53,11 +53,11 @@ class Analysis:
     phases: dict[str, dict] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        s = (f"{self.metric}: peak {format_bytes(self.peak)} at {self.peak_t:.3f}s"
+        s = (f"{self.metric}: peak {format_bytes(self.peak, digits=1)} at {self.peak_t:.3f}s"
              f"{' in ' + self.peak_phase if self.peak_phase else ''}, "
-             f"baseline {format_bytes(self.baseline)}, final {format_bytes(self.final)}")
+             f"baseline {format_bytes(self.baseline, digits=1)}, final {format_bytes(self.final, digits=1)}")
         if self.trend:
-            s += (f"; trend {format_bytes(self.trend.slope, signed=True)}/iteration over "
+            s += (f"; trend {format_bytes(self.trend.slope, signed=True, digits=1)}/iteration over "
                   f"{self.trend.iterations} iterations"
                   + (" (LEAK SUSPECTED)" if self.trend.leak_suspected else ""))
         if self.spikes:
@@ -308,7 +308,7 @@ class MemoryTracker:
             ax.axvline(s.t, color="grey", linewidth=0.4, alpha=0.5, zorder=0)
         with contextlib.suppress(ValueError):
             an = self.analyze()
-            ax.annotate(f"peak {format_bytes(an.peak)}", (an.peak_t, an.peak / 2**20),
+            ax.annotate(f"peak {format_bytes(an.peak, digits=1)}", (an.peak_t, an.peak / 2**20),
                         textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel("seconds")
         ax.set_ylabel("MiB")

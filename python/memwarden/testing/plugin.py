@@ -20,7 +20,7 @@ from ._limits import PeakMonitor
 from ._reset import reset_memory
 from ._resources import GpuResources, InsufficientMemory
 from ._tracker import MemoryTracker
-from ._units import format_bytes, parse_bytes
+from memwarden._units import format_bytes, parse_bytes
 
 _STATE = pytest.StashKey["_State"]()
 _CHECKER = pytest.StashKey[LeakChecker]()
@@ -43,9 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--memwarden-leak-check", action="store_true", default=None,
                 help="check every test for memory leaks (opt out with @pytest.mark.no_leak_check)")
     g.addoption("--memwarden-leak-fail", default=None, metavar="SIZE",
-                help=f"growth that fails a test (default {format_bytes(DEFAULT_FAIL)})")
+                help=f"growth that fails a test (default {format_bytes(DEFAULT_FAIL, digits=1)})")
     g.addoption("--memwarden-leak-warn", default=None, metavar="SIZE",
-                help=f"growth that warns (default {format_bytes(DEFAULT_WARN)})")
+                help=f"growth that warns (default {format_bytes(DEFAULT_WARN, digits=1)})")
     g.addoption("--memwarden-leak-retries", type=int, default=None, metavar="N",
                 help="re-measurements after a full cleanup before deciding (default 3)")
     g.addoption("--memwarden-device", default=None, metavar="DEV",
@@ -57,8 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--memwarden-plot-dir", default=None, metavar="DIR",
                 help="where memory_tracker plots go (default .pytest_cache/d/memwarden-plots)")
     parser.addini("memwarden_leak_check", "check every test for memory leaks", type="bool", default=False)
-    parser.addini("memwarden_leak_fail", "growth that fails a leak check", default=str(DEFAULT_FAIL))
-    parser.addini("memwarden_leak_warn", "growth that warns in a leak check", default=str(DEFAULT_WARN))
+    parser.addini("memwarden_leak_fail", "growth that fails a leak check", default=format_bytes(DEFAULT_FAIL, digits=1))
+    parser.addini("memwarden_leak_warn", "growth that warns in a leak check", default=format_bytes(DEFAULT_WARN, digits=1))
     parser.addini("memwarden_leak_retries", "re-measurements after cleanup", default="3")
     parser.addini("memwarden_leak_noisy", "what RSS/driver growth alone does: warn, fail or ignore",
                   default="warn")
@@ -243,11 +243,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     dev = mark.kwargs.get("device", st.device)
     dev = src.resolve_device(dev)
     if src.device_type(dev) == "cuda" and not src.cuda_available():
-        _skip(f"requires {format_bytes(need)} free on {dev}: CUDA is not available")
+        _skip(f"requires {format_bytes(need, digits=1)} free on {dev}: CUDA is not available")
     free, total = src.free_and_total(dev)
     if free < need:
-        _skip(f"requires {format_bytes(need)} free on {dev}, only {format_bytes(free)} of "
-                    f"{format_bytes(total)} free")
+        _skip(f"requires {format_bytes(need, digits=1)} free on {dev}, only {format_bytes(free, digits=1)} of "
+                    f"{format_bytes(total, digits=1)} free")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -381,8 +381,8 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     st = _state(config)
     if not st.leak_all:
         return None
-    return (f"memwarden: leak check on (device {st.device}, fail {format_bytes(st.fail)}, "
-            f"warn {format_bytes(st.warn)}, retries {st.retries})")
+    return (f"memwarden: leak check on (device {st.device}, fail {format_bytes(st.fail, digits=1)}, "
+            f"warn {format_bytes(st.warn, digits=1)}, retries {st.retries})")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
