@@ -2,21 +2,27 @@
 should each piece go?
 
     memwarden models
-    memwarden estimate MODEL [--dtype bf16] [--context 8192] [--batch 1] [--gpus 2x16GiB]
+    memwarden estimate MODEL [--dtype bf16] [--context 8192] [--batch 1] [--gpus 2x16GiB] [--cpu 64GiB]
     memwarden plan MODEL --gpus 2x16GiB [--cpu 64GiB] [--reserve 2GiB|auto] [--json]
-    memwarden fit MODEL --gpus 2x24GiB [--batch 1]
+    memwarden fit MODEL --gpus 2x24GiB [--batch 1] [--gpu-layers N --cpu 64GiB]
 
-MODEL is an embedded name (``memwarden models``) or a path to a ``config.json`` (or a
-folder holding one). Tables use ``rich`` when it is installed; ``--json`` prints JSON.
+MODEL is an embedded name (``memwarden models``), a ``config.json`` (or a folder holding
+one), a GGUF file or a Hugging Face hub id (only its config.json is read). Sizes need a
+unit (``48GiB``, ``500MB``). Tables use ``rich`` on a terminal when it is installed and
+plain text, never cut, when piped; ``--json`` prints JSON. ``--help``, ``--version`` and
+``models`` do not import torch.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
+from memwarden._table import render
 from memwarden._units import format_bytes, parse_bytes
+from memwarden._version import __version__
 
 __all__ = ["main", "parse_gpus"]
 
@@ -43,30 +49,6 @@ def parse_gpus(text: str) -> dict:
     return out
 
 
-def _table(title: str, header: list, rows: list, footer: list | None = None) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain fallback
-        print(title)
-        allr = [header] + rows
-        w = [max(len(str(r[i])) for r in allr) for i in range(len(header))]
-        for r in allr:
-            print("  " + "  ".join(str(c).rjust(x) for c, x in zip(r, w)))
-        for line in footer or []:
-            print("  " + line)
-        return
-    t = Table(title=title, title_justify="left")
-    for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        t.add_row(*[str(c) for c in r])
-    console = Console()
-    console.print(t)
-    for line in footer or []:
-        console.print(line, highlight=False)
-
-
 def _memory(args) -> dict:
     mem = dict(parse_gpus(args.gpus)) if args.gpus else {}
     if getattr(args, "cpu", None):
@@ -77,42 +59,37 @@ def _memory(args) -> dict:
 
 
 def _cmd_models(args) -> int:
-    from memwarden import models as M
+    from memwarden.models import list_models
 
-    rows = []
-    out = []
-    for m in M.list_models():
-        d = M.describe(m["name"])
-        s = d.spec
-        info = {"name": m["name"], "model_type": s.model_type, "params": d.params,
-                "published_params": m["published_params"], "layers": s.num_layers,
-                "experts": s.num_experts, "experts_per_token": s.experts_per_token,
-                "bf16_bytes": d.bytes, "int4_bytes": M.describe(m["name"], "int4").bytes}
-        out.append(info)
-        rows.append([m["name"], s.model_type, f"{d.params / 1e9:.2f}B", str(s.num_layers),
-                     f"{s.num_experts} (top {s.experts_per_token})" if s.num_experts else "-",
-                     format_bytes(info["bf16_bytes"]), format_bytes(info["int4_bytes"])])
+    models = list_models()
     if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        _table("embedded models", ["name", "type", "params", "layers", "experts", "bf16", "int4"], rows)
+        print(json.dumps(models, indent=2))
+        return 0
+    rows = [[m["name"], m["model_type"], str(m["layers"]),
+             f"{m['experts']} (top {m['experts_per_token']})" if m["experts"] else "-", str(m["context"]),
+             f"{m['published_params'] / 1e9:.2f}B" if m["published_params"] else "-"] for m in models]
+    render("embedded models (memwarden estimate NAME prices them from transformers' own classes)",
+           ["name", "type", "layers", "experts", "context", "published params"], rows)
     return 0
+
+
+def _placement(args) -> dict:
+    return {"kv_dtype": args.kv_dtype, "mla_cache": args.mla_cache, "offload": args.offload,
+            "gpu_layers": args.gpu_layers, "prefill_chunk": args.prefill_chunk}
 
 
 def _cmd_estimate(args) -> int:
     from memwarden.estimate import estimate
 
     mem = _memory(args) or None
-    est = estimate(args.model, args.dtype, args.context, args.batch, kv_dtype=args.kv_dtype,
-                   prefill_chunk=args.prefill_chunk, max_memory=mem)
+    est = estimate(args.model, args.dtype, args.context, args.batch, max_memory=mem, block_size=args.block_size,
+                   **_placement(args))
     if args.json:
         print(est.to_json(indent=2))
-        return 0
-    _table(f"{est.model}: {est.dtype} weights, {est.kv_dtype} KV, context {est.context} x batch {est.batch}",
-           ["part", "bytes"], est.rows())
+        return 0 if est.fits in (None, True) else 1
+    render(est.title(), ["part", "bytes"], est.rows(), [] if est.devices else est.footer())
     if est.devices:
-        _table("per device", ["device", "memory", "model", "context", "compute", "free"], est.device_rows(),
-               ["fits" if est.fits else "DOES NOT FIT"])
+        render(f"per device ({est.placement})", list(est.DEVICE_HEADER), est.device_rows(), est.footer())
     return 0 if est.fits in (None, True) else 1
 
 
@@ -120,66 +97,66 @@ def _cmd_plan(args) -> int:
     from memwarden.plan import plan
 
     mem = _memory(args)
-    if not mem:
-        raise ValueError("plan needs --gpus (e.g. --gpus 2x16GiB)")
-    reserve = args.reserve
-    p = plan(args.model, mem, args.dtype, reserve, balance=args.balance, context=args.context,
-             batch=args.batch, raise_on_infeasible=False)
+    p = plan(args.model, mem, args.dtype, args.reserve, balance=args.balance, context=args.context,
+             batch=args.batch, kv_dtype=args.kv_dtype, raise_on_infeasible=False)
     if args.json:
         print(p.to_json(indent=2))
         return 0 if p.feasible else 1
-    if not p.feasible:
-        print(p.report())
-        return 1
-    footer = [f"imbalance {100 * p.imbalance:.3f}%   peak {format_bytes(p.peak_bytes)}   "
-              f"planned in {1000 * p.seconds:.1f} ms"]
-    if p.split_layers():
-        footer.append(f"experts of {len(p.split_layers())} layer(s) span devices: load with the device_map, "
-                      "then memwarden.plan.apply(model, plan) splits them")
-    _table(f"plan for {p.model} ({p.dtype})",
-           ["device", "memory", "reserve", "weights", "free", "used", "layers", "experts"], p.rows(), footer)
-    if args.device_map:
-        print(json.dumps({k: v for k, v in p.to_device_map().items()}, indent=2))
-    return 0
+    render(p.title(), list(p.HEADER) if p.feasible else [], p.rows() if p.feasible else [], p.footer())
+    if args.device_map and p.feasible:
+        print(json.dumps(p.to_device_map(), indent=2))
+    return 0 if p.feasible else 1
 
 
 def _cmd_fit(args) -> int:
     from memwarden.estimate import estimate, max_context
+    from memwarden.models import describe
 
     mem = _memory(args)
-    if not mem:
-        raise ValueError("fit needs --gpus (e.g. --gpus 2x24GiB)")
-    ctx = max_context(args.model, mem, args.batch, args.dtype, kv_dtype=args.kv_dtype,
-                      prefill_chunk=args.prefill_chunk)
+    desc = describe(args.model, args.dtype)
+    placement = _placement(args)
+    ctx = max_context(desc, mem, args.batch, **placement)
+    model_max = desc.spec.max_position_embeddings
+    at_max = bool(ctx) and ctx == (model_max or 131072)
+    est = estimate(desc, None, ctx, args.batch, max_memory=mem, **placement) if ctx else None
     if args.json:
-        out = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "max_context": ctx}
-        if ctx:
-            out["estimate"] = estimate(args.model, args.dtype, ctx, args.batch, kv_dtype=args.kv_dtype,
-                                       prefill_chunk=args.prefill_chunk, max_memory=mem).to_dict()
+        out = {"model": desc.spec.name, "dtype": desc.dtype, "batch": args.batch, "max_context": ctx,
+               "stopped_at_model_maximum": at_max, "estimate": est.to_dict() if est else None}
         print(json.dumps(out, indent=2))
         return 0 if ctx else 1
     if not ctx:
-        print(f"{args.model} ({args.dtype}) does not fit on these devices, not even with 1 token of context")
+        print(f"{desc.spec.name} ({desc.dtype}) does not fit on these devices, not even with 1 token of context")
         return 1
-    est = estimate(args.model, args.dtype, ctx, args.batch, kv_dtype=args.kv_dtype,
-                   prefill_chunk=args.prefill_chunk, max_memory=mem)
-    _table(f"{est.model} ({est.dtype}, batch {args.batch}): largest context {ctx} tokens",
-           ["device", "memory", "model", "context", "compute", "free"], est.device_rows())
+    why = (f" (the model's maximum, max_position_embeddings={model_max}: more memory would not help)"
+           if at_max and model_max else " (stopped at 131072: the config names no maximum)" if at_max else "")
+    render(f"{desc.spec.name} ({desc.dtype}, batch {args.batch}): largest context {ctx} tokens{why}",
+           list(est.DEVICE_HEADER), est.device_rows(), est.footer())
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="memwarden", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"memwarden {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p, gpus_required=False):
-        p.add_argument("model", help="embedded model name or path to config.json")
-        p.add_argument("--dtype", default="bfloat16", help="weights: bf16, fp16, fp32, int8, int4")
+        p.add_argument("model", help="embedded name, config.json (or its folder), GGUF file or hub id")
+        p.add_argument("--dtype", default=None, help="weights: bf16 (default), fp16, fp32, int8, int4, fp8, mxfp4")
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--gpus", required=gpus_required, help="e.g. 2x16GiB or 24GiB,16GiB")
-        p.add_argument("--cpu", help="CPU memory for spill, e.g. 64GiB")
-        p.add_argument("--disk", help="disk for spill")
+        p.add_argument("--cpu", help="host memory for spilled layers, e.g. 64GiB")
+        p.add_argument("--disk", help="disk for spilled layers")
+        p.add_argument("--kv-dtype", default="auto", help="KV cache: auto, bf16, fp16, fp32, fp8, fp8_e5m2, int8, "
+                       "int8_per_token_head, int4")
         p.add_argument("--json", action="store_true", help="print JSON")
+
+    def placement(p):
+        p.add_argument("--prefill-chunk", type=int, default=2048)
+        p.add_argument("--mla-cache", choices=["latent", "per_head"], default="latent",
+                       help="MLA layers: compressed latent (vLLM, transformers 5) or K/V decompressed per head")
+        p.add_argument("--offload", choices=["accelerate", "gpu_layers"], default="accelerate",
+                       help="accelerate: spilled layers run on GPU 0, their KV there; gpu_layers: llama.cpp -ngl")
+        p.add_argument("--gpu-layers", type=int, default=None, help="llama.cpp mode: first N layers on the GPUs")
 
     p = sub.add_parser("models", help="list the embedded model configs")
     p.add_argument("--json", action="store_true")
@@ -187,9 +164,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="memory needed: weights, KV cache, activations, buffers")
     common(p)
+    placement(p)
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: model max)")
-    p.add_argument("--kv-dtype", default=None)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16, help="KV block size for the vLLM-style sizing")
     p.set_defaults(fn=_cmd_estimate)
 
     p = sub.add_parser("plan", help="balanced placement of layers and experts on devices")
@@ -202,8 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="largest context that fits")
     common(p, gpus_required=True)
-    p.add_argument("--kv-dtype", default=None)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
+    placement(p)
     p.set_defaults(fn=_cmd_fit)
     return ap
 
@@ -216,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"memwarden {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `memwarden ... --json | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

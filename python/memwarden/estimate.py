@@ -1,75 +1,51 @@
-"""Memory estimate of LLM inference from a model config.
+"""Memory estimate of LLM inference: will it fit, and how much context?
 
-total = weights + KV cache + activation peak + fixed buffers, where
+total = weights + cache + activation peak + fixed buffers, where
 
-* weights: ``memwarden.models.describe(model, dtype).bytes``;
-* KV cache: ``tokens x layers x kv_heads x head_dim x 2 x kv_bytes`` for full attention,
-  sliding-window layers hold at most ``sliding_window`` tokens, and MLA layers
-  (DeepSeek-V3) cache the compressed latent ``kv_lora_rank + qk_rope_head_dim`` per token
-  (as vLLM/SGLang do); tokens = ``batch x context``;
+* weights: ``memwarden.models.describe(model, dtype).bytes`` (the transformers model on
+  the meta device, or a GGUF header);
+* cache: KV of every layer for ``batch x context`` tokens (sliding and chunked layers
+  capped, MLA as a latent or per head, in the KV dtype) plus the state of
+  linear-attention/SSM layers (``memwarden.footprint``);
 * activations: the peak of one forward step over ``batch x min(context, prefill_chunk)``
-  tokens: the residual stream and normed input (2 x H), plus the larger of attention
-  (q, k, v and output) and MLP intermediates (gate, up and product of the dense MLP, or of
-  ``experts_per_token`` experts), plus fp32 logits for the last token of each sequence;
-  in the compute dtype. An estimate of a fused-kernel engine, not of eager PyTorch.
-* fixed buffers per accelerator: CUDA context (default 500 MiB) and workspace
-  (cuBLAS/attention, default 256 MiB).
+  tokens (``footprint.activation_bytes``);
+* fixed buffers per accelerator: CUDA context (default 500 MiB) and workspace (256 MiB).
+
+Placement over devices (``max_memory``), two modes that mirror two runtimes:
+
+* ``offload="accelerate"`` (default; transformers/accelerate ``device_map="auto"``):
+  weights are placed by ``memwarden.plan`` on the GPUs first, then ``cpu``/``disk``.
+  Layers spilled to the CPU or disk still execute on the main (first) GPU: accelerate
+  streams their weights in, so their KV lives there, and the largest spilled layer needs
+  room there while it runs.
+* ``gpu_layers=N`` (llama.cpp's ``-ngl N``): the first N decoder layers and their KV are on
+  the GPUs (split in order, in proportion to their memory), the other layers and their KV
+  in host memory (``cpu``), where they also execute; token embeddings stay in host
+  memory, the output layer joins the GPUs only when every layer does.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
+from memwarden import footprint as F
 from memwarden._units import format_bytes, parse_bytes
 
-__all__ = ["Estimate", "estimate", "max_context", "kv_cache_bytes", "activation_bytes", "auto_reserve",
-           "CUDA_CONTEXT_BYTES", "WORKSPACE_BYTES"]
+__all__ = ["Estimate", "DeviceEstimate", "estimate", "max_context", "OFFLOAD_MODES"]
 
-CUDA_CONTEXT_BYTES = 500 * 2**20
-WORKSPACE_BYTES = 256 * 2**20
-DEFAULT_PREFILL_CHUNK = 2048
-
-
-def _pos(value: Any, name: str, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def kv_cache_bytes(spec, context: int, batch: int = 1, kv_bytes: float = 2) -> int:
-    """KV cache bytes for ``batch`` sequences of ``context`` tokens."""
-    _pos(context, "context", allow_zero=True)
-    _pos(batch, "batch")
-    if context == 0:
-        return 0
-    return int(round(spec.kv_bytes_per_token(kv_bytes, context) * context * batch))
-
-
-def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2) -> int:
-    """Peak activation bytes of one forward step over ``tokens`` tokens in flight."""
-    H = spec.hidden_size
-    if spec.attention == "mla":
-        attn = spec.num_heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * 2 + H
-    else:
-        attn = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim + spec.num_heads * spec.head_dim
-    mlp_w = spec.intermediate_size
-    if spec.is_moe:
-        mlp_w = max(mlp_w, spec.moe_intermediate_size * spec.experts_per_token + spec.shared_intermediate_size)
-    mlp = 3 * mlp_w
-    per_token = 2 * H + max(attn, mlp)
-    logits = batch * spec.vocab_size * 4
-    return int(tokens * per_token * act_bytes + logits)
+OFFLOAD_MODES = ("accelerate", "gpu_layers")
+_SPILL = ("cpu", "disk")
 
 
 @dataclass
 class DeviceEstimate:
     device: Any
     memory: int
-    model: int
-    context: int
-    compute: int
-    overhead: int
+    model: int          # weight bytes placed here
+    context: int        # KV and state bytes kept here
+    compute: int        # activations (and streamed-in offloaded weights)
+    overhead: int       # fixed buffers
 
     @property
     def used(self) -> int:
@@ -94,6 +70,14 @@ class Estimate:
     overhead: int
     devices: list = field(default_factory=list)  # DeviceEstimate, when max_memory was given
     fits: bool | None = None
+    placement: str = ""
+    warnings: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    # vLLM-style sizing of the memory the devices have left for KV (with max_memory)
+    block_size: int = 16
+    kv_budget: int | None = None
+    kv_blocks: int | None = None
+    max_sequences: int | None = None        # concurrent sequences of ``context`` tokens
 
     @property
     def total(self) -> int:
@@ -108,121 +92,216 @@ class Estimate:
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
+    def title(self) -> str:
+        return (f"{self.model}: {self.dtype} weights, {self.kv_dtype} KV, "
+                f"context {self.context} x batch {self.batch}")
+
     def rows(self) -> list:
-        rows = [["weights", format_bytes(self.weights)], ["KV cache", format_bytes(self.kv_cache)],
+        return [["weights", format_bytes(self.weights)], ["KV cache", format_bytes(self.kv_cache)],
                 ["activations", format_bytes(self.activations)], ["fixed buffers", format_bytes(self.overhead)],
                 ["total", format_bytes(self.total)]]
-        return rows
+
+    DEVICE_HEADER = ("device", "memory", "model", "context", "compute", "free")
 
     def device_rows(self) -> list:
         return [[str(x.device), format_bytes(x.memory), format_bytes(x.model), format_bytes(x.context),
                  format_bytes(x.compute + x.overhead), format_bytes(x.free)] for x in self.devices]
 
-    def report(self) -> str:
-        lines = [f"estimate for {self.model}: {self.dtype} weights, {self.kv_dtype} KV, "
-                 f"context {self.context} x batch {self.batch}"]
-        lines += [f"  {k:<14}{v:>14}" for k, v in self.rows()]
+    def footer(self) -> list:
+        lines = []
         if self.devices:
-            head = ["device", "memory", "model", "context", "compute", "free"]
-            rows = [head] + self.device_rows()
-            w = [max(len(r[i]) for r in rows) for i in range(len(head))]
-            lines += ["  " + "  ".join(c.rjust(x) for c, x in zip(r, w)) for r in rows]
-            lines.append("  fits" if self.fits else "  DOES NOT FIT")
-        return "\n".join(lines)
+            lines.append("fits" if self.fits else "DOES NOT FIT")
+        if self.kv_blocks is not None:
+            lines.append(f"KV room {format_bytes(self.kv_budget)}: {self.kv_blocks} blocks of {self.block_size} "
+                         f"tokens, {self.max_sequences} concurrent sequence(s) of {self.context} tokens")
+        lines += self.notes + [f"warning: {w}" for w in self.warnings]
+        return lines
+
+    def report(self) -> str:
+        from memwarden._table import format_table
+        text = format_table(self.title(), ["part", "bytes"], self.rows())
+        if self.devices:
+            text += "\n" + format_table(f"per device ({self.placement})", list(self.DEVICE_HEADER),
+                                        self.device_rows())
+        footer = self.footer()
+        return text + ("\n" + "\n".join("  " + line for line in footer) if footer else "")
 
 
-def _kv_fmt(kv_dtype, dtype) -> tuple:
-    from memwarden.models import weight_format
-    if kv_dtype is None:
-        fmt = weight_format(dtype, "dtype")
-        kv = fmt if fmt in ("bfloat16", "float16", "float32") else "bfloat16"
-    else:
-        kv = weight_format(kv_dtype, "kv_dtype")
-        if kv == "int4":
-            raise ValueError("kv_dtype must be bfloat16, float16, float32 or int8, got 'int4'")
-    return kv, {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1}[kv]
-
-
-def estimate(model: Any, dtype: Any = "bfloat16", context: int | None = None, batch: int = 1, *,
-             kv_dtype: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_memory: Any = None,
-             cuda_context: Any = CUDA_CONTEXT_BYTES, workspace: Any = WORKSPACE_BYTES) -> Estimate:
-    """Memory needed to serve ``model`` (see the module doc). With ``max_memory`` the
-    weights are placed by ``memwarden.plan.plan`` and the breakdown is per device."""
+def _description(model: Any, dtype: Any):
     from memwarden import models as M
+    if isinstance(model, M.ModelDescription) and (dtype is None or M.weight_format(dtype) == model.dtype):
+        return model
+    return M.describe(model, dtype)
 
-    desc = M.describe(model, dtype)
+
+def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: int = 1, *,
+             kv_dtype: Any = "auto", prefill_chunk: int = F.DEFAULT_PREFILL_CHUNK, max_memory: Any = None,
+             cuda_context: Any = F.CUDA_CONTEXT_BYTES, workspace: Any = F.WORKSPACE_BYTES,
+             mla_cache: str = "latent", offload: str = "accelerate", gpu_layers: int | None = None,
+             attention_scores: bool = False, block_size: int = 16) -> Estimate:
+    """Memory needed to serve ``model`` (see the module doc).
+
+    dtype: weight format (default bfloat16; a GGUF file keeps its own). kv_dtype: see
+    ``memwarden.footprint.kv_format``. With ``max_memory`` (accelerate's format) the
+    breakdown is per device, placed as ``offload`` says (``gpu_layers=N`` implies the
+    llama.cpp mode), and the room left for KV is sized as vLLM does: ``kv_blocks`` of
+    ``block_size`` tokens and ``max_sequences`` of ``context`` tokens.
+    """
+    desc = _description(model, dtype)
     spec = desc.spec
+    warnings = list(desc.warnings)
     if context is None:
         context = spec.max_position_embeddings or 4096
-    _pos(context, "context")
-    _pos(batch, "batch")
-    _pos(prefill_chunk, "prefill_chunk")
-    kv_name, kvb = _kv_fmt(kv_dtype, dtype)
-    fixed = parse_bytes(cuda_context, "cuda_context") + parse_bytes(workspace, "workspace")
-    kv = kv_cache_bytes(spec, context, batch, kvb)
-    act = activation_bytes(spec, batch * min(context, prefill_chunk), batch)
-    est = Estimate(model=spec.name, dtype=desc.dtype, kv_dtype=kv_name, context=context, batch=batch,
-                   prefill_chunk=prefill_chunk, weights=desc.bytes, kv_cache=kv, activations=act, overhead=fixed)
+    F.check_count(context, "context")
+    F.check_count(batch, "batch")
+    F.check_count(prefill_chunk, "prefill_chunk")
+    F.check_count(block_size, "block_size")
+    if spec.max_position_embeddings and context > spec.max_position_embeddings:
+        warnings.append(f"context {context} is above the model's max_position_embeddings "
+                        f"{spec.max_position_embeddings}: quality beyond it is not guaranteed")
+    if gpu_layers is not None:
+        offload = "gpu_layers"
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    fmt = F.kv_format(kv_dtype, desc.dtype)
+    act_bytes = 2 if desc.compute_dtype != "float32" else 4
+    fixed = F.fixed_bytes(parse_bytes(cuda_context, "cuda_context"), parse_bytes(workspace, "workspace"))
+    kv_layers = F.kv_layer_bytes(spec, context, batch, fmt.name, desc.dtype, mla_cache)
+    state = F.state_bytes(spec, batch, act_bytes)
+    cache_layers = [k + s for k, s in zip(kv_layers, state)]
+    act = F.activation_bytes(spec, batch * min(context, prefill_chunk), batch, act_bytes, context=context,
+                             attention_scores=attention_scores)
+    est = Estimate(model=spec.name, dtype=desc.dtype, kv_dtype=fmt.name, context=context, batch=batch,
+                   prefill_chunk=prefill_chunk, weights=desc.bytes, kv_cache=sum(cache_layers),
+                   activations=act, overhead=fixed, warnings=warnings, block_size=block_size)
     if max_memory is not None:
-        _per_device(est, desc, max_memory, kvb, fixed)
+        if offload == "gpu_layers":
+            _place_gpu_layers(est, desc, max_memory, cache_layers, fixed, gpu_layers)
+        else:
+            _place_accelerate(est, desc, max_memory, cache_layers, fixed)
+        holders = [x for x in est.devices if x.context] or est.devices
+        est.kv_budget = max(0, sum(x.memory - x.model - x.compute - x.overhead for x in holders))
+        if any(layer.has_kv for layer in spec.layers):
+            est.kv_blocks = F.kv_blocks(spec, est.kv_budget, block_size, fmt.name, desc.dtype, mla_cache)
+        est.max_sequences = F.max_concurrent_sequences(spec, est.kv_budget, context, block_size, fmt.name,
+                                                       desc.dtype, mla_cache, act_bytes)
+    elif offload == "gpu_layers":
+        raise ValueError("gpu_layers needs max_memory (GPUs and 'cpu')")
     return est
 
 
-def _per_device(est: Estimate, desc, max_memory, kvb: float, fixed: int) -> None:
+def _place_accelerate(est: Estimate, desc, max_memory: Any, cache_layers: list, fixed: int) -> None:
     from memwarden import plan as P
 
     memory = P.parse_max_memory(max_memory)
-    acc = [d for d in memory if d not in ("cpu", "disk")] or list(memory)
-    n = len(acc)
-    reserve = {d: (fixed + est.activations + -(-est.kv_cache // n)) if d in acc else 0 for d in memory}
-    reserve = {d: min(r, memory[d] - 1) for d, r in reserve.items()}
-    p = P.plan(desc, memory, reserve=reserve, raise_on_infeasible=False)
-    spec = desc.spec
-    # KV follows the attention layers placed on each device.
-    per_layer = kv_cache_bytes(spec, est.context, est.batch, kvb) / max(1, spec.num_layers)
-    layers_on = {d: 0 for d in memory}
+    accelerators = [d for d in memory if d not in _SPILL]
+    compute_on = accelerators or list(memory)
+    n = len(compute_on)
+    reserve = {d: (fixed if accelerators else 0) + est.activations + -(-est.kv_cache // n) if d in compute_on else 0
+               for d in memory}
+    main = compute_on[0]
+    p = P.plan(desc, memory, reserve={d: min(r, memory[d] - 1) for d, r in reserve.items()},
+               raise_on_infeasible=False)
+    if p.feasible and accelerators and any(d in _SPILL for d in p.assignment):
+        # room on the main GPU for the largest piece accelerate streams in, then plan again
+        groups: dict = {}
+        for part in desc.parts:
+            groups[part.layer] = groups.get(part.layer, 0) + part.bytes
+        reserve[main] += max(groups.values())
+        p = P.plan(desc, memory, reserve={d: min(r, memory[d] - 1) for d, r in reserve.items()},
+                   raise_on_infeasible=False)
+    cache = {d: 0 for d in memory}
+    model = {d: 0 for d in memory}
+    streamed = 0
     if p.feasible:
-        for layer, d in p.layer_devices.items():
-            layers_on[d] += 1
+        model = dict(p.load)
+        layer_bytes: dict = {}
+        for part, device in zip(p.parts, p.assignment):
+            if device in _SPILL:
+                layer_bytes[part.layer] = layer_bytes.get(part.layer, 0) + part.bytes
+        streamed = max(layer_bytes.values(), default=0) if accelerators else 0
+        for layer, device in p.layer_devices.items():
+            executes = main if (device in _SPILL and accelerators) else device
+            cache[executes] += cache_layers[layer]
+        spilled = sorted(l for l, d in p.layer_devices.items() if d in _SPILL)
+        if spilled and accelerators:
+            est.notes.append(
+                f"accelerate: {len(spilled)} layer(s) placed on cpu/disk execute on GPU {main}: their KV "
+                f"({format_bytes(sum(cache_layers[l] for l in spilled))}) is counted there, and the largest "
+                f"({format_bytes(streamed)}) is streamed in while it runs")
     else:
-        for d in acc:
-            layers_on[d] = spec.num_layers / n
-    est.devices = [
-        DeviceEstimate(device=d, memory=memory[d], model=p.load[d] if p.feasible else int(desc.bytes / n) if d in acc else 0,
-                       context=int(per_layer * layers_on[d]),
-                       compute=est.activations if d in acc else 0, overhead=fixed if d in acc else 0)
-        for d in memory]
+        for d in compute_on:
+            model[d] = desc.bytes // n
+            cache[d] = est.kv_cache // n
+        est.notes.append(f"the weights do not fit: {p.message}")
+    est.placement = "accelerate"
+    est.devices = [DeviceEstimate(device=d, memory=memory[d], model=model[d], context=cache[d],
+                                  compute=(est.activations + (streamed if d == main else 0)) if d in compute_on else 0,
+                                  overhead=fixed if d in accelerators else 0) for d in memory]
     est.fits = p.feasible and all(x.free >= 0 for x in est.devices)
 
 
-def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, dtype: Any = "bfloat16",
-                 kv_dtype: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> dict:
-    """Per-device reserve for ``plan(reserve="auto")``: fixed buffers + activations + an
-    even share of the KV cache for ``batch x context`` tokens, on each accelerator."""
-    if context is None:
-        context = min(spec.max_position_embeddings or 4096, 4096)
-    _, kvb = _kv_fmt(kv_dtype, dtype)
-    acc = [d for d in devices if d not in ("cpu", "disk")] or list(devices)
-    kv = kv_cache_bytes(spec, context, batch, kvb)
-    act = activation_bytes(spec, batch * min(context, prefill_chunk), batch)
-    share = CUDA_CONTEXT_BYTES + WORKSPACE_BYTES + act + -(-kv // len(acc))
-    return {d: share for d in acc}
+def _place_gpu_layers(est: Estimate, desc, max_memory: Any, cache_layers: list, fixed: int,
+                      gpu_layers: int | None) -> None:
+    from memwarden import plan as P
+
+    memory = P.parse_max_memory(max_memory)
+    spec = desc.spec
+    gpus = [d for d in memory if d not in _SPILL]
+    if gpu_layers is None:
+        raise ValueError("offload='gpu_layers' needs gpu_layers=N (decoder layers on the GPUs)")
+    F.check_count(gpu_layers, "gpu_layers", allow_zero=True)
+    if gpu_layers > spec.num_layers:
+        raise ValueError(f"gpu_layers must be at most the model's {spec.num_layers} layers, got {gpu_layers}")
+    if gpu_layers and not gpus:
+        raise ValueError("gpu_layers > 0 needs at least one GPU in max_memory")
+    if gpu_layers < spec.num_layers and "cpu" not in memory:
+        raise ValueError("gpu_layers below the layer count needs host memory: add 'cpu' to max_memory")
+    total = sum(memory[g] for g in gpus)
+    bounds, acc = [], 0
+    for g in gpus:  # contiguous layer ranges in proportion to each GPU's memory
+        acc += memory[g]
+        bounds.append(round(gpu_layers * acc / total) if total else 0)
+
+    def device_of(layer: int):
+        if layer < 0:
+            return "cpu" if "cpu" in memory else gpus[0]
+        if layer >= spec.num_layers:
+            return gpus[-1] if gpu_layers == spec.num_layers and gpus else "cpu"
+        if layer >= gpu_layers:
+            return "cpu"
+        return gpus[next(i for i, b in enumerate(bounds) if layer < b)]
+
+    model = {d: 0 for d in memory}
+    cache = {d: 0 for d in memory}
+    for part in desc.parts:
+        model[device_of(part.layer)] += part.bytes
+    for layer in range(spec.num_layers):
+        cache[device_of(layer)] += cache_layers[layer]
+    computes = set(gpus[:1]) | {device_of(layer) for layer in range(spec.num_layers)}
+    est.placement = f"llama.cpp gpu_layers={gpu_layers}"
+    est.notes.append(f"llama.cpp: layers 0-{gpu_layers - 1} and their KV on the GPUs, the other "
+                     f"{spec.num_layers - gpu_layers} layers and their KV in host memory, where they run"
+                     if gpu_layers else "llama.cpp: every layer and its KV in host memory")
+    est.devices = [DeviceEstimate(device=d, memory=memory[d], model=model[d], context=cache[d],
+                                  compute=est.activations if d in computes else 0,
+                                  overhead=fixed if d in gpus else 0) for d in memory]
+    est.fits = all(x.free >= 0 for x in est.devices)
 
 
-def max_context(model: Any, max_memory: Any, batch: int = 1, dtype: Any = "bfloat16", *,
-                kv_dtype: Any = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, limit: int | None = None) -> int:
+def max_context(model: Any, max_memory: Any, batch: int = 1, dtype: Any = None, *, kv_dtype: Any = "auto",
+                prefill_chunk: int = F.DEFAULT_PREFILL_CHUNK, limit: int | None = None, **placement) -> int:
     """The largest context (tokens per sequence) for which ``estimate(..., max_memory=...)``
-    fits, by binary search up to ``limit`` (default: the model's max_position_embeddings).
-    Returns 0 when not even one token fits."""
-    from memwarden import models as M
-
-    spec = M.model_spec(model)
-    hi = limit or spec.max_position_embeddings or 131072
-    _pos(hi, "limit")
+    fits, by binary search up to ``limit`` (default: the model's max_position_embeddings,
+    else 131072). Returns 0 when not even one token fits. ``placement``: ``offload``,
+    ``gpu_layers``, ``mla_cache``, ``cuda_context``, ``workspace`` as for ``estimate``."""
+    desc = _description(model, dtype)
+    hi = (desc.spec.max_position_embeddings or 131072) if limit is None else limit
+    F.check_count(hi, "limit")
 
     def fits(c: int) -> bool:
-        return bool(estimate(spec, dtype, c, batch, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
-                             max_memory=max_memory).fits)
+        return bool(estimate(desc, None, c, batch, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
+                             max_memory=max_memory, **placement).fits)
 
     if not fits(1):
         return 0

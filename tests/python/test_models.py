@@ -1,11 +1,13 @@
-"""memwarden.models: sizes against hand-computed values and real transformers models."""
+"""memwarden.models: sizes against hand-computed values and transformers' own models."""
 import json
-import math
+import re
 
 import pytest
 import torch
 
 from memwarden import models as M
+
+transformers = pytest.importorskip("transformers")
 
 PUBLISHED = {  # total parameters published by the model authors
     "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9, "mixtral-8x7b": 46.7e9,
@@ -17,40 +19,47 @@ TINY = {  # a small Llama: every size below is worked out by hand
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": False,
 }
 
+# allenai/OLMoE-1B-7B-0924 config.json (an architecture the old table did not list)
+OLMOE = {
+    "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+    "vocab_size": 50304, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    "clip_qkv": None, "norm_topk_prob": False,
+}
+
+# google/gemma-2-9b config.json: no tie_word_embeddings (Gemma2Config's default ties), no layer_types
+GEMMA2_9B = {
+    "model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+    "sliding_window": 4096, "max_position_embeddings": 8192, "query_pre_attn_scalar": 256,
+    "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+}
+
+
+def _meta_model(cfg):
+    config = cfg if not isinstance(cfg, dict) else transformers.AutoConfig.for_model(
+        cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type" and not k.startswith("_")})
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _meta_params(cfg) -> int:
+    return sum(p.numel() for p in _meta_model(cfg).parameters())
+
 
 def test_embedded_list_is_complete():
     assert set(PUBLISHED) <= set(M.EMBEDDED)
-    names = [m["name"] for m in M.list_models()]
-    assert names == sorted(names)
+    listed = M.list_models()
+    assert [m["name"] for m in listed] == sorted(M.EMBEDDED)
+    mixtral = next(m for m in listed if m["name"] == "mixtral-8x7b")
+    assert (mixtral["layers"], mixtral["experts"], mixtral["experts_per_token"]) == (32, 8, 2)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_param_count_matches_published_total(name):
+def test_embedded_models_match_published_totals_and_transformers(name):
     n = M.param_count(name)
     assert abs(n / PUBLISHED[name] - 1) < 0.01, (name, n)
-
-
-def _meta_model(cfg: dict):
-    transformers = pytest.importorskip("transformers")
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    conf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(conf)
-
-
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_param_count_matches_transformers_meta_model(name):
-    model = _meta_model(M.load_config(name))
-    ref = {n: p.numel() for n, p in model.named_parameters()}
-    desc = M.describe(name)
-    assert desc.params == sum(ref.values())
-    # every transformers module we name in a part exists and holds those parameters
-    covered = {}
-    for p in desc.parts:
-        for t in p.tensors:
-            base = t.name.split("[")[0]
-            covered[base] = covered.get(base, 0) + t.numel
-    assert covered == ref
+    assert n == _meta_params(M.load_config(name))
 
 
 def test_tiny_llama_sizes_by_hand():
@@ -58,57 +67,95 @@ def test_tiny_llama_sizes_by_hand():
     by = {p.name: p for p in d.parts}
     assert [p.name for p in d.parts] == ["embed", "layers.0.attn", "layers.0.mlp", "layers.1.attn",
                                          "layers.1.mlp", "head"]
-    # attention: norm 64 + q 64*64 + k 32*64 + v 32*64 + o 64*64 (head_dim 16, 2 kv heads)
-    assert by["layers.0.attn"].params == 64 + 4096 + 2048 + 2048 + 4096
-    assert by["layers.0.mlp"].params == 64 + 3 * 64 * 128
+    # attention part: two norms 2*64 + q 64*64 + k 32*64 + v 32*64 + o 64*64 (head_dim 16, 2 kv heads)
+    assert by["layers.0.attn"].params == 128 + 4096 + 2048 + 2048 + 4096
+    assert by["layers.0.mlp"].params == 3 * 64 * 128
     assert by["embed"].params == 6400 and by["head"].params == 6400 + 64
-    assert d.params == 6400 * 2 + 64 + 2 * (12352 + 24640)
-    assert d.bytes == 2 * d.params
-    assert M.describe(TINY, "fp32").bytes == 4 * d.params
-    # int8: projections 1 byte + fp32 scale per output row; the rest stays bf16
-    proj = 2 * (12288 + 24576)
-    rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
-    assert M.describe(TINY, "int8").bytes == proj + 4 * rows + 2 * (d.params - proj)
-    # int4: half a byte + fp16 scale and zero per group of 128 inputs
-    groups = 2 * (64 * 1 + 32 * 1 + 32 * 1 + 64 * 1 + 128 * 1 + 128 * 1 + 64 * 1)
-    assert M.describe(TINY, "int4").bytes == proj // 2 + 4 * groups + 2 * (d.params - proj)
+    assert by["layers.1.mlp"].modules == ("model.layers.1.mlp",)
+    assert by["head"].modules == ("model.norm", "lm_head")
+    assert d.params == 6400 * 2 + 64 + 2 * (12416 + 24576)
+    # buffers (the rotary tables) keep their own dtype
+    buffers = sum(b.numel() * b.element_size() for b in _meta_model(TINY).buffers())
+    assert d.bytes == 2 * d.params + buffers
+    assert M.describe(TINY, "fp32").bytes == 4 * d.params + buffers
+    proj = 2 * (12288 + 24576)            # the projection weights of both layers
+    out_rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    rest = 2 * (d.params - proj) + buffers  # embeddings, norms, head in bf16
+    # int8: 1 byte + an fp32 scale per output row
+    assert M.describe(TINY, "int8").bytes == proj + 4 * out_rows + rest
+    # int4: half a byte + fp16 scale and zero per group of 128 inputs (one group per row here)
+    assert M.describe(TINY, "int4").bytes == proj // 2 + 4 * out_rows + rest
+    # fp8: 1 byte + an fp32 scale per 128x128 block (one block per projection here: 14 of them)
+    assert M.describe(TINY, "fp8").bytes == proj + 4 * 14 + rest
+    # mxfp4: half a byte + one E8M0 byte per 32 inputs (64 inputs: 2 per row; down_proj: 4 per row)
+    mx_scales = 2 * ((64 + 32 + 32 + 64 + 128 + 128) * 2 + 64 * 4)
+    assert M.describe(TINY, "mxfp4").bytes == proj // 2 + mx_scales + rest
 
 
-def test_tied_embeddings_have_no_head_weight():
-    d = M.describe(dict(TINY, tie_word_embeddings=True))
-    assert d.parts[-1].params == 64
-
-
-def test_moe_parts_and_expert_sizes():
-    d = M.describe("mixtral-8x7b")
+def test_unknown_moe_architecture_is_priced_from_its_modules():
+    d = M.describe(OLMOE)
+    assert d.params == _meta_params(OLMOE)
+    assert abs(d.params / 6.92e9 - 1) < 0.01          # published: 6.92B total
     experts = [p for p in d.parts if p.kind == "expert"]
-    assert len(experts) == 32 * 8
-    assert {p.bytes for p in experts} == {3 * 4096 * 14336 * 2}
+    assert len(experts) == 16 * 64 and d.spec.num_experts == 64 and d.spec.experts_per_token == 8
+    assert {p.params for p in experts} == {3 * 2048 * 1024}
     assert {p.modules for p in experts if p.layer == 3} == {("model.layers.3.mlp.experts",)}
-    ds = M.describe("deepseek-v3")
-    assert sum(p.kind == "mlp" for p in ds.parts) == 3  # first_k_dense_replace
-    assert sum(p.kind == "expert" for p in ds.parts) == 58 * 256
+    assert [p.modules for p in d.parts if p.name == "layers.3.moe"] == [("model.layers.3.mlp.gate",)]
 
 
-def test_config_sources(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(TINY))
-    assert M.param_count(str(path)) == M.param_count(TINY)
-    assert M.param_count(str(tmp_path)) == M.param_count(TINY)
-    transformers = pytest.importorskip("transformers")
-    conf = transformers.LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"})
-    assert M.param_count(conf) == M.param_count(TINY)
+def test_gemma2_config_json_ties_like_transformers_and_finds_sliding_layers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA2_9B))
+    from_json = M.describe(str(tmp_path))
+    from_object = M.describe(transformers.Gemma2Config(**{k: v for k, v in GEMMA2_9B.items() if k != "model_type"}))
+    assert from_json.params == from_object.params == _meta_params(GEMMA2_9B)
+    assert abs(from_json.params / 9.24e9 - 1) < 0.01  # published: 9.24B
+    assert from_json.spec.tie_word_embeddings
+    assert "lm_head" in from_json.parts[0].modules    # the tied head runs where its weight lives
+    kinds = [layer.kind for layer in from_json.spec.layers]
+    assert kinds == ["sliding", "full"] * 21
 
 
-def test_errors_name_the_problem(tmp_path):
+def test_qwen3_moe_config_written_by_transformers_5(tmp_path):
+    config = transformers.AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128,
+                                               moe_intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                               num_experts_per_tok=2, vocab_size=128)
+    config.save_pretrained(tmp_path)
+    d = M.describe(str(tmp_path))
+    assert d.params == _meta_params(config)
+    assert d.spec.num_experts == 4 and d.spec.experts_per_token == 2
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_key_value_heads", -1), ("hidden_size", "4096"), ("head_dim", -1), ("head_dim", 4.5),
+    ("num_attention_heads", True), ("sliding_window", -5), ("intermediate_size", 0), ("vocab_size", 32000.0),
+])
+def test_bad_numbers_are_rejected_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=re.escape(f"'{key}' must be a") + ".*" + re.escape(repr(value))):
+        M.describe(dict(TINY, **{key: value}))
+
+
+def test_layer_lists_are_checked():
+    with pytest.raises(ValueError, match="'layer_types' has 3 entries, expected one per layer"):
+        M.describe(dict(TINY, layer_types=["full_attention"] * 3))
+    moe = dict(TINY, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    with pytest.raises(ValueError, match="'mlp_only_layers' holds 5"):
+        M.describe(dict(moe, mlp_only_layers=[5]))
+
+
+def test_unknown_and_missing_are_errors_or_warnings(tmp_path):
+    with pytest.raises(ValueError, match="model_type 'nonexistent_arch' is not an architecture transformers"):
+        M.describe(dict(TINY, model_type="nonexistent_arch"))
+    with pytest.raises(ValueError, match="model_type 'vit' has no causal-LM class"):
+        M.describe({"model_type": "vit"})
+    with pytest.raises(ValueError, match="missing required key 'model_type'"):
+        M.describe({"hidden_size": 64})
     with pytest.raises(ValueError, match="unknown model 'nope'.*mixtral-8x7b"):
         M.describe("nope")
     bad = dict(TINY)
     del bad["hidden_size"]
-    with pytest.raises(ValueError, match="missing required key 'hidden_size'"):
-        M.describe(bad)
-    with pytest.raises(ValueError, match="num_local_experts"):
-        M.describe({k: v for k, v in M.load_config("mixtral-8x7b").items() if k != "num_local_experts"})
+    d = M.describe(bad)  # transformers' default fills it, as from_pretrained would, and says so
+    assert any("'hidden_size'" in w and "4096" in w for w in d.warnings)
     with pytest.raises(ValueError, match="dtype"):
         M.describe(TINY, "int3")
     p = tmp_path / "broken.json"
@@ -117,11 +164,34 @@ def test_errors_name_the_problem(tmp_path):
         M.describe(str(p))
 
 
-def test_kv_per_token_rules():
-    s = M.model_spec("llama-3.1-8b")
-    assert s.kv_bytes_per_token(2) == 32 * 8 * 128 * 2 * 2
+def test_hub_id_reads_only_config_json_from_the_offline_cache(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--acme--tiny-llama"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(TINY))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert M.param_count("acme/tiny-llama") == M.param_count(TINY)
+    with pytest.raises(ValueError, match="no config.json for 'acme/other'.*local cache"):
+        M.describe("acme/other")
+
+
+def test_config_sources_agree(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    assert M.param_count(str(path)) == M.param_count(str(tmp_path)) == M.param_count(TINY)
+    conf = transformers.LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"})
+    assert M.param_count(conf) == M.param_count(TINY)
+
+
+def test_layer_facts_for_the_cache():
+    gpt = M.model_spec("gpt-oss-20b")
+    assert [layer.kind for layer in gpt.layers[:4]] == ["sliding", "full", "sliding", "full"]
+    assert gpt.layers[0].window == 128 and gpt.layers[0].kv_heads == 8 and gpt.layers[0].k_dim == 64
     ds = M.model_spec("deepseek-v3")
-    assert ds.kv_bytes_per_token(2) == 61 * (512 + 64) * 2
-    g = M.model_spec("gpt-oss-20b")  # 12 sliding (window 128) + 12 full layers
-    per_layer = 8 * 64 * 2 * 2
-    assert g.kv_bytes_per_token(2, 1024) == pytest.approx(12 * per_layer + 12 * per_layer * 128 / 1024)
+    assert ds.mla and ds.layers[0].latent == 512 + 64
+    assert (ds.layers[0].kv_heads, ds.layers[0].k_dim, ds.layers[0].v_dim) == (128, 192, 128)
+    assert ds.num_experts == 256 and ds.moe_layers == tuple(range(3, 61))

@@ -167,7 +167,7 @@ def test_infeasible_is_reported_with_the_shortfall():
     ({0: -5}, None, r"max_memory\[0\] must be > 0"),
     ({0: "-1GiB"}, None, "max_memory"),
     ({}, None, "non-empty"),
-    ({"gpu7": "1GiB"}, None, "device keys"),
+    ({"gpu7": "1GiB"}, None, "max_memory key must be a GPU index"),
     ({0: "16GiB"}, "20GiB", "reserve for device 0"),
     ({0: "16GiB"}, {1: "1GiB"}, "not in max_memory"),
 ])

@@ -20,6 +20,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from memwarden._devices import device_key, device_order
+from memwarden._native import load as load_native
+from memwarden._table import format_table
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["plan", "Plan", "InfeasiblePlanError", "apply", "parse_max_memory", "parse_reserve"]
@@ -37,30 +40,6 @@ class InfeasiblePlanError(ValueError):
 _SPILL = ("cpu", "disk")
 
 
-def _device_key(key: Any) -> Any:
-    if isinstance(key, bool):
-        raise ValueError(f"max_memory: device keys must be GPU indices, 'cpu' or 'disk', got {key!r}")
-    if isinstance(key, int):
-        if key < 0:
-            raise ValueError(f"max_memory: GPU index must be >= 0, got {key}")
-        return key
-    if isinstance(key, str):
-        k = key.strip().lower()
-        if k.isdigit():
-            return int(k)
-        if k.startswith("cuda:") and k[5:].isdigit():
-            return int(k[5:])
-        if k in ("cpu", "disk", "mps"):
-            return k
-    raise ValueError(f"max_memory: device keys must be GPU indices, 'cpu' or 'disk', got {key!r}")
-
-
-def _order(key: Any) -> tuple:
-    if isinstance(key, int):
-        return (0, key)
-    return (1, ("mps", "cpu", "disk").index(key))
-
-
 def parse_max_memory(max_memory: Any) -> dict:
     """accelerate-style ``{0: "16GiB", 1: 16e9, "cpu": "64GiB"}`` (or a list of sizes for
     GPUs 0..n-1) -> ``{device: bytes}`` in accelerate's order (GPUs, mps, cpu, disk)."""
@@ -70,7 +49,7 @@ def parse_max_memory(max_memory: Any) -> dict:
         raise ValueError(f"max_memory must be a non-empty dict like {{0: '16GiB', 1: '16GiB'}}, got {max_memory!r}")
     out = {}
     for k, v in max_memory.items():
-        key = _device_key(k)
+        key = device_key(k, "max_memory key")
         if key in out:
             raise ValueError(f"max_memory: device {key!r} given twice")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
@@ -79,7 +58,7 @@ def parse_max_memory(max_memory: Any) -> dict:
         if b <= 0:
             raise ValueError(f"max_memory[{k!r}] must be > 0, got {v!r}")
         out[key] = b
-    return {k: out[k] for k in sorted(out, key=_order)}
+    return {k: out[k] for k in sorted(out, key=device_order)}
 
 
 def parse_reserve(reserve: Any, memory: Mapping) -> dict:
@@ -90,7 +69,7 @@ def parse_reserve(reserve: Any, memory: Mapping) -> dict:
         return out
     if isinstance(reserve, Mapping):
         for k, v in reserve.items():
-            key = _device_key(k)
+            key = device_key(k, "reserve key")
             if key not in memory:
                 raise ValueError(f"reserve: device {key!r} is not in max_memory ({list(memory)})")
             out[key] = parse_bytes(v, f"reserve[{k!r}]")
@@ -127,6 +106,7 @@ class Plan:
     seconds: float = 0.0
     strategy: str = ""
     num_layers: int = 0
+    notes: list = field(default_factory=list)   # what the plan assumed (reserve="auto")
 
     # --- views ----------------------------------------------------------------
     @property
@@ -228,68 +208,74 @@ class Plan:
                          self._ranges(r["layers"]), str(r["experts"])])
         return rows
 
-    def report(self) -> str:
-        head = ["device", "memory", "reserve", "weights", "free", "used", "layers", "experts"]
-        lines = [f"plan for {self.model} ({self.dtype}): "
-                 + ("fits" if self.feasible else "DOES NOT FIT")]
+    HEADER = ("device", "memory", "reserve", "weights", "free", "used", "layers", "experts")
+
+    def title(self) -> str:
+        return f"plan for {self.model} ({self.dtype}): " + ("fits" if self.feasible else "DOES NOT FIT")
+
+    def footer(self) -> list:
+        """Summary lines under the table: balance, what reserve="auto" assumed, splits."""
         if not self.feasible:
-            lines.append("  " + self.message)
-            return "\n".join(lines)
-        rows = [head] + self.rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        for r in rows:
-            lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
-        lines.append(f"  imbalance {100 * self.imbalance:.3f}%  peak {format_bytes(self.peak_bytes)}  "
-                     f"planned in {1000 * self.seconds:.1f} ms ({self.strategy})")
+            return [self.message] + self.notes
+        lines = [f"imbalance {100 * self.imbalance:.3f}%  peak {format_bytes(self.peak_bytes)}  "
+                 f"planned in {1000 * self.seconds:.1f} ms ({self.strategy})"] + self.notes
         split = self.split_layers()
         if split:
-            lines.append(f"  experts of {len(split)} layer(s) span devices: use memwarden.plan.apply(model, plan)"
-                         " to split them (a device_map keeps each fused experts module whole)")
-        return "\n".join(lines)
+            lines.append(f"experts of {len(split)} layer(s) span devices: load with the device_map, then "
+                         "memwarden.plan.apply(model, plan) splits them (a device_map keeps each fused "
+                         "experts module whole)")
+        return lines
+
+    def report(self) -> str:
+        rows = self.rows() if self.feasible else []
+        return format_table(self.title(), list(self.HEADER) if rows else [], rows, self.footer())
 
     def __str__(self) -> str:
         return self.report()
 
 
-def plan(model: Any, max_memory: Any, dtype: Any = "bfloat16", reserve: Any = None, *,
+def plan(model: Any, max_memory: Any, dtype: Any = None, reserve: Any = None, *,
          balance: str = "bytes", locality: bool = True, context: int | None = None, batch: int = 1,
-         kv_dtype: Any = None, raise_on_infeasible: bool = True, compute_dtype: Any = "bfloat16") -> Plan:
+         kv_dtype: Any = "auto", raise_on_infeasible: bool = True, compute_dtype: Any = "bfloat16") -> Plan:
     """Plan where each part of ``model`` goes.
 
-    model: an embedded name (``memwarden.models.EMBEDDED``), a config path, a dict, a
-      ``transformers`` config or a ``memwarden.models.ModelDescription``.
+    model: anything ``memwarden.models.describe`` takes (an embedded name, a config.json
+      path, a hub id, a GGUF file, a dict, a ``transformers`` config) or a
+      ``memwarden.models.ModelDescription``.
     max_memory: accelerate's format, ``{0: "16GiB", 1: "16GiB", "cpu": "64GiB"}``.
-    dtype: weight format (bfloat16, float16, float32, int8, int4).
+    dtype: weight format (default bfloat16; int8, int4, fp8, mxfp4, ...; a GGUF file keeps its own).
     reserve: bytes kept free per accelerator (one size or a dict per device); ``"auto"``
-      reserves the estimator's KV cache for ``context`` x ``batch`` tokens (split evenly),
-      activations and fixed buffers.
+      reserves the KV cache for ``context`` x ``batch`` tokens (split evenly), activations
+      and fixed buffers (``memwarden.footprint.auto_reserve``; ``Plan.notes`` says what it
+      assumed).
     balance: ``"bytes"`` (equal weight bytes, water filling under capacities) or
       ``"capacity"`` (bytes proportional to each device's capacity).
     Raises ``InfeasiblePlanError`` (a ValueError) when the model does not fit, unless
     ``raise_on_infeasible=False``.
     """
-    from memwarden import _C
+    from memwarden import footprint
     from memwarden import models as M
 
     desc = model if isinstance(model, M.ModelDescription) else M.describe(model, dtype, compute_dtype)
     memory = parse_max_memory(max_memory)
+    notes = []
     if isinstance(reserve, str) and reserve.strip().lower() == "auto":
-        from memwarden.estimate import auto_reserve
-        reserve = auto_reserve(desc.spec, list(memory), context=context, batch=batch,
-                               dtype=desc.dtype, kv_dtype=kv_dtype)
+        reserve, note = footprint.auto_reserve(desc.spec, list(memory), context=context, batch=batch,
+                                               weights_dtype=desc.dtype, kv_dtype=kv_dtype)
+        notes.append(note)
     res = parse_reserve(reserve, memory)
     devices = list(memory)
     caps = [memory[d] - res[d] for d in devices]
     spill = [d in _SPILL for d in devices]
     parts = desc.parts
-    r = _C.plan.plan([p.bytes for p in parts], [p.layer for p in parts], [p.is_expert for p in parts],
+    r = load_native().plan.plan([p.bytes for p in parts], [p.layer for p in parts], [p.is_expert for p in parts],
                      caps, spill, balance=balance, locality=locality)
     assignment = [devices[i] if i >= 0 else None for i in r["device"]]
     out = Plan(model=desc.spec.name, dtype=desc.dtype, devices=devices, memory=memory, reserve=res,
                load=dict(zip(devices, r["load"])), target=dict(zip(devices, r["target"])),
                parts=parts, assignment=assignment, feasible=r["feasible"], shortfall=r["shortfall"],
                message=r["message"], imbalance=r["imbalance"], seconds=r["seconds"], strategy=r["strategy"],
-               num_layers=desc.spec.num_layers)
+               num_layers=desc.spec.num_layers, notes=notes)
     if not out.feasible and raise_on_infeasible:
         raise InfeasiblePlanError(f"{desc.spec.name} ({desc.dtype}) does not fit: {out.message}", out)
     return out

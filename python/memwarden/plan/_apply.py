@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from memwarden._devices import torch_device
+
 __all__ = ["SplitExperts", "apply"]
 
 
@@ -28,11 +30,9 @@ def _torch_device(key: Any, devices: Mapping | None) -> torch.device:
         if key not in devices:
             raise ValueError(f"devices: no torch device given for planned device {key!r} (got {list(devices)})")
         return torch.device(devices[key])
-    if isinstance(key, int):
-        return torch.device("cuda", key)
-    if key in ("cpu", "mps"):
-        return torch.device(key)
-    raise ValueError(f"apply: planned device {key!r} cannot hold tensors; map it with devices={{...}}")
+    if key == "disk":
+        raise ValueError(f"apply: planned device {key!r} cannot hold tensors; map it with devices={{...}}")
+    return torch_device(key, "planned device")
 
 
 class SplitExperts(nn.Module):

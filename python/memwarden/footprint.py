@@ -1,0 +1,241 @@
+"""Memory formulas, one definition each: KV cache, recurrent state, activations, reserves.
+
+Everything here is arithmetic on a ``memwarden.models.ModelSpec``; nothing is built or
+loaded. ``plan`` and ``estimate`` sit on top; this module imports only ``models`` (for
+the spec type) and the unit helpers.
+
+KV cache, per decoder layer (``ModelSpec.layers``):
+
+* full attention keeps every token, a sliding layer the last ``sliding_window``, a
+  chunked layer (Llama 4) the current ``attention_chunk_size`` chunk;
+* an attention layer keeps ``kv_heads x (k_dim + v_dim)`` elements per token (K and V
+  head sizes may differ);
+* MLA layers (DeepSeek-V2/V3, Kimi-K2) keep either the compressed latent
+  ``kv_lora_rank + qk_rope_head_dim`` per token, as vLLM, SGLang and transformers 5's
+  ``DynamicCache`` store it (``mla_cache="latent"``, the default), or K and V
+  decompressed per head (``mla_cache="per_head"``: engines without weight absorption,
+  transformers 4);
+* linear-attention / SSM layers keep no KV but a fixed state per sequence (conv and
+  recurrent state), in the compute dtype (Qwen3-Next's recurrent state in float32, as
+  transformers keeps it).
+
+KV dtypes (``kv_format``): ``auto`` (the weights' float dtype, bfloat16 for quantized
+weights), ``bfloat16``/``float16``/``float32``, ``fp8``/``fp8_e4m3``/``fp8_e5m2`` (1 byte,
+per-tensor scales), ``int8`` (1 byte, static scales), ``int8_per_token_head`` (1 byte plus
+one fp32 scale per token and head, memwarden's dynamic INT8 pages), ``int4`` (half a byte
+plus an fp16 scale and zero point per group of 64 elements, transformers'
+``QuantizedCache`` layout).
+
+Activations: the peak of one forward step over ``tokens`` tokens: the residual stream
+and its normed copy, plus the larger of the attention block (the projections' outputs
+and, for the unfused attention of eager PyTorch on the CPU, the score matrix) and the
+MLP block (its projections' outputs for the experts a token runs), plus the logits.
+
+Fixed buffers per accelerator: the CUDA context and a workspace (cuBLAS, attention).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "KVFormat", "kv_format", "KV_DTYPES", "kv_bytes_per_token", "kv_layer_bytes", "kv_cache_bytes",
+    "state_bytes", "activation_bytes", "fixed_bytes", "kv_blocks", "max_concurrent_sequences",
+    "CUDA_CONTEXT_BYTES", "WORKSPACE_BYTES", "DEFAULT_PREFILL_CHUNK", "MLA_CACHES", "check_count",
+]
+
+CUDA_CONTEXT_BYTES = 500 * 2**20
+WORKSPACE_BYTES = 256 * 2**20
+DEFAULT_PREFILL_CHUNK = 2048
+MLA_CACHES = ("latent", "per_head")
+INT4_KV_GROUP = 64
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """Bytes of a KV element and of the scales stored beside it."""
+
+    name: str
+    element_bytes: float
+    scale_bytes_per_head: float = 0.0   # per token and head (int8_per_token_head)
+    group: int = 0                      # elements per (scale, zero) group (int4)
+    group_bytes: int = 0
+
+
+_KV_FORMATS = {
+    "bfloat16": KVFormat("bfloat16", 2), "float16": KVFormat("float16", 2), "float32": KVFormat("float32", 4),
+    "fp8_e4m3": KVFormat("fp8_e4m3", 1), "fp8_e5m2": KVFormat("fp8_e5m2", 1), "int8": KVFormat("int8", 1),
+    "int8_per_token_head": KVFormat("int8_per_token_head", 1, scale_bytes_per_head=4),
+    "int4": KVFormat("int4", 0.5, group=INT4_KV_GROUP, group_bytes=4),
+}
+_KV_ALIASES = {
+    "bf16": "bfloat16", "torch.bfloat16": "bfloat16", "fp16": "float16", "half": "float16",
+    "torch.float16": "float16", "fp32": "float32", "float": "float32", "torch.float32": "float32",
+    "fp8": "fp8_e4m3", "fp8_e4m3fn": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3", "float8_e5m2": "fp8_e5m2",
+    "int8_static": "int8",
+}
+KV_DTYPES = ("auto",) + tuple(_KV_FORMATS)
+
+
+def check_count(value: Any, name: str, allow_zero: bool = False) -> int:
+    """``value`` if it is a positive (or, with ``allow_zero``, non-negative) integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+    return value
+
+
+def kv_format(kv_dtype: Any = "auto", weights_dtype: str = "bfloat16") -> KVFormat:
+    """The KV format for ``kv_dtype`` (see the module doc); ``auto`` follows the weights."""
+    key = "auto" if kv_dtype is None else str(kv_dtype).lower().strip()
+    key = _KV_ALIASES.get(key, key)
+    if key == "auto":
+        key = weights_dtype if weights_dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+    if key not in _KV_FORMATS:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or bf16, fp16, fp32, fp8), "
+                         f"got {kv_dtype!r}")
+    return _KV_FORMATS[key]
+
+
+def _check_mla(mla_cache: str) -> str:
+    if mla_cache not in MLA_CACHES:
+        raise ValueError(f"mla_cache must be one of {MLA_CACHES}, got {mla_cache!r}")
+    return mla_cache
+
+
+def _layer_token_bytes(layer, fmt: KVFormat, mla_cache: str) -> float:
+    """KV bytes one token takes in one layer."""
+    if not layer.has_kv:
+        return 0.0
+    if layer.latent and mla_cache == "latent":
+        elements, heads = layer.latent, 1
+    else:
+        elements, heads = layer.kv_heads * (layer.k_dim + layer.v_dim), 2 * layer.kv_heads
+    per = elements * fmt.element_bytes + heads * fmt.scale_bytes_per_head
+    if fmt.group:
+        per += math.ceil(elements / fmt.group) * fmt.group_bytes
+    return per
+
+
+def kv_bytes_per_token(spec, kv_dtype: Any = "auto", weights_dtype: str = "bfloat16",
+                       mla_cache: str = "latent") -> float:
+    """KV bytes of one token summed over the layers that keep it (sliding layers included:
+    the per-token cost while the context is inside the window)."""
+    fmt = kv_format(kv_dtype, weights_dtype)
+    _check_mla(mla_cache)
+    return sum(_layer_token_bytes(layer, fmt, mla_cache) for layer in spec.layers)
+
+
+def kv_layer_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto",
+                   weights_dtype: str = "bfloat16", mla_cache: str = "latent") -> list:
+    """KV bytes of each decoder layer for ``batch`` sequences of ``context`` tokens."""
+    check_count(context, "context", allow_zero=True)
+    check_count(batch, "batch")
+    fmt = kv_format(kv_dtype, weights_dtype)
+    _check_mla(mla_cache)
+    return [int(round(_layer_token_bytes(layer, fmt, mla_cache) * layer.tokens_kept(context) * batch))
+            for layer in spec.layers]
+
+
+def state_bytes(spec, batch: int = 1, state_element_bytes: int = 2) -> list:
+    """Recurrent-state bytes of each decoder layer for ``batch`` sequences."""
+    check_count(batch, "batch")
+    return [((layer.state_elements or 0) * state_element_bytes + layer.state_fp32_elements * 4) * batch
+            for layer in spec.layers]
+
+
+def kv_cache_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto", weights_dtype: str = "bfloat16",
+                   mla_cache: str = "latent", state_element_bytes: int = 2) -> int:
+    """The whole cache: KV of every layer plus the recurrent state of linear/SSM layers."""
+    kv = kv_layer_bytes(spec, context, batch, kv_dtype, weights_dtype, mla_cache)
+    return sum(kv) + (sum(state_bytes(spec, batch, state_element_bytes)) if context else 0)
+
+
+def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, context: int | None = None,
+                     attention_scores: bool = False, all_logits: bool = False) -> int:
+    """Peak activation bytes of one forward step over ``tokens`` tokens in flight
+    (``batch`` sequences, attending to ``context`` tokens each).
+
+    attention_scores: count the ``[batch, heads, q, k]`` score matrix in fp32 (eager
+    attention, or SDPA's math path on the CPU) instead of a fused kernel's tiles.
+    all_logits: logits for every position (a plain forward) instead of the last token
+    of each sequence (what ``generate`` and servers compute).
+    """
+    check_count(tokens, "tokens")
+    check_count(batch, "batch")
+    hidden = spec.hidden_size
+    attn = max(spec.attn_width, default=0)
+    mlp = max(spec.mlp_width, default=0)
+    per_token = 2 * hidden + max(attn, mlp)
+    scores = 0
+    if attention_scores:
+        per_seq = tokens // batch or 1
+        kept = max((layer.tokens_kept(context or per_seq) for layer in spec.layers if layer.has_kv), default=0)
+        scores = batch * spec.num_heads * per_seq * kept * 4
+    logits = (tokens if all_logits else batch) * spec.vocab_size * 4
+    return int(tokens * per_token * act_bytes + scores + logits)
+
+
+def fixed_bytes(cuda_context: int = CUDA_CONTEXT_BYTES, workspace: int = WORKSPACE_BYTES) -> int:
+    """Fixed buffers of one accelerator."""
+    return cuda_context + workspace
+
+
+def _sequence_bytes(spec, context: int, block_size: int, fmt: KVFormat, mla_cache: str,
+                    state_element_bytes: int) -> int:
+    """Bytes of one sequence's pages: each layer's kept tokens rounded up to whole blocks."""
+    total = 0
+    for layer in spec.layers:
+        kept = layer.tokens_kept(context)
+        total += _layer_token_bytes(layer, fmt, mla_cache) * math.ceil(kept / block_size) * block_size
+        total += (layer.state_elements or 0) * state_element_bytes + layer.state_fp32_elements * 4
+    return int(math.ceil(total))
+
+
+def kv_blocks(spec, budget: int, block_size: int = 16, kv_dtype: Any = "auto", weights_dtype: str = "bfloat16",
+              mla_cache: str = "latent") -> int:
+    """How many KV blocks of ``block_size`` tokens (each holding those tokens for every
+    KV layer, as vLLM sizes its cache: budget // (block_size x bytes per token)) fit in
+    ``budget`` bytes."""
+    check_count(budget, "budget", allow_zero=True)
+    check_count(block_size, "block_size")
+    per_token = kv_bytes_per_token(spec, kv_dtype, weights_dtype, mla_cache)
+    if per_token == 0:
+        raise ValueError(f"{spec.name} keeps no KV cache (no attention layers): blocks have no size")
+    return int(budget // (per_token * block_size))
+
+
+def max_concurrent_sequences(spec, budget: int, context: int, block_size: int = 16, kv_dtype: Any = "auto",
+                             weights_dtype: str = "bfloat16", mla_cache: str = "latent",
+                             state_element_bytes: int = 2) -> int:
+    """How many sequences of ``context`` tokens fit in ``budget`` bytes of KV pages
+    (sliding layers need only the window's blocks; SSM layers their state)."""
+    check_count(budget, "budget", allow_zero=True)
+    check_count(context, "context")
+    check_count(block_size, "block_size")
+    fmt = kv_format(kv_dtype, weights_dtype)
+    _check_mla(mla_cache)
+    per_seq = _sequence_bytes(spec, context, block_size, fmt, mla_cache, state_element_bytes)
+    return budget // per_seq if per_seq else 0
+
+
+def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, weights_dtype: str = "bfloat16",
+                 kv_dtype: Any = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 mla_cache: str = "latent") -> tuple:
+    """Per-accelerator reserve for ``plan(reserve="auto")`` and a sentence saying what it
+    assumed: fixed buffers + activations + an even share of the KV cache of ``batch x
+    context`` tokens (default: the model's context, at most 4096)."""
+    if context is None:
+        context = min(spec.max_position_embeddings or 4096, 4096)
+    check_count(context, "context")
+    check_count(prefill_chunk, "prefill_chunk")
+    accelerators = [d for d in devices if d not in ("cpu", "disk")] or list(devices)
+    fmt = kv_format(kv_dtype, weights_dtype)
+    kv = kv_cache_bytes(spec, context, batch, fmt.name, weights_dtype, mla_cache)
+    act = activation_bytes(spec, batch * min(context, prefill_chunk), batch)
+    share = fixed_bytes() + act + -(-kv // len(accelerators))
+    from memwarden._units import format_bytes
+    note = (f"reserve auto: context {context} x batch {batch}, {fmt.name} KV {format_bytes(kv)} split over "
+            f"{len(accelerators)} device(s) + activations {format_bytes(act)} + CUDA context and workspace "
+            f"{format_bytes(fixed_bytes())} = {format_bytes(share)} per device")
+    return {d: share for d in accelerators}, note
