@@ -138,13 +138,14 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
              kv_dtype: Any = "auto", prefill_chunk: int = F.DEFAULT_PREFILL_CHUNK, max_memory: Any = None,
              cuda_context: Any = F.CUDA_CONTEXT_BYTES, workspace: Any = F.WORKSPACE_BYTES,
              mla_cache: str = "latent", offload: str = "accelerate", gpu_layers: int | None = None,
-             attention_scores: bool = False, block_size: int = 16) -> Estimate:
+             attention_scores: bool = False, all_logits: bool = False, block_size: int = 16) -> Estimate:
     """Memory needed to serve ``model`` (see the module doc).
 
     dtype: weight format (default bfloat16; a GGUF file keeps its own). kv_dtype: see
     ``memwarden.footprint.kv_format``. With ``max_memory`` (accelerate's format) the
     breakdown is per device, placed as ``offload`` says (``gpu_layers=N`` implies the
-    llama.cpp mode), and the room left for KV is sized as vLLM does: ``kv_blocks`` of
+    llama.cpp mode); ``attention_scores`` and ``all_logits`` as for
+    ``footprint.activation_bytes``. The room left for KV is sized as vLLM does: ``kv_blocks`` of
     ``block_size`` tokens and ``max_sequences`` of ``context`` tokens.
     """
     desc = _description(model, dtype)
@@ -170,7 +171,7 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
     state = F.state_bytes(spec, batch, act_bytes)
     cache_layers = [k + s for k, s in zip(kv_layers, state)]
     act = F.activation_bytes(spec, batch * min(context, prefill_chunk), batch, act_bytes, context=context,
-                             attention_scores=attention_scores)
+                             attention_scores=attention_scores, all_logits=all_logits)
     est = Estimate(model=spec.name, dtype=desc.dtype, kv_dtype=fmt.name, context=context, batch=batch,
                    prefill_chunk=prefill_chunk, weights=desc.bytes, kv_cache=sum(cache_layers),
                    activations=act, overhead=fixed, warnings=warnings, block_size=block_size)

@@ -26,10 +26,11 @@ one fp32 scale per token and head, memwarden's dynamic INT8 pages), ``int4`` (ha
 plus an fp16 scale and zero point per group of 64 elements, transformers'
 ``QuantizedCache`` layout).
 
-Activations: the peak of one forward step over ``tokens`` tokens: the residual stream
-and its normed copy, plus the larger of the attention block (the projections' outputs
-and, for the unfused attention of eager PyTorch on the CPU, the score matrix) and the
-MLP block (its projections' outputs for the experts a token runs), plus the logits.
+Activations: the peak of one forward step over ``tokens`` tokens, as eager transformers
+allocates it: the residual stream plus the largest of the norm's fp32 upcast, the
+attention block (the projections' outputs and rotary copies; the score matrix when the
+attention is unfused) and the MLP block (its projections' outputs for the experts a token
+runs), or the head (final hidden and logits) when that is larger.
 
 Fixed buffers per accelerator: the CUDA context and a workspace (cuBLAS, attention).
 """
@@ -154,26 +155,38 @@ def kv_cache_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto", w
 def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, context: int | None = None,
                      attention_scores: bool = False, all_logits: bool = False) -> int:
     """Peak activation bytes of one forward step over ``tokens`` tokens in flight
-    (``batch`` sequences, attending to ``context`` tokens each).
+    (``batch`` sequences, attending to ``context`` tokens each), as eager transformers
+    allocates them (checked by ``benchmarks/bench_estimate.py``):
 
-    attention_scores: count the ``[batch, heads, q, k]`` score matrix in fp32 (eager
-    attention, or SDPA's math path on the CPU) instead of a fused kernel's tiles.
-    all_logits: logits for every position (a plain forward) instead of the last token
-    of each sequence (what ``generate`` and servers compute).
+        peak = max(layer, head)
+        layer = T (4 H e) + max(8 H T, e T (A + 2 Q), 1.5 e T M) [+ scores]
+        head  = T H e + logits
+
+    T tokens, H hidden size, e bytes per element; 4 H: embeddings, layer input, residual,
+    normed input; 8 H: RMSNorm's fp32 upcast; A: outputs of the attention projections,
+    2 Q: rotary copies of the queries (Q = heads x head_dim); M: outputs of the MLP
+    projections one token runs (its experts for MoE), 1.5 M the gated intermediates.
+
+    attention_scores: add the ``[batch, heads, q, k]`` scores and softmax in fp32 (eager
+    attention, or SDPA's math path, which the CPU takes when V's head size differs from
+    the query's, as in MLA) instead of a fused kernel's tiles.
+    all_logits: logits for every position in the compute dtype (a plain forward) instead
+    of the last token of each sequence in fp32 (what ``generate`` and servers compute).
     """
     check_count(tokens, "tokens")
     check_count(batch, "batch")
-    hidden = spec.hidden_size
-    attn = max(spec.attn_width, default=0)
-    mlp = max(spec.mlp_width, default=0)
-    per_token = 2 * hidden + max(attn, mlp)
-    scores = 0
+    hidden, e = spec.hidden_size, act_bytes
+    queries = spec.num_heads * spec.head_dim
+    attn = e * (max(spec.attn_width, default=0) + 2 * queries)
+    mlp = 1.5 * e * max(spec.mlp_width, default=0)
+    layer = tokens * (4 * hidden * e + max(8 * hidden, attn, mlp))
     if attention_scores:
-        per_seq = tokens // batch or 1
+        per_seq = max(1, tokens // batch)
         kept = max((layer.tokens_kept(context or per_seq) for layer in spec.layers if layer.has_kv), default=0)
-        scores = batch * spec.num_heads * per_seq * kept * 4
-    logits = (tokens if all_logits else batch) * spec.vocab_size * 4
-    return int(tokens * per_token * act_bytes + scores + logits)
+        layer += batch * spec.num_heads * per_seq * kept * 8
+    logits = tokens * spec.vocab_size * e if all_logits else batch * spec.vocab_size * 4
+    head = tokens * hidden * e + logits
+    return int(max(layer, head))
 
 
 def fixed_bytes(cuda_context: int = CUDA_CONTEXT_BYTES, workspace: int = WORKSPACE_BYTES) -> int:

@@ -17,3 +17,12 @@ def test_demo_runs_and_reports_expected_figures(capsys):
     # The OOM callback freed one 64 MiB page and the 100 MiB allocation then fit under 256 MiB.
     assert "out of memory for 100 MiB" in out and "allocated 228 MiB" in out and "2 pages kept" in out
     assert "plan for mixtral-8x7b (bfloat16): fits" in out
+
+
+def test_estimate_any_model_example_prices_a_config_json_and_a_gguf_header(capsys):
+    example = DEMO.parent / "estimate_any_model.py"
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "OLMoE-1B-7B from its config.json: 6.92B parameters (64 experts, top 8)" in out
+    assert "describing 8.03B parameters in Q4_K_M" in out
+    assert "llama.cpp gpu_layers=16" in out and "fits" in out
