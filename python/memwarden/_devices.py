@@ -25,7 +25,7 @@ import re
 import sys
 from typing import Any
 
-__all__ = ["device_key", "device_order", "is_accelerator", "torch_device"]
+__all__ = ["device_key", "device_order", "is_accelerator", "torch_device", "memory_device"]
 
 _NAMED = ("mps", "cpu", "disk")  # after the GPUs, in accelerate's order
 _ACCEPTED = ("a GPU index (int >= 0, '0', 'cuda', 'cuda:N' or torch.device('cuda', N)), "
@@ -86,6 +86,18 @@ def device_order(key: Any) -> tuple:
 def is_accelerator(key: Any) -> bool:
     """Whether the device computes (a GPU or ``"mps"``), as opposed to ``"cpu"``/``"disk"``."""
     return device_key(key) not in ("cpu", "disk")
+
+
+def memory_device(value: Any, accepted: str, refusal: str) -> str:
+    """``"cpu"`` or ``"cuda:N"`` (the names memwarden's allocator and memory readers use)
+    from anything :func:`device_key` reads; other devices raise ``ValueError`` saying what
+    is ``accepted`` and why the device is refused (``refusal``, given the key)."""
+    key = device_key(value)
+    if isinstance(key, int):
+        return f"cuda:{key}"
+    if key == "cpu":
+        return key
+    raise ValueError(f"device must be {accepted}, got {value!r}: {refusal.format(key=key)}")
 
 
 def torch_device(value: Any, name: str = "device"):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from memwarden import _native
-from memwarden._devices import device_key
+from memwarden._devices import memory_device
 from memwarden._table import format_table
 from memwarden._units import format_bytes, parse_bytes
 
@@ -59,13 +59,8 @@ def _device(device: Any = "cpu") -> str:
     """'cpu' or 'cuda:N' (the core's names) from anything :func:`memwarden._devices.device_key`
     reads. A bare 'cuda' is the current device, read without initialising CUDA (which
     would bring up PyTorch's allocator, and install('cuda') must come before it)."""
-    key = device_key(device)
-    if isinstance(key, int):
-        return f"cuda:{key}"
-    if key == "cpu":
-        return key
-    raise ValueError(f"device must be 'cpu' or 'cuda[:N]' (or a GPU index), got {device!r}: "
-                     f"memwarden's allocator has no {key!r} backend")
+    return memory_device(device, "'cpu' or 'cuda[:N]' (or a GPU index)",
+                         "memwarden's allocator has no {key!r} backend")
 
 
 def _require_cuda(device: str) -> None:

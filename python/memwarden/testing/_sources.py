@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from memwarden._devices import device_key
+from memwarden._devices import memory_device
 
 __all__ = [
     "resolve_device", "device_type", "alloc_backend", "use_backend", "allocator_stats",
@@ -59,13 +59,8 @@ def resolve_device(device: Any = None) -> str:
     "cuda:N", an index, a torch.device) -> "cuda:N"; "mps" and "disk" are refused."""
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         device = "cuda" if cuda_available() else "cpu"
-    key = device_key(device)
-    if isinstance(key, int):
-        return f"cuda:{key}"
-    if key == "cpu":
-        return key
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None/'auto'), got {device!r}: "
-                     f"the testing toolkit measures no {key!r} memory")
+    return memory_device(device, "'cpu', 'cuda' or 'cuda:N' (or None/'auto')",
+                         "the testing toolkit measures no {key!r} memory")
 
 
 def device_type(device: str) -> str:
