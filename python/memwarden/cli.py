@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from memwarden._table import render
-from memwarden._units import format_bytes, parse_bytes
+from memwarden._units import parse_bytes
 from memwarden._version import __version__
 
 __all__ = ["main", "parse_gpus"]

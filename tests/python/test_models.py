@@ -195,3 +195,27 @@ def test_layer_facts_for_the_cache():
     assert ds.mla and ds.layers[0].latent == 512 + 64
     assert (ds.layers[0].kv_heads, ds.layers[0].k_dim, ds.layers[0].v_dim) == (128, 192, 128)
     assert ds.num_experts == 256 and ds.moe_layers == tuple(range(3, 61))
+
+
+def test_a_gguf_file_is_described_estimated_and_planned_from_its_header(tmp_path):
+    pytest.importorskip("gguf")
+    from gguf_files import write_llama, write_moe
+    from memwarden import estimate, plan
+
+    dense = write_llama(str(tmp_path / "tiny.gguf"))
+    d = M.describe(dense.path)
+    assert d.source == "GGUF header" and d.dtype == "Q8_0" and d.spec.name == "Tiny Llama Test"
+    # per tensor by hand: Q8_0 34 B per 32 weights, Q4_0 18 B per 32, F16 2 B, F32 4 B
+    sizes = {"F32": lambda n: 4 * n, "F16": lambda n: 2 * n, "Q8_0": lambda n: n // 32 * 34,
+             "Q4_0": lambda n: n // 32 * 18}
+    assert d.bytes == sum(sizes[t](int(torch.Size(shape).numel())) for _, shape, t in dense.tensors)
+    assert [p.name for p in d.parts][:3] == ["embed", "layers.0.attn", "layers.0.mlp"]
+    assert (d.spec.num_layers, d.spec.num_kv_heads, d.spec.head_dim) == (3, 2, 16)
+    # KV by hand: 3 layers x 2 kv heads x 16 x (K, V) x bf16 per token
+    assert estimate.estimate(dense.path, context=1000).kv_cache == 1000 * 3 * 2 * 16 * 2 * 2
+    with pytest.raises(ValueError, match="GGUF file fixes its weight format"):
+        M.describe(dense.path, "int4")
+    moe = M.describe(write_moe(str(tmp_path / "moe.gguf")).path)
+    assert moe.spec.num_experts == 4 and moe.spec.experts_per_token == 2
+    p = plan.plan(moe, {0: "1GiB", 1: "1GiB"})
+    assert p.feasible and set(p.placement().values()) == {0, 1}

@@ -129,14 +129,10 @@ def _transformers_config(cfg: dict, warnings: list):
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     missing = [k for k in _CORE_KEYS if k not in text and not any(
         alias in text for alias, target in getattr(cls, "attribute_map", {}).items() if target == k)]
+    from memwarden.models._meta import quiet_transformers
     try:
-        from transformers.utils import logging
-        level = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
+        with quiet_transformers():
             config = cls.from_dict(config_dict(cfg))
-        finally:
-            logging.set_verbosity(level)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ValueError(f"transformers could not read this {model_type!r} config: {e}") from None
     text_config = config.get_text_config(decoder=True)
@@ -197,6 +193,11 @@ def describe(model: Any, dtype: Any = None, compute_dtype: Any = "bfloat16") -> 
         raise ValueError(f"compute_dtype must be a float dtype, got {compute_dtype!r}")
     cb = FLOAT_BYTES[compute]
     if isinstance(model, ModelDescription):
+        if dtype is None or weight_format(dtype) == model.dtype:
+            return model
+        if model.source == "GGUF header":
+            raise ValueError(f"dtype: a GGUF file fixes its weight format ({model.dtype}); it cannot be "
+                             f"priced as {dtype!r}")
         model = model.spec.config
     elif isinstance(model, ModelSpec):
         model = model.config

@@ -80,13 +80,14 @@ def _read_json(path: str) -> dict:
 def _from_hub(repo_id: str) -> dict:
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError)
     except ImportError:
         raise ValueError(f"model: {repo_id!r} looks like a Hugging Face hub id; reading it needs "
                          "huggingface_hub (pip install 'memwarden[hf]')") from None
     try:
         return _read_json(hf_hub_download(repo_id, "config.json"))
-    except (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError) as e:
+    except (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         where = "in the local cache (HF_HUB_OFFLINE is set)" if offline else "on the hub or in the local cache"
         raise ValueError(f"model: no config.json for {repo_id!r} {where}: {type(e).__name__}") from None

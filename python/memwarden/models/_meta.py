@@ -31,18 +31,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Any
+from dataclasses import dataclass
 
 from memwarden.models._parts import Part, Tensor
 
-__all__ = ["meta_parts", "build_meta_model", "MLP_NAMES"]
+__all__ = ["meta_parts", "build_meta_model", "quiet_transformers", "MLP_NAMES"]
 
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "mlp_block", "ff", "residual_mlp",
              "shared_mlp", "channel_mixer", "feedforward")
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' warnings about configs and weights silenced (a meta build has no weights)."""
     from transformers.utils import logging
     level = logging.get_verbosity()
     logging.set_verbosity_error()
@@ -57,7 +58,7 @@ def build_meta_model(config):
     import torch
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers(), torch.device("meta"):
+    with quiet_transformers(), torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(config)
         except ValueError as e:
@@ -94,8 +95,20 @@ def _decoder_layers(model, num_layers: int):
     return best[0], best[1]
 
 
-def _find_experts(layer):
-    """(relative path, module, number of experts, fused) of a layer's routed experts, or None."""
+@dataclass(frozen=True)
+class _Experts:
+    path: str      # relative to the decoder layer, e.g. "mlp.experts"
+    count: int
+    fused: bool    # 3-D tensors [experts, out, in] rather than an nn.ModuleList of MLPs
+
+    @property
+    def block(self) -> str:
+        """The MoE block holding the experts (router, shared experts); "" is the layer itself."""
+        return self.path.rsplit(".", 1)[0] if "." in self.path else ""
+
+
+def _find_experts(layer) -> _Experts | None:
+    """A layer's routed experts, or None for a dense layer."""
     from torch import nn
 
     for name, module in layer.named_modules():
@@ -103,13 +116,13 @@ def _find_experts(layer):
         if "expert" not in leaf or "shared" in leaf:
             continue
         if isinstance(module, nn.ModuleList) and len(module) > 1:
-            return name, module, len(module), False
+            return _Experts(name, len(module), False)
         count = getattr(module, "num_experts", None)
         leads = {p.shape[0] for p in module.parameters(recurse=False) if p.dim() >= 2}
         if isinstance(count, int) and count > 0 and leads == {count}:
-            return name, module, count, True
+            return _Experts(name, count, True)
         if count is None and len(leads) == 1 and next(iter(leads)) > 1:
-            return name, module, next(iter(leads)), True
+            return _Experts(name, next(iter(leads)), True)
     return None
 
 
@@ -144,167 +157,170 @@ def meta_parts(config) -> tuple:
     return parts
 
 
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+class _Grouping:
+    """Assigns every parameter and buffer of a meta model to a part (see the module doc)."""
+
+    def __init__(self, model, num_layers: int):
+        self.model = model
+        self.num_layers = num_layers
+        self.fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
+            getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        self.tensors: dict[str, list] = {}    # part name -> [Tensor]
+        self.kinds: dict[str, tuple] = {}     # part name -> (kind, layer, expert)
+        self.owner: dict[str, str] = {}       # tensor name -> part (a layer's fused experts share one owner)
+        self.extra_modules: dict[str, list] = {}  # part -> device_map keys not found by purity
+        self.seen: set = set()                # a block shared by several layers (Zamba) counts once
+
+    def add(self, part: str, kind: str, layer: int, expert: int, tensor: Tensor) -> None:
+        self.kinds.setdefault(part, (kind, layer, expert))
+        self.tensors.setdefault(part, []).append(tensor)
+        self.owner[tensor.name.split("[")[0]] = part if expert < 0 else f"layers.{layer}.experts"
+
+    def tensor(self, name: str, value, quantizable: bool, is_param: bool, shape=None) -> Tensor:
+        if not is_param:
+            element = value.element_size()          # buffers keep their dtype
+        elif any(f".{m}." in f".{name}" or name.startswith(f"{m}.") for m in self.fp32):
+            element = 4
+        else:
+            element = None
+        return Tensor(name, tuple(value.shape) if shape is None else shape, quantizable, element,
+                      is_param=is_param)
+
+    def named_tensors(self, module):
+        """(relative name, tensor, is_param) of parameters then buffers not seen before."""
+        for is_param, named in ((True, module.named_parameters()), (False, module.named_buffers())):
+            for rel, value in named:
+                if id(value) not in self.seen:
+                    self.seen.add(id(value))
+                    yield rel, value, is_param
+
+    def layer(self, i: int, base: str, layer) -> None:
+        """Step 2: a decoder layer's attn, mlp or moe, and expert parts."""
+        experts = _find_experts(layer)
+        mlp_child = None if experts else _dense_mlp(layer)
+        for rel, value, is_param in self.named_tensors(layer):
+            full = f"{base}.{rel}"
+            owner_module = layer.get_submodule(_parent(rel))
+            linear = is_param and _is_linear(owner_module) and value.dim() == 2
+            if experts and rel.startswith(experts.path + "."):
+                self.expert_tensor(i, experts, rel[len(experts.path) + 1:], full, value, is_param, linear)
+                continue
+            in_block = experts is not None and (experts.block == "" or rel.startswith(experts.block + "."))
+            router = in_block and value.shape[0] == experts.count
+            tensor = self.tensor(full, value, linear and not router, is_param)
+            if experts and ((in_block and experts.block) or _parent(rel).split(".")[0] in MLP_NAMES):
+                self.add(f"layers.{i}.moe", "moe", i, -1, tensor)
+            elif mlp_child is not None and rel.startswith(mlp_child + "."):
+                self.add(f"layers.{i}.mlp", "mlp", i, -1, tensor)
+            else:
+                self.add(f"layers.{i}.attn", "attn", i, -1, tensor)
+        self.kinds.setdefault(f"layers.{i}.attn", ("attn", i, -1))
+        self.tensors.setdefault(f"layers.{i}.attn", [])
+        if experts:
+            self.kinds.setdefault(f"layers.{i}.moe", ("moe", i, -1))
+            self.tensors.setdefault(f"layers.{i}.moe", [])
+            path = f"{base}.{experts.path}"
+            for e in range(experts.count):
+                self.extra_modules[f"layers.{i}.experts.{e}"] = [path if experts.fused else f"{path}.{e}"]
+
+    def expert_tensor(self, i: int, experts: _Experts, inner: str, full: str, value, is_param: bool,
+                      linear: bool) -> None:
+        if experts.fused and "." not in inner and value.dim() and value.shape[0] == experts.count:
+            for e in range(experts.count):  # one slice per expert
+                self.add(f"layers.{i}.experts.{e}", "expert", i, e,
+                         self.tensor(f"{full}[{e}]", value, is_param and value.dim() >= 3, is_param,
+                                     shape=tuple(value.shape[1:])))
+        elif not experts.fused:
+            e = int(inner.split(".", 1)[0])
+            self.add(f"layers.{i}.experts.{e}", "expert", i, e, self.tensor(full, value, linear, is_param))
+        else:  # a tensor of the experts module without an expert dimension
+            self.add(f"layers.{i}.moe", "moe", i, -1, self.tensor(full, value, False, is_param))
+
+    def outside(self, layers_path: str) -> None:
+        """Step 3: what is registered before the layer list is embed, after it head."""
+        modules = dict(self.model.named_modules())
+        order = {name: k for k, name in enumerate(modules)}
+        prefix = layers_path + "."
+        layers_end = max(order[n] for n in modules if n == layers_path or n.startswith(prefix))
+        param_modules = {_parent(n) for n, _ in self.model.named_parameters()}
+        for full, value, is_param in self.named_tensors(self.model):
+            module = _parent(full)
+            # buffer-only modules (rotary tables) are computed before the layers
+            after = order.get(module, 0) > layers_end and (is_param or module in param_modules)
+            part = "head" if after else "embed"
+            self.add(part, part, self.num_layers if after else -1, -1, self.tensor(full, value, False, is_param))
+        for part, layer in (("embed", -1), ("head", self.num_layers)):
+            self.kinds.setdefault(part, (part, layer, -1))
+            self.tensors.setdefault(part, [])
+
+    def tied_modules(self, layers_path: str) -> None:
+        """A module whose every parameter is an alias (a tied lm_head) runs where the original lives."""
+        first_name: dict[int, str] = {}
+        aliased: dict[str, set] = {}
+        own: dict[str, int] = {}
+        for full, value in self.model.named_parameters(remove_duplicate=False):
+            module = _parent(full)
+            if id(value) in first_name and first_name[id(value)] != full:
+                aliased.setdefault(module, set()).add(self.owner.get(first_name[id(value)]))
+            else:
+                first_name[id(value)] = full
+                own[module] = own.get(module, 0) + 1
+        for module, parts in aliased.items():
+            if own.get(module, 0) == 0 and len(parts) == 1 and None not in parts \
+                    and not module.startswith(layers_path + "."):
+                self.extra_modules.setdefault(next(iter(parts)), []).append(module)
+
+    def parts(self, num_layer_modules: int) -> tuple:
+        """The parts in pipeline order; device_map keys are the largest pure module paths."""
+        members: dict[str, set] = {}
+        for name, part in self.owner.items():
+            path = name
+            while path:
+                path = _parent(path)
+                members.setdefault(path, set()).add(part)
+
+        def pure_modules(part: str, names: list) -> list:
+            out = []
+            for name in names:
+                best = name
+                while best and members.get(_parent(best)) == {part}:
+                    best = _parent(best)
+                if best not in out:
+                    out.append(best)
+            return out
+
+        ordered = ["embed"]
+        for i in range(num_layer_modules):
+            ordered += [f"layers.{i}.{kind}" for kind in ("attn", "mlp", "moe") if f"layers.{i}.{kind}" in self.kinds]
+            ordered += sorted((p for p in self.kinds if p.startswith(f"layers.{i}.experts.")),
+                              key=lambda p: int(p.rsplit(".", 1)[1]))
+        ordered.append("head")
+        parts = []
+        for name in ordered:
+            kind, layer, expert = self.kinds[name]
+            tensors = tuple(self.tensors[name])
+            if kind == "expert":
+                modules = tuple(self.extra_modules[name])
+            else:
+                modules = tuple(pure_modules(name, [t.name for t in tensors]) + self.extra_modules.get(name, []))
+            parts.append(Part(name, kind, layer, expert, modules, tensors))
+        return tuple(parts)
+
+
 def _group(model, config) -> tuple:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     num_layers = getattr(text, "num_hidden_layers", None)
     if not isinstance(num_layers, int):
         raise ValueError(f"model_type {config.model_type!r}: its config has no num_hidden_layers, so its "
                          "decoder layers cannot be told apart")
-    layers_path, layers = _decoder_layers(model, num_layers)
-    fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
-        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-
-    tensors: dict[str, list] = {}    # part name -> [Tensor]
-    owner: dict[str, str] = {}       # tensor name -> part name
-    meta: dict[str, tuple] = {}      # part name -> (kind, layer, expert)
-    special_modules: dict[str, list] = {}  # part name -> module paths that are not found by purity
-
-    def add(part: str, kind: str, layer: int, expert: int, tensor: Tensor) -> None:
-        meta.setdefault(part, (kind, layer, expert))
-        tensors.setdefault(part, []).append(tensor)
-        owner[tensor.name.split("[")[0]] = part if expert < 0 else f"layers.{layer}.experts"
-
-    def element_bytes(name: str, is_param: bool, value) -> float | None:
-        if not is_param:
-            return value.element_size()
-        if any(f".{m}." in f".{name}" or name.startswith(f"{m}.") for m in fp32):
-            return 4
-        return None
-
-    modules = dict(model.named_modules())
-    seen: set = set()   # a block shared by several layers (Zamba) is counted where it first appears
-    # 1. decoder layers
-    prefix = layers_path + "."
+    layers_path, layers = _decoder_layers(model, num_layers)  # step 1
+    grouping = _Grouping(model, num_layers)
     for i, layer in enumerate(layers):
-        base = f"{prefix}{i}"
-        found = _find_experts(layer)
-        mlp_child = None if found else _dense_mlp(layer)
-        block = found[0].rsplit(".", 1)[0] if found and "." in found[0] else ("" if found else None)
-        router_rows = found[2] if found else None
-        for kind_is_param, named in ((True, layer.named_parameters()), (False, layer.named_buffers())):
-            for rel, value in named:
-                if id(value) in seen:
-                    continue
-                seen.add(id(value))
-                full = f"{base}.{rel}"
-                mod_rel = rel.rsplit(".", 1)[0] if "." in rel else ""
-                owner_mod = layer.get_submodule(mod_rel) if mod_rel else layer
-                eb = element_bytes(full, kind_is_param, value)
-                shape = tuple(value.shape)
-                if found and (rel.startswith(found[0] + ".")):
-                    ex_path, ex_mod, count, fused = found
-                    inner = rel[len(ex_path) + 1:]
-                    if fused and "." not in inner and shape and shape[0] == count:
-                        for e in range(count):
-                            add(f"layers.{i}.experts.{e}", "expert", i, e,
-                                Tensor(f"{full}[{e}]", shape[1:], kind_is_param and len(shape) >= 3, eb,
-                                       is_param=kind_is_param))
-                        continue
-                    if not fused:
-                        e = int(inner.split(".", 1)[0])
-                        add(f"layers.{i}.experts.{e}", "expert", i, e,
-                            Tensor(full, shape, kind_is_param and _is_linear(owner_mod) and len(shape) == 2, eb,
-                                   is_param=kind_is_param))
-                        continue
-                    add(f"layers.{i}.moe", "moe", i, -1, Tensor(full, shape, False, eb, is_param=kind_is_param))
-                    continue
-                in_block = found is not None and (block == "" or rel.startswith(block + "."))
-                in_mlp = mlp_child is not None and rel.startswith(mlp_child + ".")
-                quant = (kind_is_param and _is_linear(owner_mod) and len(shape) == 2
-                         and not (in_block and shape[0] == router_rows))
-                tensor = Tensor(full, shape, quant, eb, is_param=kind_is_param)
-                if in_block and block != "":
-                    add(f"layers.{i}.moe", "moe", i, -1, tensor)
-                elif found is not None and mod_rel.split(".")[0] in MLP_NAMES:
-                    add(f"layers.{i}.moe", "moe", i, -1, tensor)
-                elif in_mlp:
-                    add(f"layers.{i}.mlp", "mlp", i, -1, tensor)
-                else:
-                    add(f"layers.{i}.attn", "attn", i, -1, tensor)
-        meta.setdefault(f"layers.{i}.attn", ("attn", i, -1))
-        tensors.setdefault(f"layers.{i}.attn", [])
-        if found:
-            meta.setdefault(f"layers.{i}.moe", ("moe", i, -1))
-            tensors.setdefault(f"layers.{i}.moe", [])
-            ex_full = f"{base}.{found[0]}"
-            for e in range(found[2]):
-                special_modules[f"layers.{i}.experts.{e}"] = [ex_full if found[3] else f"{ex_full}.{e}"]
-
-    # 2. outside the layers: before the layer list -> embed, after -> head
-    order = {name: k for k, name in enumerate(modules)}
-    layers_at = order[layers_path]
-    layers_end = max(order[n] for n in modules if n == layers_path or n.startswith(prefix))
-    param_modules = {n.rsplit(".", 1)[0] if "." in n else "" for n, _ in model.named_parameters()}
-    for kind_is_param, named in ((True, model.named_parameters()), (False, model.named_buffers())):
-        for full, value in named:
-            if full.startswith(prefix) or id(value) in seen:
-                continue
-            mod = full.rsplit(".", 1)[0] if "." in full else ""
-            after = order.get(mod, 0) > layers_end
-            if not kind_is_param and mod not in param_modules:
-                after = False  # rotary tables and the like are computed before the layers
-            part = "head" if after else "embed"
-            add(part, part, num_layers if after else -1, -1,
-                Tensor(full, tuple(value.shape), False, element_bytes(full, kind_is_param, value),
-                       is_param=kind_is_param))
-    for part, layer in (("embed", -1), ("head", num_layers)):
-        meta.setdefault(part, (part, layer, -1))
-        tensors.setdefault(part, [])
-
-    # tied weights: a module whose every parameter is an alias runs where the original lives
-    first_name: dict[int, str] = {}
-    aliased: dict[str, set] = {}
-    own: dict[str, int] = {}
-    for full, value in model.named_parameters(remove_duplicate=False):
-        mod = full.rsplit(".", 1)[0] if "." in full else ""
-        if id(value) in first_name and first_name[id(value)] != full:
-            aliased.setdefault(mod, set()).add(owner.get(first_name[id(value)]))
-        else:
-            first_name[id(value)] = full
-            own[mod] = own.get(mod, 0) + 1
-    for mod, parts in aliased.items():
-        if own.get(mod, 0) == 0 and len(parts) == 1 and None not in parts and not mod.startswith(prefix):
-            special_modules.setdefault(next(iter(parts)), []).append(mod)
-
-    # module purity: the largest module paths all of whose tensors belong to one part
-    members: dict[str, set] = {}
-    for name, part in owner.items():
-        path = name
-        while "." in path:
-            path = path.rsplit(".", 1)[0]
-            members.setdefault(path, set()).add(part)
-        members.setdefault("", set()).add(part)
-
-    def pure_modules(part: str, names: list) -> list:
-        out = []
-        for name in names:
-            path, best = name, name
-            while "." in path:
-                parent = path.rsplit(".", 1)[0]
-                if members.get(parent) != {part}:
-                    break
-                best = path = parent
-            if best not in out:
-                out.append(best)
-        return out
-
-    ordered = ["embed"]
-    for i in range(len(layers)):
-        ordered += [f"layers.{i}.attn"]
-        if f"layers.{i}.mlp" in meta:
-            ordered.append(f"layers.{i}.mlp")
-        if f"layers.{i}.moe" in meta:
-            ordered.append(f"layers.{i}.moe")
-            ordered += sorted((p for p in meta if p.startswith(f"layers.{i}.experts.")),
-                              key=lambda p: int(p.rsplit(".", 1)[1]))
-    ordered.append("head")
-    parts = []
-    for name in ordered:
-        kind, layer, expert = meta[name]
-        ts = tuple(tensors[name])
-        if kind == "expert":
-            mods = tuple(special_modules[name])
-        else:
-            mods = tuple(pure_modules(name, [t.name for t in ts]) + special_modules.get(name, []))
-        parts.append(Part(name, kind, layer, expert, mods, ts))
-    return tuple(parts)
+        grouping.layer(i, f"{layers_path}.{i}", layer)
+    grouping.outside(layers_path)
+    grouping.tied_modules(layers_path)
+    return grouping.parts(len(layers))
