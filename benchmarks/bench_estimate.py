@@ -26,16 +26,16 @@ emptied pool (``empty_cache``), so cached blocks of an earlier case are not reus
 * activations (act): the peak allocated during the prefill forward minus (weights + KV held at
   its end). A plain forward computes the logits of every position (``[batch, context, vocab]``
   in the compute dtype); act@1 is the same prefill with ``logits_to_keep=1``, as ``generate``
-  runs it. Both also in requested bytes (no allocator rounding), which is what
-  :func:`proposed_activations` is compared with;
+  runs it. Both also in requested bytes (no allocator rounding), which the estimated
+  activations (``all_logits=True`` and the default) are compared with;
 * total: the allocator's peak over prefill and decode, weights included.
 
 The estimate is ``estimate(config, dtype, context=context + decode, batch=batch,
-prefill_chunk=context, cuda_context=0, workspace=0)``: the cache holds ``context + decode`` tokens
-and the prefill processes ``context`` tokens in one chunk. Goals: weights and KV within 0.5 % of
-the tensor bytes, total within 10 % of the allocator's peak. A model the estimator cannot handle
-keeps its row, with the error. ``prop``/``prop@1``: :func:`proposed_activations` (a formula for the
-estimator, fitted here) over the measured act/act@1.
+prefill_chunk=context, cuda_context=0, workspace=0, all_logits=True)`` (scores materialised
+for eager attention and for MLA): the cache holds ``context + decode`` tokens and the prefill
+processes ``context`` tokens in one chunk. Goals: weights and KV within 0.5 % of the tensor
+bytes, total within 10 % of the allocator's peak. A model the estimator cannot handle keeps its
+row, with the error.
 """
 from __future__ import annotations
 
@@ -197,91 +197,19 @@ def run_case(model, config, context: int, batch: int, decode: int) -> dict:
     return r
 
 
-def estimate_case(config, dtype: str, r: dict) -> dict:
+def estimate_case(config, dtype: str, r: dict, attn: str) -> dict:
     from memwarden.estimate import estimate
 
-    # A plain forward computes every position's logits; the CPU's SDPA takes its math path
-    # (materialised scores) when V's head size differs from the query's, as in MLA.
+    # A plain forward computes every position's logits (``generate`` only the last ones:
+    # activations_last_logits). Scores are materialised by eager attention, and by the CPU's
+    # SDPA when V's head size differs from the query's (its math path), as in MLA.
     mla = getattr(config.get_text_config(), "kv_lora_rank", None) is not None
-    e = estimate(config, dtype, context=r["context"] + r["decode"], batch=r["batch"], prefill_chunk=r["context"],
-                 cuda_context=0, workspace=0, all_logits=True, attention_scores=mla)
+    kw = dict(context=r["context"] + r["decode"], batch=r["batch"], prefill_chunk=r["context"], cuda_context=0,
+              workspace=0, attention_scores=mla or attn == "eager")
+    e = estimate(config, dtype, all_logits=True, **kw)
+    last = estimate(config, dtype, **kw)
     return {"weights": int(e.weights), "kv_cache": int(e.kv_cache), "activations": int(e.activations),
-            "overhead": int(e.overhead), "total": int(e.total)}
-
-
-def proposed_activations(config, context: int, batch: int, new_tokens: int | None = None, dtype_bytes: int = 2,
-                         logits_positions: int | None = None, attn: str = "sdpa") -> dict:
-    """Activation peak of one eager transformers forward (CPU, memwarden's allocator), the
-    formula this benchmark proposes for the estimator. Bytes; see the module doc of the report.
-
-    s = new tokens per sequence, T = batch x s, L = keys attended (past + s), e = dtype bytes.
-    peak = max(stream + mask + max(norm, attention, mlp), head) where
-      stream    = T (4 H e + 2 d_rope e + 8)      inputs_embeds, layer input, residual, normed
-                                                  input; rotary cos/sin; int64 position ids
-      mask      = batch s L (bool)                only when a mask is materialised (sliding
-                                                  layers with L > window; padding)
-      norm      = 8 H T                           fp32 upcast in RMSNorm (x.float(), x * rsqrt)
-      attention = e T max(4Q + K + V, 2Q + 4K + V)  rotary of q, then of k (Q = heads x head_dim,
-                                                  K = V = kv_heads x head_dim); with a mask,
-                                                  GQA repeats K/V and the bool mask is converted:
-                  e T 4Q + e batch s L
-                  math fallback (v head_dim != qk head_dim on the CPU, e.g. MLA):
-                  e T (3 Q + 2 Qv) + 4 T (2 Q + Qv) [bf16/fp16 only] + 10 batch heads s L + batch s L
-                  (fp32 copies of q, k, v; fp32 scores and softmax; the causal mask)
-                  eager (fitted): 9.8 batch heads s L + 2.8 batch s L
-      mlp       = 3 I e T                         dense gated (act(gate), up, product)
-                  T k max(e (H + 4 I_moe), H (2 e + 2 w)) + 32 T k   routed experts
-                                                  (grouped_mm; w = routing-weight bytes: e for
-                                                  qwen3_moe, 4 for deepseek_v3)
-      head      = T H e + batch n_logits V e      final hidden + logits in the compute dtype
-                                                  (n_logits = s for a plain forward, 1 in generate)
-    """
-    c = config.get_text_config()
-    e = dtype_bytes
-    s = context if new_tokens is None else new_tokens
-    L = context
-    T = batch * s
-    H, nh = c.hidden_size, c.num_attention_heads
-    nkv = getattr(c, "num_key_value_heads", None) or nh
-    mla = getattr(c, "kv_lora_rank", None) is not None
-    if mla:
-        dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
-        dv, d_rope = c.v_head_dim, c.qk_rope_head_dim
-    else:
-        dqk = dv = d_rope = getattr(c, "head_dim", None) or H // nh
-    Q, K, V = nh * dqk, nkv * dqk, nkv * dv
-    stream = T * (4 * H * e + 2 * d_rope * e + 8)
-    window = getattr(c, "sliding_window", None)
-    types = getattr(c, "layer_types", None) or (["sliding_attention"] * c.num_hidden_layers if window else
-                                                ["full_attention"] * c.num_hidden_layers)
-    masked = window is not None and "sliding_attention" in types and L > window
-    mask = batch * s * L if masked else 0
-    norm = 8 * H * T
-    if attn == "eager":  # fitted on this benchmark's eager runs (bf16), contexts >= 512
-        attention = int(9.8 * batch * nh * s * L + 2.8 * batch * s * L)
-    elif mla:  # CPU sdpa falls back to the math kernel when v's head_dim differs from q/k's
-        upcast = 4 * T * (2 * Q + nh * dv) if e < 4 else 0  # fp32 copies of q, k, v
-        attention = e * T * (3 * Q + 2 * nh * dv) + upcast + 10 * batch * nh * s * L + batch * s * L
-    elif masked:
-        attention = e * T * 4 * Q + e * batch * s * L
-    else:
-        attention = e * T * max(4 * Q + K + V, 2 * Q + 4 * K + V)
-    if getattr(c, "qk_norm", False) or c.model_type in ("qwen3", "qwen3_moe"):
-        attention = max(attention, T * (e + 8) * Q)
-    n_exp = getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None) or \
-        getattr(c, "num_local_experts", None)
-    mlp = 3 * c.intermediate_size * e * T
-    if n_exp:
-        k, i_moe = c.num_experts_per_tok, c.moe_intermediate_size
-        w = 4 if c.model_type == "deepseek_v3" else e
-        mlp_moe = T * k * max(e * (H + 4 * i_moe), H * (2 * e + 2 * w)) + 32 * T * k
-        first_dense = getattr(c, "first_k_dense_replace", 0) or 0
-        mlp = max(mlp_moe, mlp) if first_dense else mlp_moe
-    n_logits = s if logits_positions is None else logits_positions
-    head = T * H * e + batch * n_logits * c.vocab_size * e
-    layer = stream + mask + max(norm, attention, mlp)
-    return {"stream": stream, "mask": mask, "norm": norm, "attention": attention, "mlp": mlp, "head": head,
-            "layer": layer, "total": max(layer, head)}
+            "activations_last_logits": int(last.activations), "overhead": int(e.overhead), "total": int(e.total)}
 
 
 def _ratio(a, b):
@@ -299,8 +227,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
-    ebytes = torch.empty((), dtype=dtype).element_size()
-    contexts = (128, 512) if args.quick else (128, 512, 2048)
+    contexts = (128, 384) if args.quick else (128, 512, 2048)  # 384 > the sliding windows (256)
     batch2_context = 128 if args.quick else 512
     cfgs = model_configs()
     names = args.models.split(",") if args.models else list(cfgs)
@@ -334,18 +261,10 @@ def main(argv=None):
                     "decode_activations": r["decode_activations"],
                     "total": weights_alloc + r["peak_above_weights"],  # allocator peak, weights included
                 }
-                prop = proposed_activations(config, context, batch, dtype_bytes=ebytes, attn=args.attn)
-                prop1 = proposed_activations(config, context, batch, dtype_bytes=ebytes, logits_positions=1,
-                                             attn=args.attn)
                 row = {"model": name, "model_type": cfgs[name]["model_type"], "dtype": args.dtype,
-                       "attn_implementation": args.attn, **r, "measured": measured,
-                       "proposed_activations": prop, "proposed_activations_last_logits": prop1,
-                       "proposed_ratio": prop["total"] / r["activations_requested"],
-                       "proposed_ratio_last_logits": prop1["total"] / r["activations_last_logits_requested"],
-                       "proposed_ratio_allocated": prop["total"] / r["activations"],
-                       "proposed_ratio_last_logits_allocated": prop1["total"] / r["activations_last_logits"]}
+                       "attn_implementation": args.attn, **r, "measured": measured}
                 try:
-                    est = estimate_case(config, args.dtype, r)
+                    est = estimate_case(config, args.dtype, r, args.attn)
                 except Exception as exc:  # the estimator is mid-rewrite: keep the row
                     row["estimated"], row["error"] = None, f"{type(exc).__name__}: {exc}"
                 else:
@@ -353,7 +272,9 @@ def main(argv=None):
                     ratios = {k: _ratio(est[k], m[k]) for k in ("weights", "kv_cache", "activations", "total")}
                     ratios["weights_allocated"] = _ratio(est["weights"], m["weights_allocated"])
                     ratios["kv_cache_allocated"] = _ratio(est["kv_cache"], m["kv_cache_allocated"])
-                    ratios["activations_last_logits"] = _ratio(est["activations"], m["activations_last_logits"])
+                    ratios["activations_requested"] = _ratio(est["activations"], m["activations_requested"])
+                    ratios["activations_last_logits"] = _ratio(est["activations_last_logits"],
+                                                               m["activations_last_logits_requested"])
                     row["estimated"], row["ratios"] = est, ratios
                     row["pass"] = {
                         "weights": abs(ratios["weights"] - 1) <= WEIGHT_TOL,
@@ -374,11 +295,11 @@ def main(argv=None):
           "prefill + decode,\n  act = prefill peak - weights - KV (all logits), act@1 = the same with "
           "logits_to_keep=1, total = allocator peak incl. weights.\n"
           "estimate(context=ctx+decode, prefill_chunk=ctx, cuda_context=0, workspace=0); r = estimate / measured "
-          "(r w/a, r kv/a: against the allocator's deltas);\n  prop = proposed_activations() / measured peak in "
-          "requested bytes (no allocator rounding), for act and act@1")
+          "(r w/a, r kv/a: against the allocator's deltas);\n  act/r, act@1/r: estimated activations / measured "
+          "peak in requested bytes (no allocator rounding), all logits and the last token's (generate)")
     head = (f"{'model':<16} {'ctx':>5} {'b':>2} | {'weights':>8} {'kv':>8} {'act':>8} {'act@1':>8} {'total':>8} | "
             f"{'est w':>8} {'est kv':>8} {'est act':>8} {'est tot':>8} | {'r w':>6} {'r w/a':>6} {'r kv':>6} "
-            f"{'r kv/a':>6} {'r act':>6} {'r tot':>6} | pass w/kv/tot  | {'prop':>5} {'prop@1':>6}")
+            f"{'r kv/a':>6} {'r act':>6} {'r tot':>6} | pass w/kv/tot  | {'act/r':>5} {'act@1/r':>7}")
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -393,7 +314,7 @@ def main(argv=None):
             line += (f"{mib(e['weights'])} {mib(e['kv_cache'])} {mib(e['activations'])} {mib(e['total'])} | "
                      f"{rat(ra['weights'])} {rat(ra['weights_allocated'])} {rat(ra['kv_cache'])} "
                      f"{rat(ra['kv_cache_allocated'])} {rat(ra['activations'])} {rat(ra['total'])} | {flags:<14}")
-        line += f"| {row['proposed_ratio']:5.3f} {row['proposed_ratio_last_logits']:6.3f}"
+            line += f"| {ra['activations_requested']:5.3f} {ra['activations_last_logits']:7.3f}"
         print(line)
     print("cross-checks (bytes), longest context, batch 1:")
     for r in rows:
@@ -405,10 +326,11 @@ def main(argv=None):
                   f"input ids etc. {r['extra_held']}")
     n_est = [r for r in rows if r["estimated"] is not None]
     summary = {k: sum(r["pass"][k] for r in n_est) for k in ("weights", "kv_cache", "total")}
-    worst = max(abs(r[k] - 1) for r in rows for k in ("proposed_ratio", "proposed_ratio_last_logits"))
+    worst = max((abs(r["ratios"][k] - 1) for r in n_est for k in ("activations_requested",
+                                                                    "activations_last_logits")), default=0.0)
     print(f"pass: weights {summary['weights']}/{len(n_est)}, KV {summary['kv_cache']}/{len(n_est)}, "
           f"total {summary['total']}/{len(n_est)}; estimator errors: {len(rows) - len(n_est)} rows; "
-          f"proposed activation formula worst |ratio - 1| = {worst:.3f}")
+          f"activations (all logits and generate's) worst |ratio - 1| = {worst:.3f}")
     write_json(args.json, {"benchmark": "estimate", "environment": environment(), "dtype": args.dtype,
                            "attn_implementation": args.attn, "decode_steps": args.decode, "elapsed_s": elapsed,
                            "tolerances": {"weights": WEIGHT_TOL, "kv_cache": KV_TOL, "total": TOTAL_TOL},

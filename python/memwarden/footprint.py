@@ -1,8 +1,7 @@
 """Memory formulas, one definition each: KV cache, recurrent state, activations, reserves.
 
 Everything here is arithmetic on a ``memwarden.models.ModelSpec``; nothing is built or
-loaded. ``plan`` and ``estimate`` sit on top; this module imports only ``models`` (for
-the spec type) and the unit helpers.
+loaded. ``plan`` and ``estimate`` sit on top; this module imports only the unit helpers.
 
 KV cache, per decoder layer (``ModelSpec.layers``):
 
@@ -40,10 +39,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from memwarden._units import format_bytes
+
 __all__ = [
     "KVFormat", "kv_format", "KV_DTYPES", "kv_bytes_per_token", "kv_layer_bytes", "kv_cache_bytes",
     "state_bytes", "activation_bytes", "fixed_bytes", "kv_blocks", "max_concurrent_sequences",
-    "CUDA_CONTEXT_BYTES", "WORKSPACE_BYTES", "DEFAULT_PREFILL_CHUNK", "MLA_CACHES", "check_count",
+    "auto_reserve", "CUDA_CONTEXT_BYTES", "WORKSPACE_BYTES", "DEFAULT_PREFILL_CHUNK", "MLA_CACHES",
+    "check_count",
 ]
 
 CUDA_CONTEXT_BYTES = 500 * 2**20
@@ -167,9 +169,10 @@ def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, cont
     2 Q: rotary copies of the queries (Q = heads x head_dim); M: outputs of the MLP
     projections one token runs (its experts for MoE), 1.5 M the gated intermediates.
 
-    attention_scores: add the ``[batch, heads, q, k]`` scores and softmax in fp32 (eager
-    attention, or SDPA's math path, which the CPU takes when V's head size differs from
-    the query's, as in MLA) instead of a fused kernel's tiles.
+    attention_scores: add the ``[batch, heads, q, k]`` score matrix, 10 bytes per element
+    (fp32 scores and softmax plus a copy, as measured for eager attention and for SDPA's
+    math path, which the CPU takes when V's head size differs from the query's, as in
+    MLA) and its 1-byte mask per ``[batch, q, k]``, instead of a fused kernel's tiles.
     all_logits: logits for every position in the compute dtype (a plain forward) instead
     of the last token of each sequence in fp32 (what ``generate`` and servers compute).
     """
@@ -183,7 +186,7 @@ def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, cont
     if attention_scores:
         per_seq = max(1, tokens // batch)
         kept = max((layer.tokens_kept(context or per_seq) for layer in spec.layers if layer.has_kv), default=0)
-        layer += batch * spec.num_heads * per_seq * kept * 8
+        layer += batch * (spec.num_heads * 10 + 1) * per_seq * kept
     logits = tokens * spec.vocab_size * e if all_logits else batch * spec.vocab_size * 4
     head = tokens * hidden * e + logits
     return int(max(layer, head))
@@ -247,7 +250,6 @@ def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, weigh
     kv = kv_cache_bytes(spec, context, batch, fmt.name, weights_dtype, mla_cache)
     act = activation_bytes(spec, batch * min(context, prefill_chunk), batch)
     share = fixed_bytes() + act + -(-kv // len(accelerators))
-    from memwarden._units import format_bytes
     note = (f"reserve auto: context {context} x batch {batch}, {fmt.name} KV {format_bytes(kv)} split over "
             f"{len(accelerators)} device(s) + activations {format_bytes(act)} + CUDA context and workspace "
             f"{format_bytes(fixed_bytes())} = {format_bytes(share)} per device")

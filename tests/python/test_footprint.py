@@ -390,9 +390,9 @@ def test_activation_peak_of_llama_8b_by_hand(llama8b, tokens, batch):
 
 
 def test_attention_scores_by_hand(llama8b):
-    # fp32 scores and softmax, 8 bytes per (batch, head, query, key), on top of the layer
+    # 10 bytes per (batch, head, query, key) and a 1-byte mask per (batch, query, key)
     base = F.activation_bytes(llama8b, 2048, 1)
     assert base == LLAMA8B_LAYER_PER_TOKEN * 2048
-    assert F.activation_bytes(llama8b, 2048, 1, attention_scores=True) - base == 32 * 2048 * 2048 * 8
+    assert F.activation_bytes(llama8b, 2048, 1, attention_scores=True) - base == (32 * 10 + 1) * 2048 * 2048
     assert F.activation_bytes(llama8b, 2048, 2, context=4096, attention_scores=True) - \
-        F.activation_bytes(llama8b, 2048, 2, context=4096) == 2 * 32 * 1024 * 4096 * 8
+        F.activation_bytes(llama8b, 2048, 2, context=4096) == 2 * (32 * 10 + 1) * 1024 * 4096
