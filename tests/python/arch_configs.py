@@ -45,6 +45,11 @@ _BASE_KWARGS: dict[str, dict[str, Any]] = {
                  "decoder": {}},
     "musicgen_melody": {"text_encoder": {"model_type": "t5"}, "audio_encoder": {"model_type": "encodec"},
                         "decoder": {}},
+    # 5.24 builds a default gemma4_text text_config, whose per-layer-input defaults the
+    # assistant's own validator rejects
+    "gemma4_assistant": {"text_config": {"model_type": "gemma4_text", "hidden_size_per_layer_input": 0,
+                                         "vocab_size_per_layer_input": 0, "enable_moe_block": False,
+                                         "use_double_wide_mlp": False}},
 }
 
 
@@ -59,6 +64,8 @@ _HIDDEN_KEYS = {
     "input_embedding_size", "output_embedding_size", "out_hidden_size",
     "projection_dim", "text_hidden_size", "d_embed", "backbone_hidden_size",
     "hidden_size_per_layer_input",
+    # adapter widths validated against hidden_size (dots3_note vision / audio adapters)
+    "adapter_in_dim", "adapter_input_size", "adapter_out_dim",
 }
 _LAYER_KEYS = (
     "num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers",
@@ -110,7 +117,11 @@ _INDEX_LIST_KEYS = {"mlp_only_layers", "full_attn_idxs", "hybrid_layer_ids", "mo
                     "global_layers", "local_layers", "sliding_layers", "swa_layers",
                     "kv_shared_layer_ids", "cross_attention_layers"}
 # "first k layers" style scalars: layer i is special iff i < value
-_PREFIX_KEYS = {"first_k_dense_replace", "num_dense_layers"}
+_PREFIX_KEYS = {"first_k_dense_replace", "num_dense_layers", "n_input_layers"}
+# "last k layers" style scalars: layer i is special iff i >= n - value
+_SUFFIX_KEYS = {"num_kv_shared_layers", "n_output_layers"}
+# layer counts of the section between a prefix and a suffix: n - prefix - suffix
+_MIDDLE_KEYS = {"n_recurrent_layers": ("n_input_layers", "n_output_layers")}
 
 
 def _layer_count(d: dict) -> tuple[str | None, int | None]:
@@ -142,9 +153,8 @@ def _select_layers(d: dict, n: int, extra: dict[str, Any]) -> list[int]:
     idx = {k: set(v) for k, v in d.items() if k in _INDEX_LIST_KEYS and isinstance(v, (list, tuple))
            and all(isinstance(x, int) for x in v)}
     prefix = {k: d[k] for k in _PREFIX_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)}
-    suffix = {}
-    if isinstance(d.get("num_kv_shared_layers"), int) and d["num_kv_shared_layers"] > 0:
-        suffix["num_kv_shared_layers"] = d["num_kv_shared_layers"]
+    suffix = {k: d[k] for k in _SUFFIX_KEYS
+              if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0}
     plc = d.get("per_layer_config")
     plc_keys = {int(k) for k in plc} if isinstance(plc, dict) else set()
     seen: dict[tuple, int] = {}
@@ -183,8 +193,13 @@ def _apply_selection(d: dict, n: int, sel: list[int]) -> dict:
         v = d.get(k)
         if isinstance(v, int) and not isinstance(v, bool):
             out[k] = sum(1 for i in sel if i < v)
-    if isinstance(d.get("num_kv_shared_layers"), int) and d["num_kv_shared_layers"] > 0:
-        out["num_kv_shared_layers"] = sum(1 for i in sel if i >= n - d["num_kv_shared_layers"])
+    for k in _SUFFIX_KEYS:
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            out[k] = sum(1 for i in sel if i >= n - v)
+    for k, (pre, suf) in _MIDDLE_KEYS.items():
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool):
+            out[k] = len(sel) - out.get(pre, d.get(pre) or 0) - out.get(suf, d.get(suf) or 0)
     plc = d.get("per_layer_config")
     if isinstance(plc, dict) and plc:
         # heterogeneous per-layer overrides (gemma4): keep them, on the new indices, shrunk;
@@ -366,8 +381,33 @@ def _sub_config_names(cfg) -> list[str]:
     return [k for k in subs if getattr(cfg, k, None) is not None]
 
 
-def _shrink_config(cfg, model_type: str | None, top: bool) -> dict:
+def _layout_keys(d: dict) -> list[str]:
+    lk, n = _layer_count(d)
+    keys = [k for k in _LAYER_KEYS if k in d]
+    keys += list(_PREFIX_KEYS | _SUFFIX_KEYS | set(_MIDDLE_KEYS) | _INDEX_LIST_KEYS)
+    if lk is not None:
+        keys += _pattern_keys(d, n)
+    return keys
+
+
+def _config_values(cfg) -> dict:
+    """``cfg.to_dict()``, with the layer layout as the config holds it: a config may serialize
+    its layout differently from how it holds it (dory writes each layer as an (attention, mlp)
+    pair of ``layer_types`` entries with doubled layer counts, and halves them again on load),
+    and a shrunk layout is only consistent in the form the constructor takes as-is."""
     d = cfg.to_dict()
+    for k in _layout_keys(d):
+        if k in d and hasattr(cfg, k):
+            v = getattr(cfg, k)
+            same_kind = type(v) is type(d[k]) or (isinstance(v, (list, tuple))
+                                                  and isinstance(d[k], (list, tuple)))
+            if v != d[k] and same_kind:
+                d[k] = copy.deepcopy(v)
+    return d
+
+
+def _shrink_config(cfg, model_type: str | None, top: bool) -> dict:
+    d = _config_values(cfg)
     subs = _sub_config_names(cfg)
     for s in subs:
         d.pop(s, None)

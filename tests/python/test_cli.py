@@ -5,13 +5,15 @@ import sys
 
 import pytest
 
+import memwarden
 from memwarden import models as M
 from memwarden.cli import main, parse_gpus
 
 GIB = 2**30
 LLAMA_KV_TOKEN = 32 * 8 * 128 * 2 * 2
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    [os.path.join(os.path.dirname(__file__), "..", "..", "python"), os.environ.get("PYTHONPATH", "")]))
+# child processes import the memwarden these tests import (installed or the source tree)
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+    os.path.dirname(os.path.dirname(os.path.abspath(memwarden.__file__))), os.environ.get("PYTHONPATH")])))
 
 
 def test_parse_gpus():
