@@ -161,13 +161,18 @@ def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, cont
     allocates them (checked by ``benchmarks/bench_estimate.py``):
 
         peak = max(layer, head)
-        layer = T (4 H e) + max(8 H T, e T (A + 2 Q), 1.5 e T M) [+ scores]
+        layer = T (4 H e) + max(8 H T, e T (A + 2 Q) [+ e mask], e T MLP) [+ mask] [+ scores]
+        MLP   = 1.5 (D - H) + k max(2 X / k - H, 4 H)
         head  = T H e + logits
 
     T tokens, H hidden size, e bytes per element; 4 H: embeddings, layer input, residual,
     normed input; 8 H: RMSNorm's fp32 upcast; A: outputs of the attention projections,
-    2 Q: rotary copies of the queries (Q = heads x head_dim); M: outputs of the MLP
-    projections one token runs (its experts for MoE), 1.5 M the gated intermediates.
+    2 Q: rotary copies of the queries (Q = heads x head_dim); D: outputs of the dense MLP
+    (gate, up, down: 1.5 (D - H) = act(gate), up and their product); X: outputs of the k
+    routed experts a token runs (grouped matmuls keep each expert's input copy, both halves
+    of gate_up and the weighted output: at least 4 H per expert);
+    mask: a layer keeping fewer tokens than the context (sliding window) gets an explicit
+    ``[batch, q, k]`` bool mask, converted to the compute dtype inside attention.
 
     attention_scores: add the ``[batch, heads, q, k]`` score matrix, 10 bytes per element
     (fp32 scores and softmax plus a copy, as measured for eager attention and for SDPA's
@@ -181,11 +186,22 @@ def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, cont
     hidden, e = spec.hidden_size, act_bytes
     queries = spec.num_heads * spec.head_dim
     attn = e * (max(spec.attn_width, default=0) + 2 * queries)
-    mlp = 1.5 * e * max(spec.mlp_width, default=0)
-    layer = tokens * (4 * hidden * e + max(8 * hidden, attn, mlp))
+    top_k = max(1, spec.experts_per_token)
+
+    def mlp_bytes(dense: int, routed: int) -> float:
+        per_expert = max(2 * routed / top_k - hidden, 4 * hidden) if routed else 0
+        return e * (1.5 * max(0, dense - hidden) + top_k * per_expert)
+
+    mlp = max(map(mlp_bytes, spec.mlp_width, spec.expert_width or [0] * len(spec.mlp_width)), default=0)
+    per_seq = max(1, tokens // batch)
+    attended = context or per_seq
+    # a layer keeping fewer tokens than the context gets an explicit [batch, q, k] bool mask,
+    # which attention converts to the compute dtype
+    mask = batch * per_seq * attended if any(
+        c.has_kv and c.tokens_kept(attended) < attended for c in spec.layers) else 0
+    layer = tokens * 4 * hidden * e + max(tokens * 8 * hidden, tokens * attn + e * mask, tokens * mlp) + mask
     if attention_scores:
-        per_seq = max(1, tokens // batch)
-        kept = max((layer.tokens_kept(context or per_seq) for layer in spec.layers if layer.has_kv), default=0)
+        kept = max((c.tokens_kept(attended) for c in spec.layers if c.has_kv), default=0)
         layer += batch * (spec.num_heads * 10 + 1) * per_seq * kept
     logits = tokens * spec.vocab_size * e if all_logits else batch * spec.vocab_size * 4
     head = tokens * hidden * e + logits

@@ -77,7 +77,8 @@ class ModelSpec:
     experts_per_token: int = 0
     moe_layers: tuple = ()
     attn_width: tuple = ()                    # per layer: outputs of the attention projections per token
-    mlp_width: tuple = ()                     # per layer: outputs of the MLP projections one token runs
+    mlp_width: tuple = ()                     # per layer: outputs of the dense MLP / shared-expert projections
+    expert_width: tuple = ()                  # per layer: outputs of the routed experts one token runs
     mla: bool = False
     warnings: tuple = ()
 
@@ -166,6 +167,8 @@ def _ssm_state_elements(c: _Config, hidden: int) -> int | None:
 
 
 def _widths(parts: list, num_layers: int, experts_per_token: int) -> tuple:
+    """Per layer, the outputs per token of the attention projections, of the dense MLP
+    (and shared experts) and of the ``experts_per_token`` largest routed experts."""
     attn = [0] * num_layers
     dense = [0] * num_layers
     expert_out: dict = {}
@@ -179,10 +182,9 @@ def _widths(parts: list, num_layers: int, experts_per_token: int) -> tuple:
             dense[part.layer] += outs
         elif part.kind == "expert":
             expert_out.setdefault(part.layer, []).append(outs)
-    mlp = list(dense)
-    for layer, outs in expert_out.items():
-        mlp[layer] += sum(sorted(outs, reverse=True)[:max(1, experts_per_token)])
-    return tuple(attn), tuple(mlp)
+    experts = [sum(sorted(expert_out.get(i, []), reverse=True)[:max(1, experts_per_token)])
+               for i in range(num_layers)]
+    return tuple(attn), tuple(dense), tuple(experts)
 
 
 def build_spec(cfg: Any, parts: list, name: str, warnings: list) -> ModelSpec:
@@ -270,7 +272,7 @@ def build_spec(cfg: Any, parts: list, name: str, warnings: list) -> ModelSpec:
     if moe_layers and not top_k:
         warnings.append("the config names no experts-per-token count (num_experts_per_tok): activations "
                         "assume 1")
-    attn_width, mlp_width = _widths(parts, num_layers, top_k)
+    attn_width, mlp_width, expert_width = _widths(parts, num_layers, top_k)
     return ModelSpec(
         name=name, model_type=model_type, config=dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict(),
         vocab_size=int(c.get("vocab_size")), hidden_size=hidden, num_layers=num_layers, num_heads=heads,
@@ -278,4 +280,5 @@ def build_spec(cfg: Any, parts: list, name: str, warnings: list) -> ModelSpec:
         max_position_embeddings=c.get("max_position_embeddings"),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", default=False)),
         num_experts=num_experts if moe_layers else 0, experts_per_token=top_k, moe_layers=moe_layers,
-        attn_width=attn_width, mlp_width=mlp_width, mla=mla, warnings=tuple(warnings))
+        attn_width=attn_width, mlp_width=mlp_width, expert_width=expert_width, mla=mla,
+        warnings=tuple(warnings))
