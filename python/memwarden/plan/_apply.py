@@ -115,6 +115,19 @@ def _move_inputs_hook(device: torch.device):
     return hook
 
 
+def _move_tensor(model: nn.Module, path: str, device: torch.device) -> None:
+    """Move the parameter or buffer a device_map names directly (a key that is no module)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    if name in parent._parameters and parent._parameters[name] is not None:
+        param = parent._parameters[name]
+        parent._parameters[name] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+    elif name in parent._buffers and parent._buffers[name] is not None:
+        parent._buffers[name] = parent._buffers[name].to(device)
+    else:
+        raise ValueError(f"apply: the plan names {path!r}, which is neither a module nor a tensor of the model")
+
+
 def apply(model: nn.Module, plan, devices: Mapping | None = None) -> nn.Module:
     """Place ``model`` as ``plan`` says, splitting fused experts across devices.
 
@@ -126,36 +139,36 @@ def apply(model: nn.Module, plan, devices: Mapping | None = None) -> nn.Module:
         raise ValueError(f"apply: the plan is not feasible: {plan.message}")
     tdev = {k: _torch_device(k, devices) for k in plan.devices}
     dm = plan.to_device_map()
+    experts_path = {p.layer: p.modules[0] for p in plan.parts if p.kind == "expert"}  # exact by construction
     split = {}
     for layer, devs in plan.expert_devices.items():
         groups: dict = {}  # one shard per planned device, even when two map to the same torch device
         for e, d in enumerate(devs):
             groups.setdefault(d, []).append(e)
         split[layer] = [(tdev[d], ids) for d, ids in groups.items()]
-    # dense modules onto their devices, with input-moving hooks when devices differ
+    # dense modules (and lone tensors such as a router's bias buffer) onto their devices,
+    # with input-moving hooks when devices differ
     many = len(set(tdev.values())) > 1
+    skip = set(experts_path.values())
     for path, key in dm.items():
-        if path.endswith(".mlp.experts") or path.endswith(".experts"):
+        if path in skip:
             continue
         try:
             module = model.get_submodule(path)
         except AttributeError:
+            _move_tensor(model, path, tdev[key])
             continue
         module.to(tdev[key])
         if many:
             module.register_forward_pre_hook(_move_inputs_hook(tdev[key]), with_kwargs=True)
     for layer, groups in split.items():
-        parent = None
-        for path in (f"model.layers.{layer}.mlp", f"model.layers.{layer}.block_sparse_moe"):
-            try:
-                parent = model.get_submodule(path)
-                break
-            except AttributeError:
-                continue
-        experts = getattr(parent, "experts", None) if parent is not None else None
+        path = experts_path[layer]
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        experts = getattr(parent, name, None)
         if experts is None or not hasattr(experts, "num_experts"):
-            raise ValueError(f"apply: layer {layer} has no fused experts module (model.layers.{layer}.mlp.experts)")
+            raise ValueError(f"apply: layer {layer} has no fused experts module at {path}")
         if isinstance(experts, SplitExperts):
             raise ValueError(f"apply: layer {layer} is already split")
-        parent.experts = SplitExperts(experts, groups)
+        setattr(parent, name, SplitExperts(experts, groups))
     return model
