@@ -174,7 +174,8 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
                              attention_scores=attention_scores, all_logits=all_logits)
     est = Estimate(model=spec.name, dtype=desc.dtype, kv_dtype=fmt.name, context=context, batch=batch,
                    prefill_chunk=prefill_chunk, weights=desc.bytes, kv_cache=sum(cache_layers),
-                   activations=act, overhead=fixed, warnings=warnings, block_size=block_size)
+                   activations=act, overhead=fixed, warnings=warnings, notes=list(desc.notes),
+                   block_size=block_size)
     if max_memory is not None:
         if offload == "gpu_layers":
             _place_gpu_layers(est, desc, max_memory, cache_layers, fixed, gpu_layers)

@@ -219,3 +219,25 @@ def test_a_gguf_file_is_described_estimated_and_planned_from_its_header(tmp_path
     assert moe.spec.num_experts == 4 and moe.spec.experts_per_token == 2
     p = plan.plan(moe, {0: "1GiB", 1: "1GiB"})
     assert p.feasible and set(p.placement().values()) == {0, 1}
+
+
+def test_default_format_is_the_checkpoints_own():
+    # gpt-oss ships MXFP4 experts; attention, router, embeddings and head stay bf16
+    d = M.describe("gpt-oss-20b")
+    assert d.dtype == "mxfp4" and "mxfp4 quantization_config" in d.notes[0]
+    by_hand = 0
+    for part in M.describe("gpt-oss-20b", "bf16").parts:
+        for t in part.tensors:
+            if part.kind == "expert" and t.quantizable:   # 4 bits + one E8M0 byte per 32 inputs
+                out, inp = t.shape
+                by_hand += out * inp // 2 + out * -(-inp // 32)
+            else:
+                by_hand += t.nbytes("bfloat16", 2)
+    assert d.bytes == by_hand
+    assert abs(d.bytes / 2**30 - 12.82) < 0.01             # the published checkpoint: 13.8 GB
+    assert M.describe(dict(TINY, torch_dtype="float32")).dtype == "float32"
+    assert M.describe(TINY).dtype == "bfloat16"
+    gptq = M.describe(dict(TINY, quantization_config={"quant_method": "gptq", "bits": 4}))
+    assert gptq.dtype == "int4" and gptq.bytes == M.describe(TINY, "int4").bytes
+    odd = M.describe(dict(TINY, quantization_config={"quant_method": "weird"}))
+    assert odd.dtype == "bfloat16" and "'weird', which memwarden does not price" in odd.warnings[0]

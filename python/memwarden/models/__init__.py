@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from memwarden.models._config import (CONFIG_DIR, EMBEDDED, config_dict, load_config as _load_source,
                                       validate_config)
@@ -35,7 +35,8 @@ from memwarden.models._spec import LayerCache, ModelSpec, build_spec
 
 __all__ = [
     "EMBEDDED", "ModelSpec", "LayerCache", "Part", "Tensor", "ModelDescription", "list_models",
-    "load_config", "model_spec", "describe", "param_count", "weight_format", "dtype_bytes",
+    "load_config", "model_spec", "describe", "param_count", "weight_format", "dtype_bytes", "checkpoint_format",
+    "CheckpointFormat",
 ]
 
 _CORE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -61,6 +62,7 @@ class ModelDescription:
     parts: list
     source: str = ""           # "transformers 5.18.0 (meta device)" or "GGUF header"
     warnings: list = field(default_factory=list)
+    notes: list = field(default_factory=list)   # what was assumed (the checkpoint's own format)
 
     @property
     def params(self) -> int:
@@ -185,9 +187,48 @@ def _gguf_layer_types(cfg: dict) -> dict:
     return dict(cfg, layer_types=list(types)) if types else cfg
 
 
+_QUANT_METHODS = {"mxfp4": "mxfp4", "fp8": "fp8", "fbgemm_fp8": "fp8", "finegrained_fp8": "fp8"}
+
+
+class CheckpointFormat(NamedTuple):
+    fmt: str          # weight format
+    keep: tuple       # module patterns the checkpoint left unquantized
+    note: str         # what was read ("" for a plain float checkpoint)
+    priced: bool      # False: the checkpoint's quantization is not known to memwarden
+
+
+def checkpoint_format(config: Any) -> CheckpointFormat:
+    """How a checkpoint stores its weights, from its config: ``quantization_config``
+    (MXFP4, FP8, GPTQ/AWQ/bitsandbytes bits) when present, else ``dtype``/``torch_dtype``,
+    else bfloat16."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    if qc:
+        method = str(qc.get("quant_method", "")).lower()
+        bits = qc.get("bits") or (4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None)
+        fmt = _QUANT_METHODS.get(method) or {4: "int4", 8: "int8"}.get(bits)
+        keep = tuple(qc.get("modules_to_not_convert") or qc.get("ignored_layers") or qc.get("ignore") or ())
+        if fmt is None:
+            return CheckpointFormat("bfloat16", (), f"quantization_config names {method or 'an unknown method'!r}, "
+                                    "which memwarden does not price: bfloat16 weights assumed (pass dtype=...)", False)
+        return CheckpointFormat(fmt, keep, f"weights priced as the checkpoint stores them: {fmt} "
+                                f"({method} quantization_config)", True)
+    if isinstance(config, dict):
+        declared = config.get("dtype") or config.get("torch_dtype")
+    else:
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    try:
+        fmt = weight_format(str(declared).replace("torch.", "")) if declared else "bfloat16"
+    except ValueError:
+        fmt = "bfloat16"
+    return CheckpointFormat(fmt if fmt in FLOAT_BYTES else "bfloat16", (), "", True)
+
+
 def describe(model: Any, dtype: Any = None, compute_dtype: Any = "bfloat16") -> ModelDescription:
     """The model's parts with parameter counts and bytes in weight format ``dtype``
-    (default bfloat16; a GGUF file keeps its own formats). See the module doc."""
+    (default: as the checkpoint stores them, see ``checkpoint_format``; a GGUF file keeps
+    its own formats). See the module doc."""
     compute = weight_format(compute_dtype, "compute_dtype")
     if compute not in FLOAT_BYTES:
         raise ValueError(f"compute_dtype must be a float dtype, got {compute_dtype!r}")
@@ -210,18 +251,26 @@ def describe(model: Any, dtype: Any = None, compute_dtype: Any = "bfloat16") -> 
             return _describe_gguf(src, dtype, compute, cb)
         validate_config(src)
         config = _transformers_config(src, warnings)
-    fmt = weight_format("bfloat16" if dtype is None else dtype, "dtype")
+    keep: tuple = ()
+    notes: list = []
+    if dtype is None:
+        fmt, keep, note, priced = checkpoint_format(config)
+        if note:
+            (notes if priced else warnings).append(note)
+    else:
+        fmt = weight_format(dtype, "dtype")
     validate_config(config.to_dict())
     from memwarden.models._meta import meta_parts
 
     import transformers
     parts = [dataclasses.replace(p) for p in meta_parts(config)]
     for p in parts:
-        p.price(fmt, cb)
+        p.price(fmt, cb, keep)
     text = config.get_text_config(decoder=True)
     spec = build_spec(text, parts, _name_of(model, src), warnings)
     return ModelDescription(spec=spec, dtype=fmt, compute_dtype=compute, parts=parts,
-                            source=f"transformers {transformers.__version__} (meta device)", warnings=warnings)
+                            source=f"transformers {transformers.__version__} (meta device)", warnings=warnings,
+                            notes=notes)
 
 
 def model_spec(model: Any) -> ModelSpec:

@@ -26,6 +26,7 @@ keeps them whatever the format asked for.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,15 +75,16 @@ class Tensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def nbytes(self, fmt: str, compute_bytes: int) -> int:
-        """Bytes of this tensor when the model's weights are in format ``fmt``."""
+    def nbytes(self, fmt: str, compute_bytes: int, convert: bool = True) -> int:
+        """Bytes of this tensor when the model's weights are in format ``fmt``
+        (``convert=False``: a quantizable tensor the checkpoint left unquantized)."""
         if self.stored_bytes is not None:
             return self.stored_bytes
         if self.element_bytes is not None:
             return int(math.ceil(self.numel * self.element_bytes))
         if fmt in FLOAT_BYTES:
             return self.numel * FLOAT_BYTES[fmt]
-        if not self.quantizable or len(self.shape) < 2:
+        if not (self.quantizable and convert) or len(self.shape) < 2:
             return self.numel * compute_bytes
         out, inp = self.shape[-2], self.shape[-1]
         lead = math.prod(self.shape[:-2])
@@ -121,7 +123,14 @@ class Part:
     def is_expert(self) -> bool:
         return self.expert >= 0
 
-    def price(self, fmt: str, compute_bytes: int) -> None:
-        """Fill ``params`` and ``bytes`` for weight format ``fmt``."""
+    def price(self, fmt: str, compute_bytes: int, keep: tuple = ()) -> None:
+        """Fill ``params`` and ``bytes`` for weight format ``fmt``; tensors under the module
+        patterns ``keep`` (a checkpoint's ``modules_to_not_convert``) stay in the compute dtype."""
         self.params = sum(t.numel for t in self.tensors if t.is_param)
-        self.bytes = sum(t.nbytes(fmt, compute_bytes) for t in self.tensors)
+        self.bytes = sum(t.nbytes(fmt, compute_bytes, convert=not (keep and _kept(t.name, keep)))
+                         for t in self.tensors)
+
+
+def _kept(name: str, patterns: tuple) -> bool:
+    base = name.split("[")[0]
+    return any(fnmatch.fnmatchcase(base, p) or fnmatch.fnmatchcase(base, p + ".*") for p in patterns)
