@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p, gpus_required=False):
         p.add_argument("model", help="embedded name, config.json (or its folder), GGUF file or hub id")
-        p.add_argument("--dtype", default=None, help="weights: bf16 (default), fp16, fp32, int8, int4, fp8, mxfp4")
+        p.add_argument("--dtype", default=None,
+                       help="weights: bf16, fp16, fp32, int8, int4, fp8, mxfp4 (default: as the checkpoint stores them)")
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--gpus", required=gpus_required, help="e.g. 2x16GiB or 24GiB,16GiB")
         p.add_argument("--cpu", help="host memory for spilled layers, e.g. 64GiB")
