@@ -148,11 +148,11 @@ class FakeAlloc:
 
 def test_limit_memory(pytester, monkeypatch):
     pytester.makepyfile(test_lim="""
-import pytest, torch
+import pytest, time, torch
 
 @pytest.mark.limit_memory("64 MiB")
 def test_over():
-    x = torch.ones(200 * 2**20, dtype=torch.uint8)   # 200 MiB at once
+    x = torch.ones(200 * 2**20, dtype=torch.uint8); time.sleep(0.3)  # 200 MiB, held on this line for samples
     del x
 
 @pytest.mark.limit_memory("512 MiB")

@@ -13,6 +13,7 @@ from memwarden._units import format_bytes
 __all__ = ["PeakMonitor", "PeakResult"]
 
 _SKIP_DIRS = (os.path.dirname(__file__), os.path.dirname(threading.__file__))
+SITE_SLACK = 2**20  # growth below this after the peak's site does not move the site
 
 
 @dataclass
@@ -79,8 +80,11 @@ class PeakMonitor:
         while not self._stop.wait(self.interval):
             v = self._current()
             if v > self._max:
+                # the site is where the peak was reached, not where a few more pages were
+                # touched afterwards (host RSS creeps while Python runs the next lines)
+                if not self._where or v - self._max > SITE_SLACK:
+                    self._where = self._stack()
                 self._max = v
-                self._where = self._stack()
 
     def start(self) -> "PeakMonitor":
         if self._alloc:
