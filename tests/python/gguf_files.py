@@ -59,6 +59,16 @@ def _add(w: gguf.GGUFWriter, spec: GGUFSpec, name: str, shape: tuple, qtype: Q, 
     spec.tensors.append((name, tuple(shape), qtype.name))
 
 
+def _attention(w: gguf.GGUFWriter, spec: GGUFSpec, i: int, hidden: int, heads: int, kv: int, hd: int,
+               qkv: Q, out: Q) -> None:
+    """Layer i's attention norm and projections, as llama.cpp names them."""
+    _add(w, spec, f"blk.{i}.attn_norm.weight", (hidden,), Q.F32)
+    _add(w, spec, f"blk.{i}.attn_q.weight", (heads * hd, hidden), qkv)
+    _add(w, spec, f"blk.{i}.attn_k.weight", (kv * hd, hidden), qkv)
+    _add(w, spec, f"blk.{i}.attn_v.weight", (kv * hd, hidden), qkv)
+    _add(w, spec, f"blk.{i}.attn_output.weight", (hidden, heads * hd), out)
+
+
 def _finish(w: gguf.GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -96,11 +106,7 @@ def write_llama(path: str, *, n_layers: int = 3, writer_kwargs: dict | None = No
     for i in range(n_layers):
         attn_q = Q.F16 if i == n_layers - 1 else Q.Q8_0
         attn_o = Q.F16 if i == n_layers - 1 else Q.Q4_0
-        _add(w, spec, f"blk.{i}.attn_norm.weight", (hidden,), Q.F32)
-        _add(w, spec, f"blk.{i}.attn_q.weight", (heads * hd, hidden), attn_q)
-        _add(w, spec, f"blk.{i}.attn_k.weight", (kv * hd, hidden), attn_q)
-        _add(w, spec, f"blk.{i}.attn_v.weight", (kv * hd, hidden), attn_q)
-        _add(w, spec, f"blk.{i}.attn_output.weight", (hidden, heads * hd), attn_o)
+        _attention(w, spec, i, hidden, heads, kv, hd, attn_q, attn_o)
         _add(w, spec, f"blk.{i}.ffn_norm.weight", (hidden,), Q.F32)
         _add(w, spec, f"blk.{i}.ffn_gate.weight", (ff, hidden), Q.Q4_0)
         _add(w, spec, f"blk.{i}.ffn_up.weight", (ff, hidden), Q.Q4_0)
@@ -150,11 +156,7 @@ def write_moe(path: str, *, shared_expert: bool = False) -> GGUFSpec:
 
     _add(w, spec, "token_embd.weight", (vocab, hidden), Q.F16)
     for i in range(layers):
-        _add(w, spec, f"blk.{i}.attn_norm.weight", (hidden,), Q.F32)
-        _add(w, spec, f"blk.{i}.attn_q.weight", (heads * hd, hidden), Q.Q8_0)
-        _add(w, spec, f"blk.{i}.attn_k.weight", (kv * hd, hidden), Q.Q8_0)
-        _add(w, spec, f"blk.{i}.attn_v.weight", (kv * hd, hidden), Q.Q8_0)
-        _add(w, spec, f"blk.{i}.attn_output.weight", (hidden, heads * hd), Q.Q8_0)
+        _attention(w, spec, i, hidden, heads, kv, hd, Q.Q8_0, Q.Q8_0)
         if not shared_expert:
             _add(w, spec, f"blk.{i}.attn_q_norm.weight", (hd,), Q.F32)
             _add(w, spec, f"blk.{i}.attn_k_norm.weight", (hd,), Q.F32)
@@ -207,11 +209,7 @@ def write_tied(path: str) -> GGUFSpec:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add(w, spec, "token_embd.weight", (vocab, hidden), Q.F16)
     for i in range(layers):
-        _add(w, spec, f"blk.{i}.attn_norm.weight", (hidden,), Q.F32)
-        _add(w, spec, f"blk.{i}.attn_q.weight", (heads * hd, hidden), Q.Q8_0)
-        _add(w, spec, f"blk.{i}.attn_k.weight", (kv[i] * hd, hidden), Q.Q8_0)
-        _add(w, spec, f"blk.{i}.attn_v.weight", (kv[i] * hd, hidden), Q.Q8_0)
-        _add(w, spec, f"blk.{i}.attn_output.weight", (hidden, heads * hd), Q.Q8_0)
+        _attention(w, spec, i, hidden, heads, kv[i], hd, Q.Q8_0, Q.Q8_0)
         _add(w, spec, f"blk.{i}.attn_q_norm.weight", (hd,), Q.F32)
         _add(w, spec, f"blk.{i}.attn_k_norm.weight", (hd,), Q.F32)
         _add(w, spec, f"blk.{i}.ffn_norm.weight", (hidden,), Q.F32)
