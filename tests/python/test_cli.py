@@ -40,11 +40,11 @@ def test_help_version_and_models_do_not_import_torch():
     code = ("import sys\nfrom memwarden.cli import main\n"
             "assert main(['models']) == 0\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
-            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "for flag in ('--version', '--help'):\n    try:\n        main([flag])\n    except SystemExit:\n        pass\n"
             "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "mixtral-8x7b" in r.stdout and "memwarden 0." in r.stdout
+    assert "mixtral-8x7b" in r.stdout and "memwarden 0." in r.stdout and "usage: memwarden" in r.stdout
 
 
 def test_json_into_a_closed_pipe_ends_quietly():
