@@ -311,3 +311,145 @@ def test_over_limit():
     r.assert_outcomes(passed=1, failed=2)
     r.stdout.fnmatch_lines(["*test_leak leaked 128.0 MiB on cuda:* according to torch-*",
                             "*peak 256.0 MiB above the start on cuda:* (source: torch-alloc)*"])
+
+
+# --- bad settings and marker arguments: usage errors, not INTERNALERROR tracebacks ----------
+def _subprocess_env(monkeypatch):
+    import memwarden
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(memwarden.__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+
+
+def _assert_usage_error(r: pytest.RunResult, *expected: str) -> None:
+    out, err = r.stdout.str(), r.stderr.str()
+    assert r.ret == pytest.ExitCode.USAGE_ERROR, (r.ret, out, err)
+    assert "INTERNALERROR" not in out + err
+    assert "Traceback" not in out + err
+    for e in expected:
+        assert e in err, (e, err)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--memwarden-device=gpu"], ["--memwarden-device=gpu", "expected auto, cpu, cuda or cuda:N"]),
+    (["--memwarden-leak-fail=-5"], ["--memwarden-leak-fail=-5", "expected a size with a unit"]),
+])
+def test_bad_option_is_usage_error_subprocess(pytester, monkeypatch, args, expected):
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    _subprocess_env(monkeypatch)
+    r = pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider", *args)
+    _assert_usage_error(r, *expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--memwarden-leak-warn=lots"], ["--memwarden-leak-warn=lots", "expected a size with a unit"]),
+    (["--memwarden-leak-fail=48"], ["--memwarden-leak-fail=48", "expected a size with a unit"]),
+    (["--memwarden-leak-retries=x"], ["--memwarden-leak-retries=x", "expected an integer >= 0"]),
+    (["--memwarden-leak-retries=-1"], ["--memwarden-leak-retries=-1", "expected an integer >= 0"]),
+    (["--memwarden-top=two"], ["--memwarden-top=two", "expected an integer >= 0"]),
+    (["-o", "memwarden_device=tpu"], ["ini option memwarden_device = tpu", "expected auto, cpu"]),
+    (["-o", "memwarden_leak_fail=big"], ["ini option memwarden_leak_fail = big", "expected a size"]),
+    (["-o", "memwarden_leak_retries=3.5"], ["ini option memwarden_leak_retries = 3.5", "integer >= 0"]),
+    (["-o", "memwarden_leak_noisy=loud"], ["ini option memwarden_leak_noisy = loud",
+                                          "expected one of warn, fail, ignore"]),
+    (["-o", "memwarden_tracker_interval=0"], ["ini option memwarden_tracker_interval = 0", "seconds > 0"]),
+    (["-o", "memwarden_plots=sometimes"], ["ini option memwarden_plots = sometimes",
+                                          "expected one of failed, always, never"]),
+    (["-o", "memwarden_gpu_budget=lots"], ["ini option memwarden_gpu_budget = lots", "expected a size"]),
+    (["-o", "memwarden_top=-3"], ["ini option memwarden_top = -3", "integer >= 0"]),
+    (["-o", "memwarden_gc_freeze=maybe"], ["ini option memwarden_gc_freeze", "expected true or false"]),
+])
+def test_bad_option_or_ini_value_is_usage_error(pytester, args, expected):
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    r = pytester.runpytest_inprocess(*plugin_args(), "-p", "no:cacheprovider", *args)
+    _assert_usage_error(r, *expected)
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA is available here")
+def test_device_cuda_without_cuda_is_usage_error(pytester, monkeypatch):
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    _subprocess_env(monkeypatch)
+    r = pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider", "--memwarden-device=cuda")
+    _assert_usage_error(r, "--memwarden-device=cuda: CUDA is not available")
+    r = pytester.runpytest_inprocess(*plugin_args(), "-p", "no:cacheprovider", "-o", "memwarden_device=cuda:1")
+    _assert_usage_error(r, "ini option memwarden_device = cuda:1: CUDA is not available")
+
+
+def test_bad_marker_arguments_fail_the_test_without_plugin_traceback(pytester):
+    pytester.makepyfile(test_marks="""
+import pytest
+
+@pytest.mark.limit_memory("2 GiBs")
+def test_bad_limit():
+    pass
+
+@pytest.mark.limit_memory()
+def test_no_limit():
+    pass
+
+@pytest.mark.limit_memory("1 GiB", device="gpu")
+def test_bad_device():
+    pass
+
+@pytest.mark.requires_memory(size="1 MiB", devce="cpu")
+def test_bad_keyword():
+    pass
+
+@pytest.mark.leak_check(fail="lots")
+def test_bad_leak_fail():
+    pass
+
+@pytest.mark.leak_check(retries=-1)
+def test_bad_retries():
+    pass
+
+@pytest.mark.isolated(timeout="soon")
+def test_bad_timeout():
+    pass
+
+@pytest.mark.limit_memory("1 GiB")
+def test_good():
+    pass
+""")
+    r = run(pytester, "--tb=long")
+    r.assert_outcomes(passed=1, errors=7)
+    r.stdout.fnmatch_lines_random([
+        "*@pytest.mark.limit_memory('2 GiBs'): cannot parse limit '2 GiBs': expected a number with a unit*",
+        "*@pytest.mark.limit_memory(): needs a limit, e.g. limit_memory('2 GiB')*",
+        "*@pytest.mark.limit_memory('1 GiB', device='gpu'): bad device 'gpu'*",
+        "*@pytest.mark.requires_memory(size='1 MiB', devce='cpu'): unexpected keyword argument 'devce'*",
+        "*@pytest.mark.leak_check(fail='lots'): cannot parse fail 'lots'*",
+        "*@pytest.mark.leak_check(retries=-1): retries must be an int >= 0, got -1*",
+        "*@pytest.mark.isolated(timeout='soon'): timeout must be a number of seconds > 0 or None*",
+    ])
+    out = r.stdout.str() + r.stderr.str()
+    assert "plugin.py" not in out and "Traceback" not in out and "INTERNALERROR" not in out
+
+
+def test_top_tests_by_peak(pytester, monkeypatch):
+    pytester.makepyfile(test_top="""
+import torch
+
+def test_small():
+    x = torch.ones(24 * 2**20, dtype=torch.uint8); del x
+
+def test_large():
+    x = torch.ones(240 * 2**20, dtype=torch.uint8); del x
+
+def test_medium():
+    x = torch.ones(120 * 2**20, dtype=torch.uint8); del x
+""")
+    _subprocess_env(monkeypatch)   # fresh process: peak RSS is not absorbed by earlier tests' heap
+    r = pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider", "--memwarden-device=cpu",
+                                      "--memwarden-top=2")
+    r.assert_outcomes(passed=3)
+    r.stdout.fnmatch_lines([
+        "*= memwarden: top 2 of 3 tests by memory peak =*",
+        "*peak  device  source*test",
+        "* MiB  cpu     *test_top.py::test_large",
+        "* MiB  cpu     *test_top.py::test_medium",
+    ])
+    table = r.stdout.str().split("tests by memory peak")[1]
+    assert "test_small" not in table
+    r = run(pytester)                  # no table unless asked for
+    r.assert_outcomes(passed=3)
+    assert "by memory peak" not in r.stdout.str()

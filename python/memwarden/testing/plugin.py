@@ -16,7 +16,7 @@ import pytest
 from . import _sources as src
 from ._isolation import _ModuleFunction, run_isolated
 from ._leak import DEFAULT_FAIL, DEFAULT_WARN, LeakChecker, LeakResult
-from ._limits import PeakMonitor
+from ._limits import PeakMonitor, PeakResult
 from ._reset import reset_memory
 from ._resources import GpuResources, InsufficientMemory
 from ._tracker import MemoryTracker
@@ -25,6 +25,7 @@ from memwarden._units import format_bytes, parse_bytes
 _STATE = pytest.StashKey["_State"]()
 _CHECKER = pytest.StashKey[LeakChecker]()
 _PEAK = pytest.StashKey[Any]()
+_MARKS = pytest.StashKey[Any]()
 
 MARKERS = {
     "leak_check": "leak_check(fail=None, warn=None, device=None, retries=None): check this test "
@@ -46,7 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help=f"growth that fails a test (default {format_bytes(DEFAULT_FAIL, digits=1)})")
     g.addoption("--memwarden-leak-warn", default=None, metavar="SIZE",
                 help=f"growth that warns (default {format_bytes(DEFAULT_WARN, digits=1)})")
-    g.addoption("--memwarden-leak-retries", type=int, default=None, metavar="N",
+    g.addoption("--memwarden-leak-retries", default=None, metavar="N",
                 help="re-measurements after a full cleanup before deciding (default 3)")
     g.addoption("--memwarden-device", default=None, metavar="DEV",
                 help="device to measure: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
@@ -56,6 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="when memory_tracker saves its plot: failed (default), always, never")
     g.addoption("--memwarden-plot-dir", default=None, metavar="DIR",
                 help="where memory_tracker plots go (default .pytest_cache/d/memwarden-plots)")
+    g.addoption("--memwarden-top", default=None, metavar="N",
+                help="at the end, list the N tests with the highest memory peak (default 0: off)")
     parser.addini("memwarden_leak_check", "check every test for memory leaks", type="bool", default=False)
     parser.addini("memwarden_leak_fail", "growth that fails a leak check", default=format_bytes(DEFAULT_FAIL, digits=1))
     parser.addini("memwarden_leak_warn", "growth that warns in a leak check", default=format_bytes(DEFAULT_WARN, digits=1))
@@ -70,31 +73,129 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   "checked test so that each check scans only newer objects", type="bool", default=True)
     parser.addini("memwarden_gpu_budget", "capacity of gpu_resources per device (default: free memory)",
                   default="")
+    parser.addini("memwarden_top", "list the N tests with the highest memory peak at the end", default="0")
+
+
+_NO_OPTION = ("memwarden_leak_noisy", "memwarden_tracker_interval", "memwarden_gpu_budget",
+              "memwarden_gc_freeze")
+
+
+class _Values:
+    """Reads a memwarden setting from its command-line option (when given) or its ini
+    value, and turns a bad one into a :class:`pytest.UsageError` naming where it came from
+    and the form expected (rather than an INTERNALERROR traceback)."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+
+    def _get(self, name: str) -> tuple[Any, str]:
+        if name not in _NO_OPTION:
+            v = self.config.getoption(name)
+            if v is not None:
+                return v, "--" + name.replace("_", "-")
+        try:
+            v = self.config.getini(name)
+        except (ValueError, pytest.UsageError) as e:   # e.g. a bool ini value pytest cannot read
+            raise pytest.UsageError(f"ini option {name}: {e}; expected true or false") from None
+        return v, f"ini option {name}"
+
+    def raw(self, name: str) -> Any:
+        return self._get(name)[0]
+
+    @staticmethod
+    def _bad(where: str, value: Any, expected: str, why: str = "") -> pytest.UsageError:
+        shown = f"{where}={value}" if where.startswith("--") else f"{where} = {value}"
+        return pytest.UsageError(f"{shown}: {why + '; ' if why else ''}expected {expected}")
+
+    def size(self, name: str, optional: bool = False) -> int | None:
+        v, where = self._get(name)
+        if optional and (v is None or str(v).strip() == ""):
+            return None
+        try:
+            return parse_bytes(v.strip() if isinstance(v, str) else v, name)
+        except ValueError:
+            raise self._bad(where, v, "a size with a unit, e.g. '48 MiB' or '2GiB'") from None
+
+    def count(self, name: str) -> int:
+        v, where = self._get(name)
+        try:
+            n = int(str(v).strip())
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise self._bad(where, v, "an integer >= 0")
+        return n
+
+    def seconds(self, name: str) -> float:
+        v, where = self._get(name)
+        try:
+            x = float(str(v).strip())
+        except ValueError:
+            x = float("nan")
+        if not (0 < x < float("inf")):
+            raise self._bad(where, v, "a number of seconds > 0, e.g. 0.01")
+        return x
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        v, where = self._get(name)
+        if v not in choices:
+            raise self._bad(where, v, "one of " + ", ".join(choices))
+        return v
+
+    def flag(self, name: str) -> bool:
+        return bool(self._get(name)[0])
+
+    def device(self, name: str) -> str:
+        v, where = self._get(name)
+        dev = (v or "auto").strip() if isinstance(v, str) else (v or "auto")
+        expected = "auto, cpu, cuda or cuda:N"
+        try:
+            resolved = src.resolve_device(dev)
+        except (ValueError, TypeError):
+            raise self._bad(where, v, expected, "not a device memwarden.testing measures") from None
+        if src.device_type(resolved) == "cuda":
+            shown = f"{where}={v}" if where.startswith("--") else f"{where} = {v}"
+            if not src.cuda_available():
+                raise pytest.UsageError(
+                    f"{shown}: CUDA is not available (torch.cuda.is_available() is False), so "
+                    "nothing would be checked; use --memwarden-device=cpu or auto")
+            count = _cuda_device_count()
+            index = int(resolved.split(":", 1)[1]) if ":" in resolved else 0
+            if count is not None and index >= count:
+                raise pytest.UsageError(f"{shown}: there is no {resolved}, only {count} CUDA device(s)")
+        return dev
+
+
+def _cuda_device_count() -> int | None:
+    try:
+        import torch
+        return int(torch.cuda.device_count())
+    except Exception:  # pragma: no cover
+        return None
 
 
 class _State:
     def __init__(self, config: pytest.Config):
-        def opt(name: str, ini: str):
-            v = config.getoption(name)
-            return config.getini(ini) if v is None else v
-        self.leak_all = bool(opt("memwarden_leak_check", "memwarden_leak_check"))
-        self.fail = parse_bytes(opt("memwarden_leak_fail", "memwarden_leak_fail"))
-        self.warn = parse_bytes(opt("memwarden_leak_warn", "memwarden_leak_warn"))
-        self.retries = int(opt("memwarden_leak_retries", "memwarden_leak_retries"))
-        self.noisy = config.getini("memwarden_leak_noisy")
-        dev = opt("memwarden_device", "memwarden_device") or "auto"
-        self.device = dev
+        v = _Values(config)
+        self.leak_all = bool(v.raw("memwarden_leak_check"))
+        self.fail = v.size("memwarden_leak_fail")
+        self.warn = v.size("memwarden_leak_warn")
+        self.retries = v.count("memwarden_leak_retries")
+        self.noisy = v.choice("memwarden_leak_noisy", ("warn", "fail", "ignore"))
+        self.device = v.device("memwarden_device")
         self.reset_each = bool(config.getoption("memwarden_reset_each"))
-        self.interval = float(config.getini("memwarden_tracker_interval"))
-        self.plots = opt("memwarden_plots", "memwarden_plots")
-        self.plot_dir_opt = opt("memwarden_plot_dir", "memwarden_plot_dir")
-        self.budget = config.getini("memwarden_gpu_budget") or None
+        self.interval = v.seconds("memwarden_tracker_interval")
+        self.plots = v.choice("memwarden_plots", ("failed", "always", "never"))
+        self.plot_dir_opt = v.raw("memwarden_plot_dir")
+        self.budget = v.size("memwarden_gpu_budget", optional=True)
+        self.top = v.count("memwarden_top")
         self.config = config
         self.warnings: list[tuple[str, LeakResult]] = []
         self.leaks: list[tuple[str, LeakResult]] = []
         self.plots_saved: list[tuple[str, Path]] = []
+        self.peaks: list[tuple[str, PeakResult]] = []
         self.resources: GpuResources | None = None
-        self.gc_freeze = bool(config.getini("memwarden_gc_freeze"))
+        self.gc_freeze = v.flag("memwarden_gc_freeze")
         self.frozen = False
 
     def plot_dir(self) -> Path:
@@ -124,22 +225,111 @@ def _state(config: pytest.Config) -> _State:
     return config.stash[_STATE]
 
 
-def _marker_device(item: pytest.Item, marker: pytest.Mark | None, default: str) -> str:
-    dev = marker.kwargs.get("device") if marker is not None else None
-    return src.resolve_device(dev if dev is not None else default)
+# --- marker arguments --------------------------------------------------------------
+class _BadMarker(Exception):
+    pass
+
+
+def _mark_call(mark: pytest.Mark) -> str:
+    args = [repr(a) for a in mark.args] + [f"{k}={v!r}" for k, v in mark.kwargs.items()]
+    return f"@pytest.mark.{mark.name}({', '.join(args)})"
+
+
+def _mark_args(mark: pytest.Mark, positional: tuple[str, ...], allowed: tuple[str, ...],
+               required: str | None = None, example: str = "") -> dict:
+    if len(mark.args) > len(positional):
+        raise _BadMarker(f"takes at most {len(positional)} positional argument(s), got {len(mark.args)}")
+    kw = dict(zip(positional, mark.args))
+    for k, v in mark.kwargs.items():
+        if k in kw:
+            raise _BadMarker(f"got {k!r} twice")
+        if k not in allowed:
+            raise _BadMarker(f"unexpected keyword argument {k!r} (accepted: {', '.join(allowed)})")
+        kw[k] = v
+    if required is not None and required not in kw:
+        raise _BadMarker(f"needs a {required}, e.g. {example}")
+    return kw
+
+
+def _mark_size(value: Any, name: str) -> int:
+    try:
+        return parse_bytes(value, name)
+    except ValueError as e:
+        raise _BadMarker(str(e)) from None
+
+
+def _mark_device(kw: dict, default: str) -> str:
+    dev = kw.get("device")
+    try:
+        return src.resolve_device(dev if dev is not None else default)
+    except (ValueError, TypeError) as e:
+        raise _BadMarker(f"bad device {dev!r}: {e}") from None
+
+
+def _parse_marks(item: pytest.Item) -> dict:
+    """The arguments of the test's memwarden markers, checked and converted (cached)."""
+    cached = item.stash.get(_MARKS, None)
+    if cached is not None:
+        return cached
+    st = _state(item.config)
+    out: dict[str, Any] = {"error": None}
+    mark = None
+    try:
+        mark = item.get_closest_marker("limit_memory")
+        if mark is not None:
+            kw = _mark_args(mark, ("limit",), ("limit", "device"), "limit", "limit_memory('2 GiB')")
+            out["limit_memory"] = {"limit": _mark_size(kw["limit"], "limit"),
+                                   "device": _mark_device(kw, st.device)}
+        mark = item.get_closest_marker("requires_memory")
+        if mark is not None:
+            kw = _mark_args(mark, ("size",), ("size", "device"), "size", "requires_memory('4 GiB')")
+            out["requires_memory"] = {"size": _mark_size(kw["size"], "size"),
+                                      "device": _mark_device(kw, st.device)}
+        mark = item.get_closest_marker("leak_check")
+        if mark is not None:
+            kw = _mark_args(mark, (), ("fail", "warn", "device", "retries", "noisy"))
+            lk: dict[str, Any] = {"device": _mark_device(kw, st.device)}
+            if "fail" in kw:
+                lk["fail"] = _mark_size(kw["fail"], "fail")
+            if "warn" in kw:
+                lk["warn"] = _mark_size(kw["warn"], "warn")
+            if "retries" in kw:
+                r = kw["retries"]
+                if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                    raise _BadMarker(f"retries must be an int >= 0, got {r!r}")
+                lk["retries"] = r
+            if "noisy" in kw:
+                if kw["noisy"] not in ("warn", "fail", "ignore"):
+                    raise _BadMarker(f"noisy must be 'warn', 'fail' or 'ignore', got {kw['noisy']!r}")
+                lk["noisy"] = kw["noisy"]
+            out["leak_check"] = lk
+        mark = item.get_closest_marker("isolated")
+        if mark is not None:
+            kw = _mark_args(mark, ("timeout",), ("timeout",))
+            t = kw.get("timeout")
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
+                raise _BadMarker(f"timeout must be a number of seconds > 0 or None, got {t!r}")
+            out["isolated"] = {"timeout": t}
+    except _BadMarker as e:
+        out = {"error": f"{_mark_call(mark)}: {e}"}
+    item.stash[_MARKS] = out
+    return out
 
 
 # --- leak check -------------------------------------------------------------------
 def _leak_settings(item: pytest.Item) -> dict | None:
     st = _state(item.config)
-    mark = item.get_closest_marker("leak_check")
+    marks = _parse_marks(item)
+    if marks["error"] is not None:   # reported by pytest_runtest_setup as this test's error
+        return None
+    mark = marks.get("leak_check")
     if item.get_closest_marker("no_leak_check") is not None:
         return None
     if not (st.leak_all or mark is not None or "leak_check" in getattr(item, "fixturenames", ())):
         return None
-    kw = dict(mark.kwargs) if mark is not None else {}
-    return {"device": _marker_device(item, mark, st.device),
-            "fail": kw.get("fail", st.fail), "warn": kw.get("warn", min(st.warn, parse_bytes(kw.get("fail", st.fail)))),
+    kw = mark or {"device": src.resolve_device(st.device)}
+    fail = kw.get("fail", st.fail)
+    return {"device": kw["device"], "fail": fail, "warn": kw.get("warn", min(st.warn, fail)),
             "retries": kw.get("retries", st.retries), "noisy": kw.get("noisy", st.noisy)}
 
 
@@ -234,14 +424,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     st = _state(item.config)
     if st.resources is not None:
         st.resources.owner = item.nodeid
-    mark = item.get_closest_marker("requires_memory")
-    if mark is None:
+    marks = _parse_marks(item)
+    if marks["error"] is not None:
+        # like pytest's own "Error evaluating 'skipif'": this test errors, without a traceback
+        pytest.fail(marks["error"], pytrace=False)
+    req = marks.get("requires_memory")
+    if req is None:
         return
-    if not mark.args and "size" not in mark.kwargs:
-        raise pytest.UsageError(f"{item.nodeid}: requires_memory needs a size, e.g. requires_memory('4 GiB')")
-    need = parse_bytes(mark.args[0] if mark.args else mark.kwargs["size"])
-    dev = mark.kwargs.get("device", st.device)
-    dev = src.resolve_device(dev)
+    need, dev = req["size"], req["device"]
     if src.device_type(dev) == "cuda" and not src.cuda_available():
         _skip(f"requires {format_bytes(need, digits=1)} free on {dev}: CUDA is not available")
     free, total = src.free_and_total(dev)
@@ -252,15 +442,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    mark = item.get_closest_marker("limit_memory")
-    if mark is None or item.get_closest_marker("isolated") is not None:
+    st = _state(item.config)
+    marks = _parse_marks(item)
+    lim = marks.get("limit_memory")
+    if (lim is None and st.top <= 0) or marks.get("isolated") is not None:
         return (yield)
-    if not mark.args and "limit" not in mark.kwargs:
-        raise pytest.UsageError(f"{item.nodeid}: limit_memory needs a limit, e.g. limit_memory('2 GiB')")
-    limit = parse_bytes(mark.args[0] if mark.args else mark.kwargs["limit"])
-    dev = _marker_device(item, mark, _state(item.config).device)
-    if src.device_type(dev) == "cuda" and not src.cuda_available():
-        _skip(f"limit_memory on {dev}: CUDA is not available")
+    if lim is not None:
+        limit, dev = lim["limit"], lim["device"]
+        if src.device_type(dev) == "cuda" and not src.cuda_available():
+            _skip(f"limit_memory on {dev}: CUDA is not available")
+    else:
+        limit, dev = None, src.resolve_device(st.device)
     mon = PeakMonitor(dev).start()
     try:
         return (yield)
@@ -274,7 +466,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if report.when != "call":
         return report
     peak = item.stash.get(_PEAK, None)
-    if peak is not None and report.passed:
+    st = _state(item.config)
+    if peak is not None and st.top > 0:
+        st.peaks.append((item.nodeid, peak[1]))
+    if peak is not None and peak[0] is not None and report.passed:
         limit, res = peak
         if res.peak > limit:
             report.outcome = "failed"
@@ -282,7 +477,6 @@ def pytest_runtest_makereport(item: pytest.Item, call):
                                + res.describe(limit))
         report.sections.append(("memwarden limit_memory", res.describe(limit)))
     tracker = getattr(item, "funcargs", {}).get("memory_tracker")
-    st = _state(item.config)
     if isinstance(tracker, MemoryTracker) and st.plots != "never" and (report.failed or st.plots == "always"):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-150:]
         d = st.plot_dir()
@@ -327,7 +521,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     kwargs = {a: pyfuncitem.funcargs[a] for a in names}
     if getattr(fn, "__self__", None) is not None:
         target = _BoundTest(target)
-    run_isolated(target, timeout=mark.kwargs.get("timeout", mark.args[0] if mark.args else None), **kwargs)
+    iso = _parse_marks(pyfuncitem).get("isolated") or {}
+    run_isolated(target, timeout=iso.get("timeout"), **kwargs)
     return True
 
 
@@ -387,13 +582,30 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     st = config.stash.get(_STATE, None)
-    if st is None or not (st.leaks or st.warnings or st.plots_saved):
+    if st is None:
         return
     tr = terminalreporter
-    tr.write_sep("=", "memwarden memory report")
-    for nodeid, r in st.leaks:
-        tr.write_line(f"LEAK  {nodeid}: {r.summary()}")
-    for nodeid, r in st.warnings:
-        tr.write_line(f"WARN  {nodeid}: {r.summary()}")
-    for nodeid, p in st.plots_saved:
-        tr.write_line(f"PLOT  {nodeid}: {p}")
+    if st.leaks or st.warnings or st.plots_saved:
+        tr.write_sep("=", "memwarden memory report")
+        for nodeid, r in st.leaks:
+            tr.write_line(f"LEAK  {nodeid}: {r.summary()}")
+        for nodeid, r in st.warnings:
+            tr.write_line(f"WARN  {nodeid}: {r.summary()}")
+        for nodeid, p in st.plots_saved:
+            tr.write_line(f"PLOT  {nodeid}: {p}")
+    if st.top > 0 and st.peaks:
+        _top_table(tr, st)
+
+
+def _top_table(tr, st: _State) -> None:
+    """The ``--memwarden-top=N`` table: the tests with the highest peak above their start
+    (measured around the call phase; isolated tests run elsewhere and are not in it)."""
+    top = sorted(st.peaks, key=lambda p: p[1].peak, reverse=True)[:st.top]
+    tr.write_sep("=", f"memwarden: top {len(top)} of {len(st.peaks)} tests by memory peak")
+    rows = [(format_bytes(r.peak, digits=1), r.device, r.source + ("" if r.exact else " (sampled)"), nodeid)
+            for nodeid, r in top]
+    head = ("peak", "device", "source", "test")
+    w = [max(len(x[i]) for x in rows + [head]) for i in range(3)]
+    tr.write_line(f"{head[0]:>{w[0]}}  {head[1]:<{w[1]}}  {head[2]:<{w[2]}}  {head[3]}")
+    for peak, dev, source, nodeid in rows:
+        tr.write_line(f"{peak:>{w[0]}}  {dev:<{w[1]}}  {source:<{w[2]}}  {nodeid}")
