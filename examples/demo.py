@@ -64,8 +64,8 @@ def demo_paged_kv(device: str) -> None:
         print(f"  request {request}: {len(prompt)} prompt tokens, {cached:2d} found in the prefix cache, "
               f"{new} written")
     table = torch.tensor([manager.block_table(3)], device=device)
-    keys, _ = kv.gather_kv(key_cache, value_cache, table, torch.tensor([68], device=device), "int8", torch.float16,
-                           scale, scale)
+    keys, _ = kv.gather_kv(key_cache, value_cache, table, torch.tensor([68], device=device), "int8",
+                           out_dtype=torch.float16, k_scale=scale, v_scale=scale)
     expected = torch.stack([written[i] for i in range(68)])
     steps = ((keys.float() - expected.float()).abs().max() / scale).item()
     stats = manager.stats()

@@ -13,11 +13,20 @@ Edge cases are defined, never NaN: a group whose finite values are all zero gets
 range widened to include zero, so the constant round-trips exactly. Non-finite
 inputs do not take part in the scale: NaN quantizes to the zero point (it dequantizes
 to 0), +Inf to 127 and -Inf to -128 (a group with no non-zero finite value has scale 0
-and quantizes everything, Inf included, to the zero point).
+and quantizes everything, Inf included, to the zero point). An empty input gives an
+empty ``q`` and scales of the documented shape: zero-sized for ``"token"``/``"group"``
+(no rows), ``[1]`` for ``"tensor"`` and ``[cols]`` for ``"channel"``, all 0 (zero point 0),
+like an all-zero group.
+
+The wrappers check their arguments before calling the ops: a non-tensor is a
+``TypeError``, a wrong dtype a ``TypeError`` naming the argument and the dtypes as
+torch spells them (``torch.int8``), a bad ``group_size`` (not a positive ``int``; ``bool``
+is rejected) a ``ValueError``.
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -29,6 +38,49 @@ _native.load()  # registers torch.ops.memwarden.*
 __all__ = ["GRANULARITIES", "broadcast_scale", "dequantize_int8", "quantize_int8", "quantize_int8_into", "scaled_int8_quant"]
 
 GRANULARITIES = ("tensor", "token", "channel", "group")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _check_tensor(op: str, name: str, value, dtypes=None, optional: bool = False) -> None:
+    """TypeError naming ``name`` unless ``value`` is a tensor (or None when optional) of
+    one of ``dtypes``."""
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        wanted = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{op}: {name} must be {wanted}, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be {_dtype_names(dtypes)}, got {value.dtype}")
+
+
+def _check_group_size(op: str, group_size) -> Optional[int]:
+    """``None`` or a positive int (anything with ``__index__`` but ``bool``), else ValueError."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool):
+        raise ValueError(f"{op}: group_size must be a positive int or None, got {group_size!r} (a bool)")
+    try:
+        value = operator.index(group_size)
+    except TypeError:
+        raise ValueError(
+            f"{op}: group_size must be a positive int or None, got {group_size!r} ({type(group_size).__name__})"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"{op}: group_size must be a positive int or None, got {value}")
+    return value
+
+
+def _check_out_dtype(op: str, out_dtype) -> None:
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"{op}: out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be {_dtype_names(_FLOAT_DTYPES)}, got {out_dtype}")
 
 
 def scaled_int8_quant(
@@ -46,6 +98,9 @@ def scaled_int8_quant(
     Returns ``(q, scales, azp)``: ``q`` int8 shaped like ``input``; ``scales`` float32,
     ``[num_tokens, 1]`` when dynamic or the given scale; ``azp`` int32 or ``None``.
     """
+    _check_tensor("scaled_int8_quant", "input", input, _FLOAT_DTYPES)
+    _check_tensor("scaled_int8_quant", "scale", scale, (torch.float32,), optional=True)
+    _check_tensor("scaled_int8_quant", "azp", azp, (torch.int32,), optional=True)
     return torch.ops.memwarden.scaled_int8_quant(input, scale, azp, symmetric)
 
 
@@ -66,9 +121,28 @@ def quantize_int8(
     * ``"group"``: one per ``group_size`` consecutive elements of a row, shape
       ``[*x.shape[:-1], cols // group_size]``
 
+    ``group_size`` is a positive int (``ValueError`` otherwise, ``bool`` included); it is
+    required for ``"group"`` and ignored by the other granularities.
+
+    An empty ``x`` is no error: ``q`` is empty and ``scale`` (and ``azp``) has the shape
+    above, zero-sized for ``"token"``/``"group"`` and ``[1]``/``[cols]`` of zeros for
+    ``"tensor"``/``"channel"`` (the scale of an all-zero group), so it dequantizes to an
+    empty tensor.
+
     Returns ``(q, scale, azp)`` with ``azp`` (int32, shaped like ``scale``) only when
     ``symmetric`` is False.
     """
+    _check_tensor("quantize_int8", "x", x, _FLOAT_DTYPES)
+    group_size = _check_group_size("quantize_int8", group_size)
+    if x.dim() == 0:
+        raise ValueError("quantize_int8: x must have at least one dimension, got a 0-dim tensor")
+    if granularity in ("tensor", "channel") and x.numel() == 0:
+        # The kernels reduce over all rows; with none there is nothing to reduce.
+        n = 1 if granularity == "tensor" else x.shape[-1]
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        scale = torch.zeros(n, dtype=torch.float32, device=x.device)
+        azp = None if symmetric else torch.zeros(n, dtype=torch.int32, device=x.device)
+        return q, scale, azp
     return torch.ops.memwarden.quantize_int8(x, granularity, group_size, symmetric)
 
 
@@ -82,8 +156,17 @@ def quantize_int8_into(
     """Per-token (``group_size=None``) or per-group dynamic quantization of ``x`` into
     preallocated tensors, e.g. reused buffers of a decode loop: ``q`` int8 shaped like
     ``x``, ``scale`` float32 (and ``azp`` int32, which makes it asymmetric) shaped
-    ``[*x.shape[:-1], x.shape[-1] // group_size]``."""
-    torch.ops.memwarden.quantize_int8_groups_out(x, group_size or x.shape[-1], q, scale, azp)
+    ``[*x.shape[:-1], x.shape[-1] // group_size]``. ``x`` needs at least one dimension;
+    ``group_size`` is None or a positive int (``ValueError`` otherwise)."""
+    op = "quantize_int8_into"
+    _check_tensor(op, "x", x, _FLOAT_DTYPES)
+    _check_tensor(op, "q", q, (torch.int8,))
+    _check_tensor(op, "scale", scale, (torch.float32,))
+    _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
+    group_size = _check_group_size(op, group_size)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension, got a 0-dim tensor")
+    torch.ops.memwarden.quantize_int8_groups_out(x, x.shape[-1] if group_size is None else group_size, q, scale, azp)
 
 
 def dequantize_int8(
@@ -92,9 +175,22 @@ def dequantize_int8(
     azp: Optional[torch.Tensor] = None,
     granularity: str = "token",
     group_size: Optional[int] = None,
-    out_dtype: torch.dtype = torch.float16,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_int8`: ``(q - azp) * scale`` as ``out_dtype``."""
+    """Inverse of :func:`quantize_int8`: ``(q - azp) * scale`` as ``out_dtype``
+    (float32, float16 or bfloat16).
+
+    ``out_dtype=None`` (the default) means float32: ``q`` carries no record of the dtype it
+    was quantized from, so pass ``out_dtype=x.dtype`` to get that back. (The raw op
+    ``torch.ops.memwarden.dequantize_int8`` keeps its own default, float16.)
+    """
+    op = "dequantize_int8"
+    _check_tensor(op, "q", q, (torch.int8,))
+    _check_tensor(op, "scale", scale, (torch.float32,))
+    _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
+    group_size = _check_group_size(op, group_size)
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
+    _check_out_dtype(op, out_dtype)
     return torch.ops.memwarden.dequantize_int8(q, scale, azp, granularity, group_size, out_dtype)
 
 
@@ -102,6 +198,7 @@ def broadcast_scale(scale: torch.Tensor, shape: torch.Size, granularity: str,
                     group_size: Optional[int] = None) -> torch.Tensor:
     """The scale (or zero point) of every element of a tensor of ``shape``: a view or
     copy shaped like the input, e.g. to bound a round-trip error per element."""
+    group_size = _check_group_size("broadcast_scale", group_size)
     cols = shape[-1]
     rows = math.prod(shape[:-1])
     if granularity == "tensor":
@@ -111,7 +208,7 @@ def broadcast_scale(scale: torch.Tensor, shape: torch.Size, granularity: str,
     elif granularity == "channel":
         per_element = scale.reshape(1, cols).expand(rows, cols)
     elif granularity == "group":
-        if not group_size:
+        if group_size is None:
             raise ValueError("broadcast_scale: group_size is required for granularity 'group'")
         per_element = scale.reshape(rows, cols // group_size).repeat_interleave(group_size, dim=1)
     else:

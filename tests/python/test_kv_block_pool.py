@@ -290,3 +290,34 @@ def test_hash_block_chains():
     assert a != kv.hash_block(kv.ROOT_HASH, [1, 2, 3, 5])
     assert a != kv.hash_block(kv.ROOT_HASH, [1, 2, 3, 4], extra_key=1)
     assert kv.hash_block(a, [5, 6, 7, 8]) != kv.hash_block(kv.ROOT_HASH, [5, 6, 7, 8])
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_blocks=4, block_size=16, num_host_blocks=-1), "num_host_blocks"),  # blamed num_blocks
+        (dict(num_blocks=-1, block_size=16), "num_blocks"),
+        (dict(num_blocks=2**70, block_size=16), "num_blocks"),  # pybind: "incompatible constructor arguments"
+        (dict(num_blocks=4, block_size=2**70), "block_size"),
+        (dict(num_blocks=4, block_size=16, num_host_blocks=2**70), "num_host_blocks"),
+        (dict(num_blocks=2**31 - 1, block_size=16), "num_blocks"),
+        (dict(num_blocks=4.0, block_size=16), "num_blocks"),
+        (dict(num_blocks=4, block_size=True), "block_size"),
+        (dict(num_blocks=4, block_size=16, num_host_blocks="2"), "num_host_blocks"),
+    ],
+)
+def test_manager_constructor_errors_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^KVCacheManager: {name} must be "):
+        kv.KVCacheManager(**kwargs)
+
+
+def test_manager_is_still_the_native_class():
+    import memwarden._C as C
+
+    m = kv.KVCacheManager(8, 4, 2, False)
+    assert isinstance(m, C.kv.KVCacheManager) and isinstance(m.device_pool, kv.BlockPool)
+    assert m.block_size == 4 and m.stats()["num_host_blocks"] == 2 and m.stats()["num_blocks"] == 8
+    m2 = kv.KVCacheManager(num_blocks=3, block_size=2, num_host_blocks=0, enable_prefix_caching=True)
+    assert m2.stats()["num_free_blocks"] == 3 and type(m2).__module__ == "memwarden.kv"
+    with pytest.raises(AttributeError):
+        m.not_an_attribute = 1  # no __dict__, like the native class

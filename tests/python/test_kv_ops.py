@@ -180,8 +180,9 @@ def test_gather_cache_matches_reference(kv_dtype, layout, dtype, device):
     def to(t):
         return None if t is None else t.to(device)
 
-    key, value = ops.gather_kv(to(kc), to(vc), to(block_table), to(seq_lens), kv_dtype, out_dtype, to(k_scale),
-                               to(v_scale), to(ksc), to(vsc))
+    key, value = ops.gather_kv(to(kc), to(vc), to(block_table), to(seq_lens), kv_dtype, out_dtype=out_dtype,
+                               k_scale=to(k_scale), v_scale=to(v_scale), k_scale_cache=to(ksc),
+                               v_scale_cache=to(vsc))
     rk, rv = R.gather(kc, vc, block_table, seq_lens, kv_dtype, out_dtype, k_scale, v_scale, ksc, vsc)
     assert key.shape == (25, h, d)
     torch.testing.assert_close(key.cpu(), rk, rtol=0, atol=0)
@@ -207,9 +208,9 @@ def test_write_then_gather_round_trip(kv_dtype, layout):
         ksc, vsc = torch.zeros(6, bs, h), torch.zeros(6, bs, h)
     ops.reshape_and_cache_flash(key, value, kc, vc, slots, kv_dtype, k_scale, v_scale, ksc, vsc)
     table = torch.tensor([t + [0] * (3 - len(t)) for t in manager_tables])
-    out_k, out_v = ops.gather_kv(kc, vc, table, torch.tensor(seq_lens), kv_dtype, dtype,
-                                 k_scale if kv_dtype == "int8" else None, v_scale if kv_dtype == "int8" else None,
-                                 ksc, vsc)
+    out_k, out_v = ops.gather_kv(kc, vc, table, torch.tensor(seq_lens), kv_dtype, out_dtype=dtype,
+                                 k_scale=k_scale if kv_dtype == "int8" else None,
+                                 v_scale=v_scale if kv_dtype == "int8" else None, k_scale_cache=ksc, v_scale_cache=vsc)
     if kv_dtype == "auto":
         assert torch.equal(out_k, key) and torch.equal(out_v, value)
     else:
@@ -251,7 +252,7 @@ def test_copy_blocks_rejects_conflicts_and_bad_ids():
         ops.copy_blocks(kc, [], torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="blocks like key_caches"):
         ops.copy_blocks(kc, [torch.zeros(5, 8, 1, 16)], torch.tensor([[0, 1]]))
-    with pytest.raises(TypeError, match="block_mapping must be int64"):
+    with pytest.raises(TypeError, match=r"copy_blocks: block_mapping must be torch\.int64, got torch\.int32"):
         ops.copy_blocks(kc, vc, torch.tensor([[0, 1]], dtype=torch.int32))
 
 
@@ -320,7 +321,7 @@ def test_flash_errors_name_the_argument():
         ops.reshape_and_cache_flash(key, value, kc[..., :32], vc[..., :32], slots)
     with pytest.raises(ValueError, match="need at least slot_mapping.size\\(0\\) = 6 tokens"):
         ops.reshape_and_cache_flash(key, value, kc, vc, torch.arange(6))
-    with pytest.raises(TypeError, match="slot_mapping must be int64"):
+    with pytest.raises(TypeError, match=r"reshape_and_cache_flash: slot_mapping must be torch\.int64, got torch\.int32"):
         ops.reshape_and_cache_flash(key, value, kc, vc, slots.int())
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
         ops.reshape_and_cache_flash(key, value, kc, vc, slots, "fp8")
@@ -433,10 +434,12 @@ def test_cuda_flash_write_and_gather_match_cpu(head_size, dtype, kv_dtype, layou
         assert torch.equal(gk.cpu(), kc) and torch.equal(gv.cpu(), vc)
     table = torch.tensor([[0, 3, 5], [6, 1, 2]])
     seq_lens = torch.tensor([40, 33])
-    args = (kv_dtype, dtype, k_scale if kv_dtype == "int8" else None, v_scale if kv_dtype == "int8" else None)
-    ck, cv = ops.gather_kv(kc, vc, table, seq_lens, *args[:2], *(args[2:]), ksc, vsc)
-    dk, dv = ops.gather_kv(gk, gv, table.cuda(), seq_lens.cuda(), kv_dtype, dtype,
-                           *(a.cuda() if a is not None else None for a in args[2:]), gks, gvs)
+    scales = (k_scale if kv_dtype == "int8" else None, v_scale if kv_dtype == "int8" else None)
+    ck, cv = ops.gather_kv(kc, vc, table, seq_lens, kv_dtype, out_dtype=dtype, k_scale=scales[0], v_scale=scales[1],
+                           k_scale_cache=ksc, v_scale_cache=vsc)
+    cuda_scales = [a.cuda() if a is not None else None for a in scales]
+    dk, dv = ops.gather_kv(gk, gv, table.cuda(), seq_lens.cuda(), kv_dtype, out_dtype=dtype, k_scale=cuda_scales[0],
+                           v_scale=cuda_scales[1], k_scale_cache=gks, v_scale_cache=gvs)
     if kv_dtype != "int8_per_token_head":
         assert torch.equal(dk.cpu(), ck) and torch.equal(dv.cpu(), cv)
     else:
@@ -530,7 +533,8 @@ def test_cuda_gather_into_unaligned_outputs(kv_dtype):
         kc, vc = (torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8) for _ in range(2))
     scale = torch.full((1,), 0.05) if kv_dtype == "int8" else None
     table, seq_lens = torch.tensor([[2, 0]]), torch.tensor([20])
-    expected_k, expected_v = ops.gather_kv(kc, vc, table, seq_lens, kv_dtype, torch.float16, scale, scale)
+    expected_k, expected_v = ops.gather_kv(kc, vc, table, seq_lens, kv_dtype, out_dtype=torch.float16,
+                                             k_scale=scale, v_scale=scale)
     outs = [torch.zeros(20 * 2 * 64 + 1, dtype=torch.float16, device="cuda")[1:].view(20, 2, 64) for _ in range(2)]
     cuda_scale = None if scale is None else scale.cuda()
     ops.gather_cache(kc.cuda(), vc.cuda(), table.cuda(), seq_lens.cuda(), *outs, kv_dtype, cuda_scale, cuda_scale)
@@ -557,3 +561,69 @@ def test_cuda_write_from_unaligned_inputs(kv_dtype):
     ops.reshape_and_cache_flash(unaligned(key), unaligned(value), *got, slots.cuda(), kv_dtype, scale.cuda(),
                                 scale.cuda())
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+
+
+def test_gather_kv_checks_seq_lens_before_allocating():
+    # Issue 11: a negative length reached torch.empty ("negative dimension").
+    kc = make_cache(4, 8, 2, 16, torch.float32, "NHD")
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"gather_kv: seq_lens\[1\] = -5 must be >= 0"):
+        ops.gather_kv(kc, kc, table, torch.tensor([3, -5], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"gather_kv: seq_lens must be torch\.int32 or torch\.int64, got torch\.float32"):
+        ops.gather_kv(kc, kc, table, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="gather_kv: seq_lens must be on cpu like key_cache, got meta"):
+        ops.gather_kv(kc, kc, table, torch.tensor([1, 2], device="meta"))
+    with pytest.raises(ValueError, match=r"gather_kv: seq_lens must be 1-D \[num_seqs\], got shape \[2, 1\]"):
+        ops.gather_kv(kc, kc, table, torch.tensor([[1], [2]]))
+    with pytest.raises(TypeError, match=r"gather_kv: block_table must be torch\.int32 or torch\.int64, got torch\.float32"):
+        ops.gather_kv(kc, kc, table.float(), torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"gather_cache: seq_lens must be torch\.int32 or torch\.int64, got torch\.int16"):
+        ops.gather_cache(kc, kc, table, torch.tensor([1, 2], dtype=torch.int16), torch.empty(3, 2, 16),
+                         torch.empty(3, 2, 16))
+
+
+def test_gather_kv_out_dtype_and_scales_are_keyword_only():
+    gen = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randint(-128, 128, (4, 8, 2, 16), generator=gen, dtype=torch.int8) for _ in range(2))
+    table, seq_lens, scale = torch.tensor([[2, 0], [1, 3]]), torch.tensor([11, 4]), torch.full((1,), 0.05)
+    key, _ = ops.gather_kv(kc, vc, table, seq_lens, "int8", out_dtype=torch.bfloat16, k_scale=scale, v_scale=scale)
+    assert key.dtype == torch.bfloat16 and key.shape == (15, 2, 16)
+    # The positional order of gather_cache: k_scale right after kv_cache_dtype, out_dtype by keyword.
+    default_k, _ = ops.gather_kv(kc, vc, table, seq_lens, "int8", k_scale=scale, v_scale=scale)
+    assert default_k.dtype == torch.float16
+    with pytest.raises(TypeError, match="positional argument"):
+        ops.gather_kv(kc, vc, table, seq_lens, "int8", torch.bfloat16, scale, scale)
+    with pytest.raises(TypeError, match="gather_kv: out_dtype must be a torch.dtype or None, got Tensor"):
+        ops.gather_kv(kc, vc, table, seq_lens, "int8", out_dtype=scale)
+
+
+def _non_tensor_calls():
+    kc = make_cache(4, 16, 2, 8, torch.float32, "NHD")
+    key = torch.randn(2, 2, 8)
+    slots, table, lens = torch.tensor([0, 1]), torch.tensor([[0]]), torch.tensor([2])
+    out = torch.empty(2, 2, 8)
+    legacy = torch.zeros(4, 2, 1, 16, 8)  # [nb, H, D/x, bs, x] with x = 4 for float32
+    return [
+        ("gather_kv", "key_cache", "list", lambda: ops.gather_kv([kc], kc, table, lens)),
+        ("gather_kv", "seq_lens", "list", lambda: ops.gather_kv(kc, kc, table, [2])),
+        ("gather_cache", "value_cache", "list", lambda: ops.gather_cache(kc, [kc], table, lens, out, out)),
+        ("gather_cache", "key_out", "NoneType", lambda: ops.gather_cache(kc, kc, table, lens, None, out)),
+        ("reshape_and_cache_flash", "key_cache", "list",
+         lambda: ops.reshape_and_cache_flash(key, key, [kc], kc, slots)),
+        ("reshape_and_cache_flash", "slot_mapping", "list",
+         lambda: ops.reshape_and_cache_flash(key, key, kc, kc, [0, 1])),
+        ("reshape_and_cache", "value_cache", "list",
+         lambda: ops.reshape_and_cache(key, key, legacy, [legacy], slots)),
+        ("copy_blocks", "key_caches", "Tensor", lambda: ops.copy_blocks(kc, [kc], torch.tensor([[0, 1]]))),
+        ("copy_blocks", r"value_caches\[0\]", "list", lambda: ops.copy_blocks([kc], [[kc]], torch.tensor([[0, 1]]))),
+        ("copy_blocks", "block_mapping", "list", lambda: ops.copy_blocks([kc], [kc], [[0, 1]])),
+        ("swap_blocks", "dst", "list", lambda: ops.swap_blocks(kc, [kc], 64, torch.tensor([[0, 1]]))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_non_tensor_calls())))
+def test_ops_reject_non_tensors_naming_the_argument(index):
+    # Issue 11: a list passed as a cache raised AttributeError ("'list' object has no attribute 'device'").
+    op, name, got, call = _non_tensor_calls()[index]
+    with pytest.raises(TypeError, match=rf"^{op}: {name} must be a (torch.Tensor|list of torch.Tensor .*), got {got}$"):
+        call()

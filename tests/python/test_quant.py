@@ -154,7 +154,7 @@ def test_nan_and_inf_follow_the_documented_rules(device):
 
 def test_errors_name_the_argument():
     x = torch.randn(4, 64)
-    with pytest.raises(TypeError, match="input must be float32"):
+    with pytest.raises(TypeError, match=r"quantize_int8: x must be torch\.float32, torch\.float16 or torch\.bfloat16, got torch\.int32"):
         quant.quantize_int8(x.to(torch.int32))
     with pytest.raises(ValueError, match="input must be contiguous"):
         quant.quantize_int8(x.t())
@@ -169,13 +169,13 @@ def test_errors_name_the_argument():
     q, scale, azp = quant.quantize_int8(x, "token", symmetric=False)
     with pytest.raises(ValueError, match="scale must have 4 elements"):
         quant.dequantize_int8(q, scale[:2], azp[:2])
-    with pytest.raises(TypeError, match="scale must be float32"):
+    with pytest.raises(TypeError, match=r"dequantize_int8: scale must be torch\.float32, got torch\.float64"):
         quant.dequantize_int8(q, scale.double(), azp)
-    with pytest.raises(TypeError, match="azp .* must be int32"):
+    with pytest.raises(TypeError, match=r"dequantize_int8: azp must be torch\.int32, got torch\.int64"):
         quant.dequantize_int8(q, scale, azp.long())
     with pytest.raises(ValueError, match="azp must have as many elements"):
         quant.dequantize_int8(q, scale, azp[:1])
-    with pytest.raises(TypeError, match="q must be int8"):
+    with pytest.raises(TypeError, match=r"dequantize_int8: q must be torch\.int8, got torch\.uint8"):
         quant.dequantize_int8(q.to(torch.uint8), scale, azp)
     with pytest.raises(TypeError, match="out_dtype"):
         quant.dequantize_int8(q, scale, azp, out_dtype=torch.int32)
@@ -206,13 +206,13 @@ def test_quantize_into_preallocated_matches_functional(symmetric, device):
 def test_quantize_into_checks_the_outputs():
     x = torch.randn(4, 64)
     q, scale = torch.empty(4, 64, dtype=torch.int8), torch.empty(4, 1)
-    with pytest.raises(TypeError, match="q must be Char"):
+    with pytest.raises(TypeError, match=r"quantize_int8_into: q must be torch\.int8, got torch\.float32"):
         quant.quantize_int8_into(x, q.float(), scale)
     with pytest.raises(ValueError, match=r"scale must have shape \[4, 1\], got \[4, 2\]"):
         quant.quantize_int8_into(x, q, torch.empty(4, 2))
     with pytest.raises(ValueError, match="q must be contiguous"):
         quant.quantize_int8_into(x, torch.empty(64, 4, dtype=torch.int8).t(), scale)
-    with pytest.raises(TypeError, match="azp must be Int"):
+    with pytest.raises(TypeError, match=r"quantize_int8_into: azp must be torch\.int32, got torch\.float32"):
         quant.quantize_int8_into(x, q, scale, torch.empty(4, 1))
 
 
@@ -276,3 +276,84 @@ def test_cuda_matches_cpu(granularity, dtype):
     gpu_x = quant.dequantize_int8(*gpu, granularity, gs, torch.float32).cpu()
     cpu_x = quant.dequantize_int8(*cpu, granularity, gs, torch.float32)
     assert bool(((gpu_x - cpu_x).abs() <= 2 * step * 1.001).all())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0, 4), (4, 0)])
+def test_empty_input_every_granularity(shape, symmetric):
+    # Issue 11: "tensor"/"channel" failed inside amax. Empty q; scale (and azp) shaped as documented,
+    # zeros like an all-zero group; dequantizes to an empty tensor.
+    x = torch.empty(shape, dtype=torch.bfloat16)
+    cols = shape[-1]
+    for granularity, group_size, scale_shape in [("tensor", None, (1,)), ("channel", None, (cols,)),
+                                                 ("token", None, None), ("group", 2, None)]:
+        if granularity == "group" and cols == 0:
+            continue
+        q, scale, azp = quant.quantize_int8(x, granularity, group_size, symmetric)
+        assert q.shape == x.shape and q.dtype == torch.int8
+        assert scale.dtype == torch.float32
+        if scale_shape is not None:
+            assert scale.shape == scale_shape and bool((scale == 0).all())
+        assert (azp is None) == symmetric
+        if azp is not None:
+            assert azp.shape == scale.shape and azp.dtype == torch.int32 and bool((azp == 0).all())
+        out = quant.dequantize_int8(q, scale, azp, granularity, group_size)
+        assert out.shape == x.shape
+
+
+def test_empty_input_still_checks_the_dtype():
+    with pytest.raises(TypeError, match=r"quantize_int8: x must be torch\.float32, .*got torch\.int32"):
+        quant.quantize_int8(torch.empty(0, 4, dtype=torch.int32), "tensor")
+
+
+def test_quantize_into_rejects_a_0_dim_input():
+    with pytest.raises(ValueError, match="quantize_int8_into: x must have at least one dimension"):
+        quant.quantize_int8_into(torch.tensor(1.0), torch.empty((), dtype=torch.int8), torch.empty(1))
+
+
+@pytest.mark.parametrize("group_size", [0, -4, True, False, 2.0, "4"], ids=repr)
+def test_group_size_must_be_a_positive_int(group_size):
+    x = torch.randn(4, 64)
+    q, scale, _ = quant.quantize_int8(x, "group", 16)
+    pattern = r"{}: group_size must be a positive int or None, got "
+    with pytest.raises(ValueError, match=pattern.format("quantize_int8")):
+        quant.quantize_int8(x, "group", group_size)
+    with pytest.raises(ValueError, match=pattern.format("quantize_int8_into")):  # 0 meant per token
+        quant.quantize_int8_into(x, torch.empty_like(q), torch.empty(4, 1), group_size=group_size)
+    with pytest.raises(ValueError, match=pattern.format("dequantize_int8")):
+        quant.dequantize_int8(q, scale, None, "group", group_size)
+    with pytest.raises(ValueError, match=pattern.format("broadcast_scale")):
+        quant.broadcast_scale(scale, x.shape, "group", group_size)
+
+
+def test_group_size_accepts_index_ints():
+    x = torch.randn(4, 64)
+    ref = quant.quantize_int8(x, "group", 16)
+    got = quant.quantize_int8(x, "group", torch.tensor(16).numpy()[()])  # numpy integer: __index__
+    assert all(torch.equal(a, b) for a, b in zip(ref[:2], got[:2]))
+
+
+def test_dequantize_defaults_to_float32():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    q, scale, azp = quant.quantize_int8(x, "token", symmetric=False)
+    out = quant.dequantize_int8(q, scale, azp, "token")
+    assert out.dtype == torch.float32
+    assert quant.dequantize_int8(q, scale, azp, "token", out_dtype=None).dtype == torch.float32
+    bf16 = quant.dequantize_int8(q, scale, azp, "token", out_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, out.to(torch.bfloat16))
+    with pytest.raises(TypeError, match="dequantize_int8: out_dtype must be a torch.dtype or None, got str"):
+        quant.dequantize_int8(q, scale, azp, "token", out_dtype="float16")
+    with pytest.raises(TypeError, match=r"dequantize_int8: out_dtype must be torch\.float32, .*got torch\.int32"):
+        quant.dequantize_int8(q, scale, azp, "token", out_dtype=torch.int32)
+
+
+def test_wrappers_reject_non_tensors_and_name_dtypes_as_torch_does():
+    x = torch.randn(4, 64)
+    with pytest.raises(TypeError, match="quantize_int8: x must be a torch.Tensor, got list"):
+        quant.quantize_int8([[1.0, 2.0]])
+    with pytest.raises(TypeError, match=r"scaled_int8_quant: input must be torch\.float32, .*got torch\.int32"):
+        quant.scaled_int8_quant(x.to(torch.int32))
+    with pytest.raises(TypeError, match=r"quantize_int8_into: scale must be torch\.float32, got torch\.float16"):
+        quant.quantize_int8_into(x, torch.empty(4, 64, dtype=torch.int8), torch.empty(4, 1, dtype=torch.float16))
+    with pytest.raises(TypeError, match="dequantize_int8: scale must be a torch.Tensor, got float"):
+        quant.dequantize_int8(torch.zeros(4, 64, dtype=torch.int8), 0.5, None, "tensor")

@@ -32,6 +32,9 @@ sizes): a server whose slot mappings and block tables come from a block manager 
 trusts switches them off with :func:`set_cuda_index_checks` or :func:`cuda_index_checks`.
 Either way the kernels skip any out-of-range index on the device, so nothing is ever
 written or read out of bounds.
+
+Argument types are checked in Python first: a cache, index or scale that is not a
+``torch.Tensor`` (a list, say) is a ``TypeError`` naming the argument.
 """
 from __future__ import annotations
 
@@ -80,6 +83,37 @@ def cuda_index_checks(enabled: bool) -> Iterator[None]:
         set_cuda_index_checks(previous)
 
 KV_CACHE_DTYPES = ("auto", "int8", "int8_per_token_head")
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_tensors(op: str, **tensors) -> None:
+    """TypeError naming the first argument that is not a tensor."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_index_dtype(op: str, name: str, t: torch.Tensor, dtypes=(torch.int64,)) -> None:
+    if t.dtype not in dtypes:
+        wanted = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{op}: {name} must be {wanted}, got {t.dtype}")
+
+
+def _check_optional_tensors(op: str, **tensors) -> None:
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(value).__name__}")
+
+
+def _check_tensor_list(op: str, name: str, value) -> list:
+    """One tensor per layer: a list or tuple of tensors (a tensor itself is refused: iterating
+    it would treat each block as a layer)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of torch.Tensor (one per layer), got {type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return list(value)
 
 
 def _unit_scale(device) -> torch.Tensor:
@@ -104,6 +138,11 @@ def reshape_and_cache_flash(
     ``k_scale``/``v_scale`` default to ones (they are only read for ``"int8"``);
     ``k_scale_cache``/``v_scale_cache`` are required for ``"int8_per_token_head"``.
     """
+    op = "reshape_and_cache_flash"
+    _check_tensors(op, key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
+                            v_scale_cache=v_scale_cache)
+    _check_index_dtype(op, "slot_mapping", slot_mapping)
     k_scale = _unit_scale(key_cache.device) if k_scale is None else k_scale
     v_scale = _unit_scale(key_cache.device) if v_scale is None else v_scale
     torch.ops.memwarden.reshape_and_cache_flash(
@@ -122,6 +161,10 @@ def reshape_and_cache(
     v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Write ``key``/``value`` into the legacy paged-attention layout (``"auto"`` or ``"int8"``)."""
+    op = "reshape_and_cache"
+    _check_tensors(op, key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale)
+    _check_index_dtype(op, "slot_mapping", slot_mapping)
     k_scale = _unit_scale(key_cache.device) if k_scale is None else k_scale
     v_scale = _unit_scale(key_cache.device) if v_scale is None else v_scale
     torch.ops.memwarden.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
@@ -132,7 +175,11 @@ def copy_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
     (int64 ``[n, 2]``) in every cache of every layer (copy-on-write). A source may fan out
     to several destinations; a block must not be a destination twice, nor both a source
     and a destination, in one call (checked on CPU)."""
-    torch.ops.memwarden.copy_blocks(list(key_caches), list(value_caches), block_mapping)
+    key_caches = _check_tensor_list("copy_blocks", "key_caches", key_caches)
+    value_caches = _check_tensor_list("copy_blocks", "value_caches", value_caches)
+    _check_tensors("copy_blocks", block_mapping=block_mapping)
+    _check_index_dtype("copy_blocks", "block_mapping", block_mapping)
+    torch.ops.memwarden.copy_blocks(key_caches, value_caches, block_mapping)
 
 
 def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, block_mapping: torch.Tensor) -> None:
@@ -142,6 +189,8 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, 
     asynchronous), CUDA <-> CUDA, and host <-> host. Pairs run in parallel: a destination
     may appear once, and when ``src`` and ``dst`` are the same tensor no block may be both a
     source and a destination."""
+    _check_tensors("swap_blocks", src=src, dst=dst, block_mapping=block_mapping)
+    _check_index_dtype("swap_blocks", "block_mapping", block_mapping)
     torch.ops.memwarden.swap_blocks(src, dst, block_size_in_bytes, block_mapping)
 
 
@@ -161,10 +210,19 @@ def gather_cache(
     """Write the first ``seq_lens[i]`` tokens of each sequence (pages ``block_table[i]``,
     int32/int64 ``[num_seqs, max_blocks]``) back to back into ``key_out``/``value_out``
     ``[sum(seq_lens), num_heads, head_size]``, dequantizing INT8 caches to their dtype."""
+    op = "gather_cache"
+    _check_tensors(op, key_cache=key_cache, value_cache=value_cache, block_table=block_table, seq_lens=seq_lens,
+                   key_out=key_out, value_out=value_out)
+    _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
+                            v_scale_cache=v_scale_cache)
+    _check_index_dtype(op, "block_table", block_table, _INT_DTYPES)
+    _check_index_dtype(op, "seq_lens", seq_lens, _INT_DTYPES)
     torch.ops.memwarden.gather_cache(
         key_cache, value_cache, block_table, seq_lens, key_out, value_out, kv_cache_dtype, k_scale, v_scale,
         k_scale_cache, v_scale_cache,
     )
+
+
 
 
 def gather_kv(
@@ -173,6 +231,7 @@ def gather_kv(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     kv_cache_dtype: str = "auto",
+    *,
     out_dtype: Optional[torch.dtype] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
@@ -181,10 +240,37 @@ def gather_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gather_cache` into new tensors; returns ``(key, value)``
     ``[sum(seq_lens), num_heads, head_size]`` of ``out_dtype`` (default: the cache dtype for
-    ``"auto"``, float16 for INT8). Reads ``sum(seq_lens)`` (a device sync on CUDA)."""
+    ``"auto"``, float16 for INT8). Reads ``sum(seq_lens)`` (a device sync on CUDA).
+
+    ``out_dtype`` and the scales are keyword-only (positionally, ``k_scale`` would stand one
+    place later than in :func:`gather_cache`).
+
+    ``seq_lens`` (int32/int64 ``[num_seqs]`` on the cache's device, every entry >= 0) is
+    checked before anything is allocated.
+    """
+    op = "gather_kv"
+    _check_tensors(op, key_cache=key_cache, value_cache=value_cache, block_table=block_table, seq_lens=seq_lens)
+    _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
+                            v_scale_cache=v_scale_cache)
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"{op}: out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
+    if key_cache.dim() != 4:
+        raise ValueError(f"{op}: key_cache must be [num_blocks, block_size, num_heads, head_size], "
+                         f"got shape {list(key_cache.shape)}")
+    _check_index_dtype(op, "block_table", block_table, _INT_DTYPES)
+    _check_index_dtype(op, "seq_lens", seq_lens, _INT_DTYPES)
+    if seq_lens.dim() != 1:
+        raise ValueError(f"{op}: seq_lens must be 1-D [num_seqs], got shape {list(seq_lens.shape)}")
+    if seq_lens.device != key_cache.device:
+        raise ValueError(f"{op}: seq_lens must be on {key_cache.device} like key_cache, got {seq_lens.device}")
+    host_lens = seq_lens.cpu()  # one device-to-host copy for the check and the total
+    negative = (host_lens < 0).nonzero()
+    if negative.numel():
+        i = int(negative[0, 0])
+        raise ValueError(f"{op}: seq_lens[{i}] = {int(host_lens[i])} must be >= 0")
     if out_dtype is None:
         out_dtype = key_cache.dtype if kv_cache_dtype == "auto" else torch.float16
-    total = int(seq_lens.sum().item())
+    total = int(host_lens.sum())
     shape = (total, key_cache.size(2), key_cache.size(3))
     key = torch.empty(shape, dtype=out_dtype, device=key_cache.device)
     value = torch.empty(shape, dtype=out_dtype, device=key_cache.device)
