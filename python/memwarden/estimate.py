@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memwarden import footprint as F
+from memwarden._checks import integer
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["Estimate", "DeviceEstimate", "estimate", "max_context", "OFFLOAD_MODES"]
@@ -153,10 +154,10 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
     warnings = list(desc.warnings)
     if context is None:
         context = spec.max_position_embeddings or 4096
-    F.check_count(context, "context")
-    F.check_count(batch, "batch")
-    F.check_count(prefill_chunk, "prefill_chunk")
-    F.check_count(block_size, "block_size")
+    integer(context, "context")
+    integer(batch, "batch")
+    integer(prefill_chunk, "prefill_chunk")
+    integer(block_size, "block_size")
     if spec.max_position_embeddings and context > spec.max_position_embeddings:
         warnings.append(f"context {context} is above the model's max_position_embeddings "
                         f"{spec.max_position_embeddings}: quality beyond it is not guaranteed")
@@ -252,7 +253,7 @@ def _place_gpu_layers(est: Estimate, desc, max_memory: Any, cache_layers: list, 
     gpus = [d for d in memory if d not in _SPILL]
     if gpu_layers is None:
         raise ValueError("offload='gpu_layers' needs gpu_layers=N (decoder layers on the GPUs)")
-    F.check_count(gpu_layers, "gpu_layers", allow_zero=True)
+    integer(gpu_layers, "gpu_layers", minimum=0)
     if gpu_layers > spec.num_layers:
         raise ValueError(f"gpu_layers must be at most the model's {spec.num_layers} layers, got {gpu_layers}")
     if gpu_layers and not gpus:
@@ -299,7 +300,7 @@ def max_context(model: Any, max_memory: Any, batch: int = 1, dtype: Any = None, 
     ``gpu_layers``, ``mla_cache``, ``cuda_context``, ``workspace`` as for ``estimate``."""
     desc = _description(model, dtype)
     hi = (desc.spec.max_position_embeddings or 131072) if limit is None else limit
-    F.check_count(hi, "limit")
+    integer(hi, "limit")
 
     def fits(c: int) -> bool:
         return bool(estimate(desc, None, c, batch, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,

@@ -39,13 +39,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from memwarden._checks import integer
 from memwarden._units import format_bytes
 
 __all__ = [
     "KVFormat", "kv_format", "KV_DTYPES", "kv_bytes_per_token", "kv_layer_bytes", "kv_cache_bytes",
     "state_bytes", "activation_bytes", "fixed_bytes", "kv_blocks", "max_concurrent_sequences",
     "auto_reserve", "CUDA_CONTEXT_BYTES", "WORKSPACE_BYTES", "DEFAULT_PREFILL_CHUNK", "MLA_CACHES",
-    "check_count",
 ]
 
 CUDA_CONTEXT_BYTES = 500 * 2**20
@@ -79,13 +79,6 @@ _KV_ALIASES = {
     "int8_static": "int8",
 }
 KV_DTYPES = ("auto",) + tuple(_KV_FORMATS)
-
-
-def check_count(value: Any, name: str, allow_zero: bool = False) -> int:
-    """``value`` if it is a positive (or, with ``allow_zero``, non-negative) integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
-    return value
 
 
 def kv_format(kv_dtype: Any = "auto", weights_dtype: str = "bfloat16") -> KVFormat:
@@ -132,8 +125,8 @@ def kv_bytes_per_token(spec, kv_dtype: Any = "auto", weights_dtype: str = "bfloa
 def kv_layer_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto",
                    weights_dtype: str = "bfloat16", mla_cache: str = "latent") -> list:
     """KV bytes of each decoder layer for ``batch`` sequences of ``context`` tokens."""
-    check_count(context, "context", allow_zero=True)
-    check_count(batch, "batch")
+    integer(context, "context", minimum=0)
+    integer(batch, "batch")
     fmt = kv_format(kv_dtype, weights_dtype)
     _check_mla(mla_cache)
     return [int(round(_layer_token_bytes(layer, fmt, mla_cache) * layer.tokens_kept(context) * batch))
@@ -142,7 +135,7 @@ def kv_layer_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto",
 
 def state_bytes(spec, batch: int = 1, state_element_bytes: int = 2) -> list:
     """Recurrent-state bytes of each decoder layer for ``batch`` sequences."""
-    check_count(batch, "batch")
+    integer(batch, "batch")
     return [((layer.state_elements or 0) * state_element_bytes + layer.state_fp32_elements * 4) * batch
             for layer in spec.layers]
 
@@ -181,8 +174,8 @@ def activation_bytes(spec, tokens: int, batch: int = 1, act_bytes: int = 2, cont
     all_logits: logits for every position in the compute dtype (a plain forward) instead
     of the last token of each sequence in fp32 (what ``generate`` and servers compute).
     """
-    check_count(tokens, "tokens")
-    check_count(batch, "batch")
+    integer(tokens, "tokens")
+    integer(batch, "batch")
     hidden, e = spec.hidden_size, act_bytes
     queries = spec.num_heads * spec.head_dim
     attn = e * (max(spec.attn_width, default=0) + 2 * queries)
@@ -229,8 +222,8 @@ def kv_blocks(spec, budget: int, block_size: int = 16, kv_dtype: Any = "auto", w
     """How many KV blocks of ``block_size`` tokens (each holding those tokens for every
     KV layer, as vLLM sizes its cache: budget // (block_size x bytes per token)) fit in
     ``budget`` bytes."""
-    check_count(budget, "budget", allow_zero=True)
-    check_count(block_size, "block_size")
+    integer(budget, "budget", minimum=0)
+    integer(block_size, "block_size")
     per_token = kv_bytes_per_token(spec, kv_dtype, weights_dtype, mla_cache)
     if per_token == 0:
         raise ValueError(f"{spec.name} keeps no KV cache (no attention layers): blocks have no size")
@@ -242,9 +235,9 @@ def max_concurrent_sequences(spec, budget: int, context: int, block_size: int = 
                              state_element_bytes: int = 2) -> int:
     """How many sequences of ``context`` tokens fit in ``budget`` bytes of KV pages
     (sliding layers need only the window's blocks; SSM layers their state)."""
-    check_count(budget, "budget", allow_zero=True)
-    check_count(context, "context")
-    check_count(block_size, "block_size")
+    integer(budget, "budget", minimum=0)
+    integer(context, "context")
+    integer(block_size, "block_size")
     fmt = kv_format(kv_dtype, weights_dtype)
     _check_mla(mla_cache)
     per_seq = _sequence_bytes(spec, context, block_size, fmt, mla_cache, state_element_bytes)
@@ -259,8 +252,8 @@ def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, weigh
     context`` tokens (default: the model's context, at most 4096)."""
     if context is None:
         context = min(spec.max_position_embeddings or 4096, 4096)
-    check_count(context, "context")
-    check_count(prefill_chunk, "prefill_chunk")
+    integer(context, "context")
+    integer(prefill_chunk, "prefill_chunk")
     accelerators = [d for d in devices if d not in ("cpu", "disk")] or list(devices)
     fmt = kv_format(kv_dtype, weights_dtype)
     kv = kv_cache_bytes(spec, context, batch, fmt.name, weights_dtype, mla_cache)

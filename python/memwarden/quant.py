@@ -26,12 +26,12 @@ is rejected) a ``ValueError``.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 
 from memwarden import _native
+from memwarden._checks import integer
 
 _native.load()  # registers torch.ops.memwarden.*
 
@@ -60,20 +60,7 @@ def _check_tensor(op: str, name: str, value, dtypes=None, optional: bool = False
 
 
 def _check_group_size(op: str, group_size) -> Optional[int]:
-    """``None`` or a positive int (anything with ``__index__`` but ``bool``), else ValueError."""
-    if group_size is None:
-        return None
-    if isinstance(group_size, bool):
-        raise ValueError(f"{op}: group_size must be a positive int or None, got {group_size!r} (a bool)")
-    try:
-        value = operator.index(group_size)
-    except TypeError:
-        raise ValueError(
-            f"{op}: group_size must be a positive int or None, got {group_size!r} ({type(group_size).__name__})"
-        ) from None
-    if value <= 0:
-        raise ValueError(f"{op}: group_size must be a positive int or None, got {value}")
-    return value
+    return None if group_size is None else integer(group_size, "group_size", where=f"{op}: ")
 
 
 def _check_out_dtype(op: str, out_dtype) -> None:

@@ -280,7 +280,7 @@ def test_manager_prefix_fork_cow_and_stats():
         m.free_sequence(42)
     with pytest.raises(ValueError, match="already exists"):
         m.add_sequence(1, [])
-    with pytest.raises(ValueError, match="block_size must be positive"):
+    with pytest.raises(ValueError, match="block_size must be an integer in \\[1, "):
         kv.KVCacheManager(4, 0)
 
 

@@ -315,7 +315,7 @@ def test_quantize_into_rejects_a_0_dim_input():
 def test_group_size_must_be_a_positive_int(group_size):
     x = torch.randn(4, 64)
     q, scale, _ = quant.quantize_int8(x, "group", 16)
-    pattern = r"{}: group_size must be a positive int or None, got "
+    pattern = r"{}: group_size must be a positive integer, got "
     with pytest.raises(ValueError, match=pattern.format("quantize_int8")):
         quant.quantize_int8(x, "group", group_size)
     with pytest.raises(ValueError, match=pattern.format("quantize_int8_into")):  # 0 meant per token

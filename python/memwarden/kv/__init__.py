@@ -12,9 +12,8 @@ and the block manager that decides which block holds which tokens.
 
 See docs/kv.md.
 """
-import operator
-
 from memwarden import _native
+from memwarden._checks import INT32_MAX, integer
 from memwarden.kv import ops
 from memwarden.kv.ops import copy_blocks, gather_cache, gather_kv, reshape_and_cache, reshape_and_cache_flash, swap_blocks
 
@@ -24,40 +23,21 @@ BlockPool = _C.kv.BlockPool
 hash_block = _C.kv.hash_block
 ROOT_HASH = _C.kv.ROOT_HASH
 
-_INT32_MAX = 2**31 - 1
-
-
-def _check_count(name: str, value, low: int) -> int:
-    """An int (``__index__``, not bool) in [low, 2^31 - 1), the range of the C++ int32
-    sizes; else ValueError naming ``name`` (pybind would say "incompatible constructor
-    arguments", or name num_blocks for num_host_blocks)."""
-    if isinstance(value, bool):
-        raise ValueError(f"KVCacheManager: {name} must be an int, got {value!r} (a bool)")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"KVCacheManager: {name} must be an int, got {value!r} ({type(value).__name__})") from None
-    if value < low and low == 1:
-        raise ValueError(f"KVCacheManager: {name} must be positive, got {value}")
-    if not low <= value < _INT32_MAX:
-        raise ValueError(f"KVCacheManager: {name} must be in [{low}, 2^31 - 1), got {value}")
-    return value
-
-
 class KVCacheManager(_C.kv.KVCacheManager):
     """Sequences on top of a :class:`BlockPool` (``memwarden._C.kv.KVCacheManager``, whose
     methods it has): ``KVCacheManager(num_blocks, block_size, num_host_blocks=0,
-    enable_prefix_caching=True)``. The sizes are checked here first: each must be an int
-    (``bool`` refused), ``num_blocks``/``num_host_blocks`` in [0, 2^31 - 1) and
-    ``block_size`` in [1, 2^31 - 1); otherwise a ValueError names the argument."""
+    enable_prefix_caching=True)``. The sizes are checked here first
+    (``memwarden._checks.integer``): ``num_blocks``/``num_host_blocks`` in [0, 2^31 - 2],
+    ``block_size`` in [1, 2^31 - 2]; otherwise a ValueError names the argument."""
 
     __slots__ = ()
 
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
                  enable_prefix_caching: bool = True) -> None:
-        num_blocks = _check_count("num_blocks", num_blocks, 0)
-        block_size = _check_count("block_size", block_size, 1)
-        num_host_blocks = _check_count("num_host_blocks", num_host_blocks, 0)
+        where = "KVCacheManager: "  # the core counts blocks in int32
+        num_blocks = integer(num_blocks, "num_blocks", minimum=0, maximum=INT32_MAX - 1, where=where)
+        block_size = integer(block_size, "block_size", minimum=1, maximum=INT32_MAX - 1, where=where)
+        num_host_blocks = integer(num_host_blocks, "num_host_blocks", minimum=0, maximum=INT32_MAX - 1, where=where)
         super().__init__(num_blocks, block_size, num_host_blocks, enable_prefix_caching)
 
 

@@ -20,6 +20,8 @@ import os
 import re
 from typing import Any, Mapping
 
+from memwarden._checks import integer
+
 __all__ = ["CONFIG_DIR", "EMBEDDED", "load_config", "is_gguf", "validate_config", "config_dict"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -132,7 +134,6 @@ def config_dict(cfg: Mapping) -> dict:
 
 
 def _check_count(where: str, key: str, value: Any) -> None:
-    zero_ok = key in _ZERO_OK
     if value is None:
         return
     if isinstance(value, (list, tuple)):  # one value per layer (a list of names is no count)
@@ -142,13 +143,7 @@ def _check_count(where: str, key: str, value: Any) -> None:
             if not isinstance(v, (list, tuple, Mapping)):
                 _check_count(where, f"{key}[{i}]", v)
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "a string" if isinstance(value, str) else type(value).__name__
-        raise ValueError(f"{where}key {key!r} must be a {'non-negative' if zero_ok else 'positive'} "
-                         f"integer, got {value!r} ({kind})")
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{where}key {key!r} must be a {'non-negative' if zero_ok else 'positive'} "
-                         f"integer, got {value!r}")
+    integer(value, repr(key), minimum=0 if key.split("[")[0] in _ZERO_OK else 1, where=f"{where}key ")
 
 
 def validate_config(cfg: Mapping, where: str = "model config ") -> None:
