@@ -60,7 +60,38 @@ def _check_tensor(op: str, name: str, value, dtypes=None, optional: bool = False
 
 
 def _check_group_size(op: str, group_size) -> Optional[int]:
-    return None if group_size is None else integer(group_size, "group_size", where=f"{op}: ")
+    if group_size is None:
+        return None
+    value = integer(group_size, "group_size", where=f"{op}: ")
+    if value >= 2**63:
+        raise ValueError(f"{op}: group_size {value} does not fit in int64")
+    return value
+
+
+def _check_granularity(op: str, granularity) -> str:
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+        raise ValueError(f"{op}: granularity must be one of {', '.join(map(repr, GRANULARITIES))}, "
+                         f"got {granularity!r}")
+    return granularity
+
+
+def _check_flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_input(op: str, x) -> None:
+    """``x``: a float tensor with at least one dimension."""
+    _check_tensor(op, "x", x, _FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension, got a 0-dim tensor")
+
+
+def _check_contiguous(op: str, x: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous, got strides {list(x.stride())} for shape "
+                         f"{list(x.shape)} (call .contiguous())")
 
 
 def _check_out_dtype(op: str, out_dtype) -> None:
@@ -88,6 +119,7 @@ def scaled_int8_quant(
     _check_tensor("scaled_int8_quant", "input", input, _FLOAT_DTYPES)
     _check_tensor("scaled_int8_quant", "scale", scale, (torch.float32,), optional=True)
     _check_tensor("scaled_int8_quant", "azp", azp, (torch.int32,), optional=True)
+    _check_flag("scaled_int8_quant", "symmetric", symmetric)
     return torch.ops.memwarden.scaled_int8_quant(input, scale, azp, symmetric)
 
 
@@ -119,10 +151,11 @@ def quantize_int8(
     Returns ``(q, scale, azp)`` with ``azp`` (int32, shaped like ``scale``) only when
     ``symmetric`` is False.
     """
-    _check_tensor("quantize_int8", "x", x, _FLOAT_DTYPES)
+    _check_input("quantize_int8", x)
     group_size = _check_group_size("quantize_int8", group_size)
-    if x.dim() == 0:
-        raise ValueError("quantize_int8: x must have at least one dimension, got a 0-dim tensor")
+    _check_granularity("quantize_int8", granularity)
+    _check_flag("quantize_int8", "symmetric", symmetric)
+    _check_contiguous("quantize_int8", x)
     if granularity in ("tensor", "channel") and x.numel() == 0:
         # The kernels reduce over all rows; with none there is nothing to reduce.
         n = 1 if granularity == "tensor" else x.shape[-1]
@@ -146,13 +179,15 @@ def quantize_int8_into(
     ``[*x.shape[:-1], x.shape[-1] // group_size]``. ``x`` needs at least one dimension;
     ``group_size`` is None or a positive int (``ValueError`` otherwise)."""
     op = "quantize_int8_into"
-    _check_tensor(op, "x", x, _FLOAT_DTYPES)
+    _check_input(op, x)
     _check_tensor(op, "q", q, (torch.int8,))
     _check_tensor(op, "scale", scale, (torch.float32,))
     _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
     group_size = _check_group_size(op, group_size)
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have at least one dimension, got a 0-dim tensor")
+    _check_contiguous(op, x)
+    if group_size is None and x.shape[-1] == 0:  # per token the op would see group_size 0, never passed
+        raise ValueError(f"{op}: x's last dimension is empty (shape {list(x.shape)}): there are no tokens' "
+                         "values to quantize")
     torch.ops.memwarden.quantize_int8_groups_out(x, x.shape[-1] if group_size is None else group_size, q, scale, azp)
 
 
@@ -172,6 +207,7 @@ def dequantize_int8(
     ``torch.ops.memwarden.dequantize_int8`` keeps its own default, float16.)
     """
     op = "dequantize_int8"
+    _check_granularity(op, granularity)
     _check_tensor(op, "q", q, (torch.int8,))
     _check_tensor(op, "scale", scale, (torch.float32,))
     _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
@@ -185,19 +221,31 @@ def broadcast_scale(scale: torch.Tensor, shape: torch.Size, granularity: str,
                     group_size: Optional[int] = None) -> torch.Tensor:
     """The scale (or zero point) of every element of a tensor of ``shape``: a view or
     copy shaped like the input, e.g. to bound a round-trip error per element."""
-    group_size = _check_group_size("broadcast_scale", group_size)
+    op = "broadcast_scale"
+    _check_tensor(op, "scale", scale)
+    group_size = _check_group_size(op, group_size)
+    _check_granularity(op, granularity)
+    shape = tuple(shape)
+    if len(shape) == 0:
+        raise ValueError(f"{op}: shape must have at least one dimension, got ()")
     cols = shape[-1]
     rows = math.prod(shape[:-1])
+    if granularity == "group":
+        if group_size is None:
+            raise ValueError(f"{op}: group_size is required for granularity 'group'")
+        if cols % group_size:
+            raise ValueError(f"{op}: group_size {group_size} must divide the last dimension {cols}")
+    groups = {"tensor": 1, "token": rows, "channel": cols,
+              "group": rows * (cols // group_size) if group_size else 0}[granularity]
+    if scale.numel() != groups:
+        raise ValueError(f"{op}: scale must hold {groups} value(s) for {granularity!r} over shape "
+                         f"{list(shape)}, got {scale.numel()}")
     if granularity == "tensor":
         per_element = scale.reshape(1, 1).expand(rows, cols)
     elif granularity == "token":
         per_element = scale.reshape(rows, 1).expand(rows, cols)
     elif granularity == "channel":
         per_element = scale.reshape(1, cols).expand(rows, cols)
-    elif granularity == "group":
-        if group_size is None:
-            raise ValueError("broadcast_scale: group_size is required for granularity 'group'")
-        per_element = scale.reshape(rows, cols // group_size).repeat_interleave(group_size, dim=1)
     else:
-        raise ValueError(f"broadcast_scale: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        per_element = scale.reshape(rows, cols // group_size).repeat_interleave(group_size, dim=1)
     return per_element.reshape(shape)

@@ -33,11 +33,7 @@ SPECIALS = (float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 3e38, -3e38, 1
 
 # Known defects of issue 11 that are *error messages naming the wrong thing* (each has a
 # strict-xfail reproduction in test_fuzz_quant.py): (op, reason) -> extra accepted name.
-KNOWN_MISNAMED = {
-    ("quantize_int8", "x not contiguous"): "input",        # C++ check names its own argument
-    ("quantize_int8_into", "x not contiguous"): "input",
-    ("quantize_int8_into", "x has an empty last dimension"): "group_size",  # blames an argument not passed
-}
+KNOWN_MISNAMED: dict = {}  # (op, reason) -> the name a message uses instead, while a bug stands
 
 FUZZ_LONG = os.environ.get("MEMWARDEN_FUZZ_LONG") == "1"  # conftest: --fuzz-long (20x the examples)
 

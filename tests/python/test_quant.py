@@ -156,7 +156,7 @@ def test_errors_name_the_argument():
     x = torch.randn(4, 64)
     with pytest.raises(TypeError, match=r"quantize_int8: x must be torch\.float32, torch\.float16 or torch\.bfloat16, got torch\.int32"):
         quant.quantize_int8(x.to(torch.int32))
-    with pytest.raises(ValueError, match="input must be contiguous"):
+    with pytest.raises(ValueError, match=r"quantize_int8: x must be contiguous"):
         quant.quantize_int8(x.t())
     with pytest.raises(ValueError, match="group_size"):
         quant.quantize_int8(x, "group", 7)
