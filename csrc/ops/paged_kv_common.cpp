@@ -425,6 +425,11 @@ void swap_blocks_check(const at::Tensor& src, const at::Tensor& dst, int64_t blo
 void swap_blocks_meta(const at::Tensor& src, const at::Tensor& dst, int64_t block_size_in_bytes,
                       const at::Tensor& block_mapping) {
   swap_blocks_check(src, dst, block_size_in_bytes, block_mapping);
+  // The dispatcher picks this kernel when any argument is on the meta device: a meta
+  // block_mapping with real caches would otherwise be a silent no-op.
+  TORCH_CHECK_VALUE(src.is_meta() && dst.is_meta(),
+                    "swap_blocks: block_mapping is on the meta device but src and dst hold data (" +
+                        src.device().str() + ", " + dst.device().str() + "); pass block_mapping as a CPU tensor");
 }
 
 void check_block_mapping_values(const char* op, const at::Tensor& block_mapping, int64_t src_blocks,

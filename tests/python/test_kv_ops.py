@@ -291,6 +291,18 @@ def test_swap_blocks_errors():
     assert torch.equal(dst[0], src[1]) and torch.equal(dst[1], src[1])
 
 
+def test_swap_blocks_with_a_meta_block_mapping_is_an_error_not_a_no_op():
+    """A meta argument sends the call to the Meta kernel, which checked shapes and copied
+    nothing: the caches were left as they were without a word."""
+    src, dst = torch.randn(4, 8, 16), torch.zeros(2, 8, 16)
+    mapping = torch.tensor([[1, 0]], device="meta")
+    with pytest.raises(ValueError, match="swap_blocks: block_mapping is on the meta device but src and dst hold data"):
+        torch.ops.memwarden.swap_blocks(src, dst, 512, mapping)
+    assert bool((dst == 0).all())
+    meta_src, meta_dst = src.to("meta"), dst.to("meta")
+    torch.ops.memwarden.swap_blocks(meta_src, meta_dst, 512, mapping)  # all on meta: shape checks only
+
+
 def test_legacy_value_rows_and_heads_checked():
     kc, vc = torch.zeros(2, 2, 2, 4, 4), torch.zeros(2, 2, 8, 4)
     key, slots = torch.randn(4, 2, 8), torch.arange(4)
