@@ -25,7 +25,9 @@ import re
 import sys
 from typing import Any
 
-__all__ = ["device_key", "device_order", "is_accelerator", "torch_device", "memory_device"]
+__all__ = ["device_key", "device_order", "is_accelerator", "torch_device", "memory_device", "SPILL_DEVICES"]
+
+SPILL_DEVICES = ("cpu", "disk")  # max_memory keys that hold spilled weights and compute nothing
 
 _NAMED = ("mps", "cpu", "disk")  # after the GPUs, in accelerate's order
 _ACCEPTED = ("a GPU index (int >= 0, '0', 'cuda', 'cuda:N' or torch.device('cuda', N)), "
@@ -85,7 +87,7 @@ def device_order(key: Any) -> tuple:
 
 def is_accelerator(key: Any) -> bool:
     """Whether the device computes (a GPU or ``"mps"``), as opposed to ``"cpu"``/``"disk"``."""
-    return device_key(key) not in ("cpu", "disk")
+    return device_key(key) not in SPILL_DEVICES
 
 
 def memory_device(value: Any, accepted: str, refusal: str) -> str:

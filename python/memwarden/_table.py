@@ -37,7 +37,7 @@ def format_table(title: str | None, header: Sequence[Any], rows: Iterable[Sequen
     head, body = _cells(header, rows)
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = [title] if title else []
-    for row in [head, *body]:
+    for row in [head, *body] if head else []:  # no header: title and footer only
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append(("  " + "  ".join(cells)).rstrip())
     lines += [f"  {line}" for line in footer]
@@ -73,7 +73,10 @@ def render(title: str | None, header: Sequence[Any], rows: Iterable[Sequence[Any
             for row in body:
                 table.add_row(*(Text(c) for c in row))  # cells are text, not rich markup
             console = Console(file=out)
-            console.print(table)
+            if head:
+                console.print(table)
+            elif title:  # no columns (an infeasible plan): the title alone
+                console.print(Text(title))
             for line in footer:
                 console.print(str(line), highlight=False, markup=False)
             return

@@ -87,9 +87,8 @@ def _cmd_estimate(args) -> int:
     if args.json:
         print(est.to_json(indent=2))
         return 0 if est.fits in (None, True) else 1
-    render(est.title(), ["part", "bytes"], est.rows(), [] if est.devices else est.footer())
-    if est.devices:
-        render(f"per device ({est.placement})", list(est.DEVICE_HEADER), est.device_rows(), est.footer())
+    for table in est.tables():
+        render(*table)
     return 0 if est.fits in (None, True) else 1
 
 
@@ -102,7 +101,7 @@ def _cmd_plan(args) -> int:
     if args.json:
         print(p.to_json(indent=2))
         return 0 if p.feasible else 1
-    render(p.title(), list(p.HEADER) if p.feasible else [], p.rows() if p.feasible else [], p.footer())
+    render(*p.table())
     if args.device_map and p.feasible:
         print(json.dumps(p.to_device_map(), indent=2))
     return 0 if p.feasible else 1

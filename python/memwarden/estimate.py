@@ -31,12 +31,13 @@ from typing import Any
 
 from memwarden import footprint as F
 from memwarden._checks import integer
+from memwarden._devices import SPILL_DEVICES as _SPILL
+from memwarden._table import format_table
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["Estimate", "DeviceEstimate", "estimate", "max_context", "OFFLOAD_MODES"]
 
 OFFLOAD_MODES = ("accelerate", "gpu_layers")
-_SPILL = ("cpu", "disk")
 
 
 @dataclass
@@ -118,21 +119,27 @@ class Estimate:
         lines += self.notes + [f"warning: {w}" for w in self.warnings]
         return lines
 
+    def tables(self) -> list:
+        """(title, header, rows, footer) of each table: the parts, then the devices."""
+        if not self.devices:
+            return [(self.title(), ["part", "bytes"], self.rows(), self.footer())]
+        return [(self.title(), ["part", "bytes"], self.rows(), []),
+                (f"per device ({self.placement})", list(self.DEVICE_HEADER), self.device_rows(), self.footer())]
+
     def report(self) -> str:
-        from memwarden._table import format_table
-        text = format_table(self.title(), ["part", "bytes"], self.rows())
-        if self.devices:
-            text += "\n" + format_table(f"per device ({self.placement})", list(self.DEVICE_HEADER),
-                                        self.device_rows())
-        footer = self.footer()
-        return text + ("\n" + "\n".join("  " + line for line in footer) if footer else "")
+        return "\n".join(format_table(*table) for table in self.tables())
 
 
-def _description(model: Any, dtype: Any):
-    from memwarden import models as M
-    if isinstance(model, M.ModelDescription) and (dtype is None or M.weight_format(dtype) == model.dtype):
-        return model
-    return M.describe(model, dtype)
+def _describe(model: Any, dtype: Any):
+    from memwarden.models import describe  # transformers and torch load on first use
+    return describe(model, dtype)
+
+
+def _bytes_by_layer(parts) -> dict:
+    out: dict = {}
+    for part in parts:
+        out[part.layer] = out.get(part.layer, 0) + part.bytes
+    return out
 
 
 def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: int = 1, *,
@@ -142,14 +149,14 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
              attention_scores: bool = False, all_logits: bool = False, block_size: int = 16) -> Estimate:
     """Memory needed to serve ``model`` (see the module doc).
 
-    dtype: weight format (default bfloat16; a GGUF file keeps its own). kv_dtype: see
+    dtype: weight format (default: as the checkpoint stores it; a GGUF file keeps its own). kv_dtype: see
     ``memwarden.footprint.kv_format``. With ``max_memory`` (accelerate's format) the
     breakdown is per device, placed as ``offload`` says (``gpu_layers=N`` implies the
     llama.cpp mode); ``attention_scores`` and ``all_logits`` as for
     ``footprint.activation_bytes``. The room left for KV is sized as vLLM does: ``kv_blocks`` of
     ``block_size`` tokens and ``max_sequences`` of ``context`` tokens.
     """
-    desc = _description(model, dtype)
+    desc = _describe(model, dtype)
     spec = desc.spec
     warnings = list(desc.warnings)
     if context is None:
@@ -207,10 +214,7 @@ def _place_accelerate(est: Estimate, desc, max_memory: Any, cache_layers: list, 
                raise_on_infeasible=False)
     if p.feasible and accelerators and any(d in _SPILL for d in p.assignment):
         # room on the main GPU for the largest piece accelerate streams in, then plan again
-        groups: dict = {}
-        for part in desc.parts:
-            groups[part.layer] = groups.get(part.layer, 0) + part.bytes
-        reserve[main] += max(groups.values())
+        reserve[main] += max(_bytes_by_layer(desc.parts).values())
         p = P.plan(desc, memory, reserve={d: min(r, memory[d] - 1) for d, r in reserve.items()},
                    raise_on_infeasible=False)
     cache = {d: 0 for d in memory}
@@ -218,11 +222,8 @@ def _place_accelerate(est: Estimate, desc, max_memory: Any, cache_layers: list, 
     streamed = 0
     if p.feasible:
         model = dict(p.load)
-        layer_bytes: dict = {}
-        for part, device in zip(p.parts, p.assignment):
-            if device in _SPILL:
-                layer_bytes[part.layer] = layer_bytes.get(part.layer, 0) + part.bytes
-        streamed = max(layer_bytes.values(), default=0) if accelerators else 0
+        spilled_parts = [part for part, device in zip(p.parts, p.assignment) if device in _SPILL]
+        streamed = max(_bytes_by_layer(spilled_parts).values(), default=0) if accelerators else 0
         for layer, device in p.layer_devices.items():
             executes = main if (device in _SPILL and accelerators) else device
             cache[executes] += cache_layers[layer]
@@ -298,7 +299,7 @@ def max_context(model: Any, max_memory: Any, batch: int = 1, dtype: Any = None, 
     fits, by binary search up to ``limit`` (default: the model's max_position_embeddings,
     else 131072). Returns 0 when not even one token fits. ``placement``: ``offload``,
     ``gpu_layers``, ``mla_cache``, ``cuda_context``, ``workspace`` as for ``estimate``."""
-    desc = _description(model, dtype)
+    desc = _describe(model, dtype)
     hi = (desc.spec.max_position_embeddings or 131072) if limit is None else limit
     integer(hi, "limit")
 

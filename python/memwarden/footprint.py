@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memwarden._checks import integer
+from memwarden._devices import SPILL_DEVICES
 from memwarden._units import format_bytes
 
 __all__ = [
@@ -136,8 +137,7 @@ def kv_layer_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto",
 def state_bytes(spec, batch: int = 1, state_element_bytes: int = 2) -> list:
     """Recurrent-state bytes of each decoder layer for ``batch`` sequences."""
     integer(batch, "batch")
-    return [((layer.state_elements or 0) * state_element_bytes + layer.state_fp32_elements * 4) * batch
-            for layer in spec.layers]
+    return [layer.state_bytes(state_element_bytes) * batch for layer in spec.layers]
 
 
 def kv_cache_bytes(spec, context: int, batch: int = 1, kv_dtype: Any = "auto", weights_dtype: str = "bfloat16",
@@ -213,7 +213,7 @@ def _sequence_bytes(spec, context: int, block_size: int, fmt: KVFormat, mla_cach
     for layer in spec.layers:
         kept = layer.tokens_kept(context)
         total += _layer_token_bytes(layer, fmt, mla_cache) * math.ceil(kept / block_size) * block_size
-        total += (layer.state_elements or 0) * state_element_bytes + layer.state_fp32_elements * 4
+        total += layer.state_bytes(state_element_bytes)
     return int(math.ceil(total))
 
 
@@ -254,7 +254,7 @@ def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, weigh
         context = min(spec.max_position_embeddings or 4096, 4096)
     integer(context, "context")
     integer(prefill_chunk, "prefill_chunk")
-    accelerators = [d for d in devices if d not in ("cpu", "disk")] or list(devices)
+    accelerators = [d for d in devices if d not in SPILL_DEVICES] or list(devices)
     fmt = kv_format(kv_dtype, weights_dtype)
     kv = kv_cache_bytes(spec, context, batch, fmt.name, weights_dtype, mla_cache)
     act = activation_bytes(spec, batch * min(context, prefill_chunk), batch)

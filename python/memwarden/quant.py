@@ -68,6 +68,14 @@ def _check_group_size(op: str, group_size) -> Optional[int]:
     return value
 
 
+def _check_quantized(op: str, q, scale, azp, group_size) -> Optional[int]:
+    """``q`` int8, ``scale`` float32, ``azp`` int32 or None; returns the checked group_size."""
+    _check_tensor(op, "q", q, (torch.int8,))
+    _check_tensor(op, "scale", scale, (torch.float32,))
+    _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
+    return _check_group_size(op, group_size)
+
+
 def _check_granularity(op: str, granularity) -> str:
     if not isinstance(granularity, str) or granularity not in GRANULARITIES:
         raise ValueError(f"{op}: granularity must be one of {', '.join(map(repr, GRANULARITIES))}, "
@@ -180,10 +188,7 @@ def quantize_int8_into(
     ``group_size`` is None or a positive int (``ValueError`` otherwise)."""
     op = "quantize_int8_into"
     _check_input(op, x)
-    _check_tensor(op, "q", q, (torch.int8,))
-    _check_tensor(op, "scale", scale, (torch.float32,))
-    _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
-    group_size = _check_group_size(op, group_size)
+    group_size = _check_quantized(op, q, scale, azp, group_size)
     _check_contiguous(op, x)
     if group_size is None and x.shape[-1] == 0:  # per token the op would see group_size 0, never passed
         raise ValueError(f"{op}: x's last dimension is empty (shape {list(x.shape)}): there are no tokens' "
@@ -208,10 +213,7 @@ def dequantize_int8(
     """
     op = "dequantize_int8"
     _check_granularity(op, granularity)
-    _check_tensor(op, "q", q, (torch.int8,))
-    _check_tensor(op, "scale", scale, (torch.float32,))
-    _check_tensor(op, "azp", azp, (torch.int32,), optional=True)
-    group_size = _check_group_size(op, group_size)
+    group_size = _check_quantized(op, q, scale, azp, group_size)
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     _check_out_dtype(op, out_dtype)
     return torch.ops.memwarden.dequantize_int8(q, scale, azp, granularity, group_size, out_dtype)

@@ -301,6 +301,8 @@ def test_swap_blocks_with_a_meta_block_mapping_is_an_error_not_a_no_op():
     assert bool((dst == 0).all())
     meta_src, meta_dst = src.to("meta"), dst.to("meta")
     torch.ops.memwarden.swap_blocks(meta_src, meta_dst, 512, mapping)  # all on meta: shape checks only
+    with pytest.raises(ValueError, match="block_size_in_bytes = 1024"):  # which still run
+        torch.ops.memwarden.swap_blocks(meta_src, meta_dst, 1024, mapping)
 
 
 def test_legacy_value_rows_and_heads_checked():

@@ -19,6 +19,10 @@ def test_format_table_aligns_and_keeps_every_cell():
     ]
 
 
+def test_format_table_without_columns_has_no_blank_line():
+    assert format_table("plan: DOES NOT FIT", [], [], ["short by 1 GiB"]) == "plan: DOES NOT FIT\n  short by 1 GiB"
+
+
 def test_format_table_short_rows_and_no_title():
     assert format_table("", ["a", "b"], [["x"]]) == "  a  b\n  x"
     with pytest.raises(ValueError, match="3 cells but the header has 2"):

@@ -23,33 +23,21 @@ int8, int4, fp8, mxfp4). Every number in a config is checked first
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from memwarden.models._config import (CONFIG_DIR, EMBEDDED, config_dict, load_config as _load_source,
-                                      validate_config)
+from memwarden.models._config import EMBEDDED, config_dict, load_config as _load_source, validate_config
 from memwarden.models._parts import FLOAT_BYTES, Part, Tensor, weight_format
-from memwarden.models._spec import LayerCache, ModelSpec, build_spec
+from memwarden.models._spec import LayerCache, ModelSpec, _Config, build_spec
 
 __all__ = [
     "EMBEDDED", "ModelSpec", "LayerCache", "Part", "Tensor", "ModelDescription", "list_models",
-    "load_config", "model_spec", "describe", "param_count", "weight_format", "dtype_bytes", "checkpoint_format",
+    "load_config", "model_spec", "describe", "param_count", "weight_format", "checkpoint_format",
     "CheckpointFormat",
 ]
 
 _CORE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-def dtype_bytes(dtype: Any, name: str = "dtype") -> int:
-    """Bytes of one element of a float dtype (bfloat16, float16, float32; int8 and fp8 are 1)."""
-    fmt = weight_format(dtype, name)
-    if fmt in ("int8", "fp8"):
-        return 1
-    if fmt not in FLOAT_BYTES:
-        raise ValueError(f"{name}: {fmt} has no whole-byte element size")
-    return FLOAT_BYTES[fmt]
 
 
 @dataclass
@@ -100,8 +88,7 @@ def list_models() -> list[dict]:
     count and source; read from the JSON files alone (no torch, no transformers)."""
     out = []
     for name in EMBEDDED:
-        with open(os.path.join(CONFIG_DIR, name + ".json")) as f:
-            cfg = json.load(f)
+        cfg = _load_source(name)
         experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), 0)
         top_k = next((cfg[k] for k in ("num_experts_per_tok", "experts_per_token") if cfg.get(k)), 0)
         out.append({"name": name, "model_type": cfg["model_type"], "layers": cfg.get("num_hidden_layers"),
@@ -201,7 +188,8 @@ def checkpoint_format(config: Any) -> CheckpointFormat:
     """How a checkpoint stores its weights, from its config: ``quantization_config``
     (MXFP4, FP8, GPTQ/AWQ/bitsandbytes bits) when present, else ``dtype``/``torch_dtype``,
     else bfloat16."""
-    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    c = _Config(config)
+    qc = c.get("quantization_config")
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
     if qc:
@@ -214,10 +202,7 @@ def checkpoint_format(config: Any) -> CheckpointFormat:
                                     "which memwarden does not price: bfloat16 weights assumed (pass dtype=...)", False)
         return CheckpointFormat(fmt, keep, f"weights priced as the checkpoint stores them: {fmt} "
                                 f"({method} quantization_config)", True)
-    if isinstance(config, dict):
-        declared = config.get("dtype") or config.get("torch_dtype")
-    else:
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    declared = c.get("dtype", "torch_dtype")
     try:
         fmt = weight_format(str(declared).replace("torch.", "")) if declared else "bfloat16"
     except ValueError:

@@ -49,6 +49,10 @@ class LayerCache:
     def has_kv(self) -> bool:
         return self.kind in ("full", "sliding", "chunked")
 
+    def state_bytes(self, element_bytes: int) -> int:
+        """Bytes of this layer's recurrent state for one sequence."""
+        return (self.state_elements or 0) * element_bytes + self.state_fp32_elements * 4
+
     def tokens_kept(self, context: int) -> int:
         if self.kind == "full":
             return context
@@ -80,7 +84,6 @@ class ModelSpec:
     mlp_width: tuple = ()                     # per layer: outputs of the dense MLP / shared-expert projections
     expert_width: tuple = ()                  # per layer: outputs of the routed experts one token runs
     mla: bool = False
-    warnings: tuple = ()
 
     @property
     def is_moe(self) -> bool:
@@ -217,7 +220,7 @@ def build_spec(cfg: Any, parts: list, name: str, warnings: list) -> ModelSpec:
         kv_list = [heads] * num_layers
     else:
         latent = 0
-    if not mla:  # a layer's own K projection says how many KV heads it has (MiMo: twice on sliding layers)
+        # a layer's own K projection says how many KV heads it has (MiMo: twice on sliding layers)
         for part in parts:
             if part.kind == "attn" and 0 <= part.layer < num_layers:
                 rows = [t.shape[0] for t in part.tensors if t.name.endswith("k_proj.weight") and len(t.shape) == 2]
@@ -280,5 +283,4 @@ def build_spec(cfg: Any, parts: list, name: str, warnings: list) -> ModelSpec:
         max_position_embeddings=c.get("max_position_embeddings"),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", default=False)),
         num_experts=num_experts if moe_layers else 0, experts_per_token=top_k, moe_layers=moe_layers,
-        attn_width=attn_width, mlp_width=mlp_width, expert_width=expert_width, mla=mla,
-        warnings=tuple(warnings))
+        attn_width=attn_width, mlp_width=mlp_width, expert_width=expert_width, mla=mla)

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from memwarden._devices import SPILL_DEVICES as _SPILL
 from memwarden._devices import device_key, device_order
 from memwarden._native import load as load_native
 from memwarden._table import format_table
@@ -35,9 +36,6 @@ class InfeasiblePlanError(ValueError):
         super().__init__(message)
         self.plan = plan
         self.shortfall = plan.shortfall
-
-
-_SPILL = ("cpu", "disk")
 
 
 def parse_max_memory(max_memory: Any) -> dict:
@@ -226,9 +224,14 @@ class Plan:
                          "experts module whole)")
         return lines
 
+    def table(self) -> tuple:
+        """(title, header, rows, footer); an infeasible plan has only its title and footer."""
+        if not self.feasible:
+            return self.title(), [], [], self.footer()
+        return self.title(), list(self.HEADER), self.rows(), self.footer()
+
     def report(self) -> str:
-        rows = self.rows() if self.feasible else []
-        return format_table(self.title(), list(self.HEADER) if rows else [], rows, self.footer())
+        return format_table(*self.table())
 
     def __str__(self) -> str:
         return self.report()
