@@ -1,5 +1,11 @@
-"""Per-token INT8 quantization: memwarden's kernel vs the eager PyTorch reference and a
-plain copy of the same bytes, measured in one run (medians of repeats).
+"""INT8 quantization: memwarden's kernels vs the eager PyTorch reference and a plain copy
+of the same bytes, measured in one run (medians of repeats).
+
+The first table is per-token quantization. The second compares the granularities on one
+input: per tensor and per channel need a reduction across rows, and their goal is 1.5x
+the per-token time (they were ATen reductions, ~16x slower); the decode-size row
+(1 x 8192 per token) has the goal of 3x a clone of the input (the op chain's dispatch
+dominates there).
 
     python benchmarks/bench_quant.py [--quick] [--device cpu|cuda] [--json PATH]
 
@@ -61,6 +67,34 @@ def bench_case(shape, dtype, device, repeats):
     }
 
 
+TENSOR_CHANNEL_GOAL = 1.5  # x per-token time
+DECODE_GOAL = 3.0  # x clone time
+
+
+def bench_granularities(shape, dtype, device, repeats):
+    """quantize_int8 per token / tensor / channel / group of 128 on one input."""
+    x = torch.randn(shape, dtype=dtype, device=device)
+    times = {g: median_seconds(lambda g=g: quant.quantize_int8(x, g, 128 if g == "group" else None), device, repeats)
+             for g in quant.GRANULARITIES}
+    row = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "device": device,
+           **{f"{g}_us": t * 1e6 for g, t in times.items()}}
+    for g in ("tensor", "channel"):
+        row[f"{g}_over_token"] = times[g] / times["token"]
+    row["goal_over_token"] = TENSOR_CHANNEL_GOAL
+    row["goal_met"] = all(row[f"{g}_over_token"] <= TENSOR_CHANNEL_GOAL for g in ("tensor", "channel"))
+    return row
+
+
+def bench_decode(dtype, device, repeats):
+    """One decode step's activation (1 x 8192) per token, against a clone of it."""
+    x = torch.randn(1, 8192, dtype=dtype, device=device)
+    t_ours = median_seconds(lambda: quant.quantize_int8(x, "token"), device, repeats)
+    t_clone = median_seconds(lambda: x.clone(), device, repeats)
+    return {"shape": [1, 8192], "dtype": str(dtype).replace("torch.", ""), "device": device,
+            "memwarden_us": t_ours * 1e6, "clone_us": t_clone * 1e6, "over_clone": t_ours / t_clone,
+            "goal_over_clone": DECODE_GOAL, "goal_met": t_ours / t_clone <= DECODE_GOAL}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller tensors and fewer repeats (CI smoke run)")
@@ -84,7 +118,22 @@ def main(argv=None):
               f"{r['memwarden_GBps']:7.1f} {r['fraction_of_copy_bandwidth']:8.0%} "
               f"{r['fraction_of_copy_into_bandwidth']:8.0%} {r['memwarden_into_us']:9.1f} "
               f"{r['into_fraction_of_copy_into_bandwidth']:10.0%}")
-    write_json(args.json, {"benchmark": "quant", "environment": environment(), "results": rows})
+
+    grid = (512, 4096) if args.quick else (2048, 4096)
+    granularities = [bench_granularities(grid, dtype, args.device, repeats) for dtype in (torch.bfloat16, torch.float32)]
+    decode = [bench_decode(dtype, args.device, repeats * 3) for dtype in (torch.bfloat16, torch.float32)]
+    print(f"\n{'shape':>12} {'dtype':>8} {'token us':>9} {'tensor us':>10} {'channel us':>11} {'group us':>9} "
+          f"{'tensor/token':>13} {'channel/token':>14}  goal <= {TENSOR_CHANNEL_GOAL}x")
+    for r in granularities:
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['dtype']:>8} {r['token_us']:9.0f} {r['tensor_us']:10.0f} "
+              f"{r['channel_us']:11.0f} {r['group_us']:9.0f} {r['tensor_over_token']:12.2f}x "
+              f"{r['channel_over_token']:13.2f}x  {'met' if r['goal_met'] else 'MISSED'}")
+    print(f"\n{'shape':>12} {'dtype':>8} {'memwarden us':>13} {'clone us':>9} {'of clone':>9}  goal <= {DECODE_GOAL}x")
+    for r in decode:
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['dtype']:>8} {r['memwarden_us']:13.1f} {r['clone_us']:9.1f} "
+              f"{r['over_clone']:8.2f}x  {'met' if r['goal_met'] else 'MISSED'}")
+    write_json(args.json, {"benchmark": "quant", "environment": environment(), "results": rows,
+                           "granularities": granularities, "decode": decode})
 
 
 if __name__ == "__main__":

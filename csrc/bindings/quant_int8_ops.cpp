@@ -8,6 +8,7 @@ using namespace memwarden::ops;
 TORCH_LIBRARY_FRAGMENT(memwarden, m) {
   // Kernels (CPU, CUDA, Meta).
   m.def("quantize_int8_groups(Tensor input, int group_size, bool symmetric=True) -> (Tensor, Tensor, Tensor?)");
+  m.def("quantize_int8_params(Tensor input, str granularity, bool symmetric=True) -> (Tensor, Tensor?)");
   m.def(
       "quantize_int8_groups_out(Tensor input, int group_size, Tensor(a!) q, Tensor(b!) scale, "
       "Tensor(c!)? azp=None) -> ()");
@@ -29,6 +30,7 @@ TORCH_LIBRARY_FRAGMENT(memwarden, m) {
 }
 
 TORCH_LIBRARY_IMPL(memwarden, CPU, m) {
+  m.impl("quantize_int8_params", TORCH_FN(quantize_int8_params_cpu));
   m.impl("quantize_int8_groups", TORCH_FN(quantize_int8_groups_cpu));
   m.impl("quantize_int8_groups_out", TORCH_FN(quantize_int8_groups_out_cpu));
   m.impl("quantize_int8_static", TORCH_FN(quantize_int8_static_cpu));
@@ -36,6 +38,7 @@ TORCH_LIBRARY_IMPL(memwarden, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(memwarden, Meta, m) {
+  m.impl("quantize_int8_params", TORCH_FN(quantize_int8_params_outputs));
   m.impl("quantize_int8_groups", TORCH_FN(quantize_int8_groups_outputs));
   m.impl("quantize_int8_groups_out", TORCH_FN(quantize_int8_groups_out_check));
   m.impl("quantize_int8_static", TORCH_FN(quantize_int8_static_outputs));
@@ -44,6 +47,7 @@ TORCH_LIBRARY_IMPL(memwarden, Meta, m) {
 
 #ifdef MEMWARDEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(memwarden, CUDA, m) {
+  m.impl("quantize_int8_params", TORCH_FN(quantize_int8_params_cuda));
   m.impl("quantize_int8_groups", TORCH_FN(quantize_int8_groups_cuda));
   m.impl("quantize_int8_groups_out", TORCH_FN(quantize_int8_groups_out_cuda));
   m.impl("quantize_int8_static", TORCH_FN(quantize_int8_static_cuda));

@@ -121,6 +121,39 @@ FiniteRange finite_range(const T* src, int64_t n, bool symmetric) {
   return range;
 }
 
+inline FiniteRange merge(const FiniteRange& a, const FiniteRange& b) {
+  return {std::max(a.absmax, b.absmax), std::min(a.min, b.min), std::max(a.max, b.max)};
+}
+
+// Folds one row of n elements into per-column finite statistics (absmax, or min and
+// max), each an array of n floats.
+template <typename T>
+void accumulate_columns(const T* src, int64_t n, bool symmetric, float* absmax, float* min, float* max) {
+  const Vec limit(FLT_MAX);
+  auto fold = [&](const Vec& x, int64_t i) {
+    const Vec finite = x.abs() <= limit;  // false for NaN and +-Inf
+    if (symmetric) {
+      at::vec::maximum(Vec::loadu(absmax + i), Vec::blendv(Vec(0.0f), x.abs(), finite)).store(absmax + i);
+    } else {
+      at::vec::minimum(Vec::loadu(min + i), Vec::blendv(Vec(FLT_MAX), x, finite)).store(min + i);
+      at::vec::maximum(Vec::loadu(max + i), Vec::blendv(Vec(-FLT_MAX), x, finite)).store(max + i);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kChunk <= n; i += kChunk) {
+    auto [lo, hi] = load_chunk(src + i);
+    fold(lo, i);
+    fold(hi, i + Vec::size());
+  }
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(src[i]);
+    if (!std::isfinite(x)) continue;
+    absmax[i] = std::max(absmax[i], std::fabs(x));
+    min[i] = std::min(min[i], x);
+    max[i] = std::max(max[i], x);
+  }
+}
+
 template <typename T>
 void quantize_span(const T* src, int8_t* dst, int64_t n, const quant::Int8Params& params) {
   const Vec inv_scale(params.inv_scale), zero_point(static_cast<float>(params.zero_point));

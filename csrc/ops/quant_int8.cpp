@@ -34,6 +34,14 @@ QuantResult quantize_int8_groups_cpu(const at::Tensor& input, int64_t group_size
   return outputs;
 }
 
+ParamsResult quantize_int8_params_cpu(const at::Tensor& input, c10::string_view granularity, bool symmetric) {
+  auto outputs = quantize_int8_params_outputs(input, granularity, symmetric);
+  auto& [scale, zero_point] = outputs;
+  at::Tensor zero_point_or_undefined = zero_point.value_or(at::Tensor());
+  quant_int8_cpu_kernels().reduce_params(input, granularity == "channel", scale, zero_point_or_undefined);
+  return outputs;
+}
+
 at::Tensor quantize_int8_static_cpu(const at::Tensor& input, const at::Tensor& scale,
                                     const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
                                     std::optional<int64_t> group_size) {

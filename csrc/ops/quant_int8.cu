@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cfloat>
+#include <limits>
+#include <vector>
 #include <cub/block/block_reduce.cuh>
 #include <cuda/functional>
 
@@ -93,6 +95,18 @@ __global__ void quantize_groups_kernel(const T* __restrict__ input, int8_t* __re
     for (int j = 0; j < N; ++j) out[j] = quant::quantize_value(x[j], params);
     store_values<int8_t, N>(dst + i, out);
   }
+}
+
+// One thread per scale: the parameters of finite ranges reduced by ATen. lo is unused
+// when symmetric (zero_points null), where hi holds the absmax.
+__global__ void params_kernel(const float* __restrict__ lo, const float* __restrict__ hi, int64_t n,
+                              float* __restrict__ scales, int32_t* __restrict__ zero_points) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const quant::Int8Params params =
+      zero_points ? quant::asymmetric_params(lo[i], hi[i]) : quant::symmetric_params(hi[i]);
+  scales[i] = params.scale;
+  if (zero_points) zero_points[i] = params.zero_point;
 }
 
 // Scale index of element (row, col) for the non-per-column layouts; N consecutive
@@ -184,6 +198,37 @@ void dispatch_elementwise(const void* data, int64_t alignment, int64_t rows, int
 }
 
 }  // namespace
+
+ParamsResult quantize_int8_params_cuda(const at::Tensor& input, c10::string_view granularity, bool symmetric) {
+  auto outputs = quantize_int8_params_outputs(input, granularity, symmetric);
+  auto& [scale, zero_point] = outputs;
+  if (input.numel() == 0) {  // no finite value: the scale of an all-zero group
+    scale.zero_();
+    if (zero_point.has_value()) zero_point->zero_();
+    return outputs;
+  }
+  // Reductions across rows: ATen's over the finite values, then one thread per scale.
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.reshape({-1, input.size(-1)});
+  const at::Tensor finite = at::isfinite(x);
+  const auto dims = granularity == "tensor" ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{0};
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor lo, hi;
+  if (symmetric) {
+    hi = at::where(finite, x.abs(), 0.0).amax(dims).to(at::kFloat).reshape({-1});
+  } else {
+    lo = at::where(finite, x, inf).amin(dims).to(at::kFloat).reshape({-1});
+    hi = at::where(finite, x, -inf).amax(dims).to(at::kFloat).reshape({-1});
+  }
+  const int64_t n = scale.numel();
+  constexpr int kThreads = 256;
+  params_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
+                  c10::cuda::getCurrentCUDAStream()>>>(symmetric ? nullptr : lo.const_data_ptr<float>(),
+                                                        hi.const_data_ptr<float>(), n, scale.data_ptr<float>(),
+                                                        symmetric ? nullptr : zero_point->data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return outputs;
+}
 
 void quantize_int8_groups_out_cuda(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
                                    const at::Tensor& scale, const std::optional<at::Tensor>& azp) {

@@ -47,6 +47,12 @@ void quantize_int8_groups_out_check(const at::Tensor& input, int64_t group_size,
 void quantize_int8_groups_out_cpu(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
                                   const at::Tensor& scale, const std::optional<at::Tensor>& azp);
 
+// quantize_int8_params: dynamic per-tensor or per-channel scale (and zero point, when
+// not symmetric), from the input's finite values.
+using ParamsResult = std::tuple<at::Tensor, std::optional<at::Tensor>>;
+ParamsResult quantize_int8_params_outputs(const at::Tensor& input, c10::string_view granularity, bool symmetric);
+ParamsResult quantize_int8_params_cpu(const at::Tensor& input, c10::string_view granularity, bool symmetric);
+
 // quantize_int8_static: quantize with given scales (and zero points).
 at::Tensor quantize_int8_static_cpu(const at::Tensor& input, const at::Tensor& scale,
                                     const std::optional<at::Tensor>& zero_point, c10::string_view granularity,
@@ -63,6 +69,7 @@ at::Tensor dequantize_int8_outputs(const at::Tensor& q, const at::Tensor& scale,
                                 std::optional<int64_t> group_size, std::optional<at::ScalarType> out_dtype);
 
 #ifdef MEMWARDEN_WITH_CUDA
+ParamsResult quantize_int8_params_cuda(const at::Tensor& input, c10::string_view granularity, bool symmetric);
 QuantResult quantize_int8_groups_cuda(const at::Tensor& input, int64_t group_size, bool symmetric);
 void quantize_int8_groups_out_cuda(const at::Tensor& input, int64_t group_size, const at::Tensor& q,
                                    const at::Tensor& scale, const std::optional<at::Tensor>& azp);

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "ops/quant_int8.h"
+#include "ops/checks.h"
 
 namespace memwarden::ops {
 namespace {
@@ -87,7 +88,7 @@ QuantShape check_float_input(const char* op, const at::Tensor& input, Granularit
                              std::optional<int64_t> group_size) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": input must be float32, float16 or bfloat16, got ", dtype);
+                   ": input must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(dtype));
   TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least one dimension");
   TORCH_CHECK_VALUE(input.is_contiguous(), op, ": input must be contiguous (call .contiguous() first)");
   return layout_for(op, input, granularity, group_size);
@@ -95,7 +96,7 @@ QuantShape check_float_input(const char* op, const at::Tensor& input, Granularit
 
 QuantShape check_int8_input(const char* op, const at::Tensor& q, Granularity granularity,
                             std::optional<int64_t> group_size) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kChar, op, ": q must be int8, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kChar, op, ": q must be torch.int8, got ", dtype_name(q.scalar_type()));
   TORCH_CHECK_VALUE(q.dim() >= 1, op, ": q must have at least one dimension");
   TORCH_CHECK_VALUE(q.is_contiguous(), op, ": q must be contiguous (call .contiguous() first)");
   return layout_for(op, q, granularity, group_size);
@@ -103,7 +104,7 @@ QuantShape check_int8_input(const char* op, const at::Tensor& q, Granularity gra
 
 void check_scale(const char* op, const at::Tensor& like, const QuantShape& shape, const at::Tensor& scale,
                  const std::optional<at::Tensor>& zero_point, Granularity granularity) {
-  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": scale must be torch.float32, got ", dtype_name(scale.scalar_type()));
   TORCH_CHECK_VALUE(scale.device() == like.device(), op, ": scale must be on the input's device (", like.device(),
                     "), got ", scale.device());
   TORCH_CHECK_VALUE(scale.is_contiguous(), op, ": scale must be contiguous");
@@ -114,7 +115,7 @@ void check_scale(const char* op, const at::Tensor& like, const QuantShape& shape
                   shape_string(scale));
   if (zero_point.has_value()) {
     const at::Tensor& zp = *zero_point;
-    TORCH_CHECK_TYPE(zp.scalar_type() == at::kInt, op, ": azp (zero point) must be int32, got ", zp.scalar_type());
+    TORCH_CHECK_TYPE(zp.scalar_type() == at::kInt, op, ": azp (zero point) must be torch.int32, got ", dtype_name(zp.scalar_type()));
     TORCH_CHECK_VALUE(zp.device() == like.device(), op, ": azp must be on the input's device (", like.device(),
                       "), got ", zp.device());
     TORCH_CHECK_VALUE(zp.is_contiguous(), op, ": azp must be contiguous");
@@ -143,8 +144,8 @@ void quantize_int8_groups_out_check(const at::Tensor& input, int64_t group_size,
   const auto [want_q, want_scale, want_azp] = quantize_int8_groups_outputs(
       at::empty_symint(input.sym_sizes(), input.options().device(c10::kMeta)), group_size, !azp.has_value());
   auto check = [&](const char* name, const at::Tensor& out, const at::Tensor& want) {
-    TORCH_CHECK_TYPE(out.scalar_type() == want.scalar_type(), op, ": ", name, " must be ", want.scalar_type(),
-                     ", got ", out.scalar_type());
+    TORCH_CHECK_TYPE(out.scalar_type() == want.scalar_type(), op, ": ", name, " must be ", dtype_name(want.scalar_type()),
+                     ", got ", dtype_name(out.scalar_type()));
     TORCH_CHECK_VALUE(out.device() == input.device(), op, ": ", name, " must be on the input's device (",
                       input.device(), "), got ", out.device());
     TORCH_CHECK_VALUE(out.sym_sizes().equals(want.sym_sizes()), op, ": ", name, " must have shape ",
@@ -154,6 +155,29 @@ void quantize_int8_groups_out_check(const at::Tensor& input, int64_t group_size,
   check("q", q, want_q);
   check("scale", scale, want_scale);
   if (azp.has_value()) check("azp", *azp, *want_azp);
+  // Contiguous outputs cannot overlap themselves; they can overlap each other or the input.
+  check_no_overlap(op, "q", q, "scale", scale);
+  check_no_overlap(op, "input", input, "q", q);
+  check_no_overlap(op, "input", input, "scale", scale);
+  if (azp.has_value()) {
+    check_no_overlap(op, "q", q, "azp", *azp);
+    check_no_overlap(op, "scale", scale, "azp", *azp);
+    check_no_overlap(op, "input", input, "azp", *azp);
+  }
+}
+
+ParamsResult quantize_int8_params_outputs(const at::Tensor& input, c10::string_view granularity, bool symmetric) {
+  constexpr const char* op = "quantize_int8_params";
+  const Granularity g = parse_granularity_arg(op, granularity);
+  TORCH_CHECK_VALUE(g == Granularity::kTensor || g == Granularity::kChannel, op,
+                    ": granularity must be 'tensor' or 'channel' (per-token and per-group parameters come with "
+                    "quantize_int8_groups), got '", quant::granularity_name(g), "'");
+  const QuantShape shape = check_float_input(op, input, g, std::nullopt);
+  const int64_t n = g == Granularity::kTensor ? 1 : shape.cols;
+  at::Tensor scale = at::empty({n}, input.options().dtype(at::kFloat));
+  std::optional<at::Tensor> zero_point;
+  if (!symmetric) zero_point = at::empty({n}, input.options().dtype(at::kInt));
+  return {scale, zero_point};
 }
 
 at::Tensor quantize_int8_static_outputs(const at::Tensor& input, const at::Tensor& scale,
@@ -175,36 +199,8 @@ at::Tensor dequantize_int8_outputs(const at::Tensor& q, const at::Tensor& scale,
   check_scale(op, q, shape, scale, zero_point, g);
   const at::ScalarType dtype = out_dtype.value_or(at::kHalf);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": out_dtype must be float32, float16 or bfloat16, got ", dtype);
+                   ": out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(dtype));
   return at::empty_symint(q.sym_sizes(), q.options().dtype(dtype));
-}
-
-// Per-tensor and per-channel parameters need a reduction across rows; they are for
-// weights (quantized once), so plain ATen reductions over the finite values suffice.
-static std::pair<at::Tensor, std::optional<at::Tensor>> reduced_params(const at::Tensor& input, Granularity g,
-                                                                       bool symmetric) {
-  const at::Tensor x = input.reshape({-1, input.size(-1)}).to(at::kFloat);
-  const at::Tensor finite = at::isfinite(x);
-  const auto reduce_dims = g == Granularity::kTensor ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{0};
-  if (symmetric) {
-    const at::Tensor absmax = at::where(finite, x.abs(), 0.0).amax(reduce_dims);
-    return {(absmax / 127.0).reshape({-1}), std::nullopt};
-  }
-  const double inf = std::numeric_limits<double>::infinity();
-  at::Tensor lo = at::where(finite, x, inf).amin(reduce_dims).reshape({-1});
-  at::Tensor hi = at::where(finite, x, -inf).amax(reduce_dims).reshape({-1});
-  // Same rules as quant::asymmetric_params: no finite value -> zeros; a constant
-  // group is widened to include zero.
-  const at::Tensor empty = lo > hi;
-  lo = at::where(empty, 0.0, lo);
-  hi = at::where(empty, 0.0, hi);
-  const at::Tensor constant = lo == hi;
-  lo = at::where(constant, at::clamp_max(lo, 0.0), lo);
-  hi = at::where(constant, at::clamp_min(hi, 0.0), hi);
-  const at::Tensor scale = (hi - lo) / 255.0;
-  const at::Tensor zero_point =
-      at::where(scale > 0, at::round(-128.0 - lo / at::where(scale > 0, scale, 1.0)), 0.0).to(at::kInt);
-  return {scale, zero_point};
 }
 
 QuantResult quantize_int8(const at::Tensor& input, c10::string_view granularity, std::optional<int64_t> group_size,
@@ -217,7 +213,8 @@ QuantResult quantize_int8(const at::Tensor& input, c10::string_view granularity,
     auto [q, scale, zero_point] = groups.call(input, shape.layout.group_size, symmetric);
     return {q, scale, zero_point};
   }
-  auto [scale, zero_point] = reduced_params(input, g, symmetric);
+  static auto params = find_op<ParamsResult(const at::Tensor&, c10::string_view, bool)>("memwarden::quantize_int8_params");
+  auto [scale, zero_point] = params.call(input, granularity, symmetric);
   static auto apply = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          c10::string_view, std::optional<int64_t>)>("memwarden::quantize_int8_static");
   at::Tensor q = apply.call(input, scale, zero_point, granularity, group_size);
@@ -238,6 +235,8 @@ QuantResult scaled_int8_quant(const at::Tensor& input, const std::optional<at::T
   TORCH_CHECK_VALUE(symmetric == !azp.has_value(), op,
                     ": a static asymmetric quantization needs azp, and a symmetric one must not pass it "
                     "(symmetric=", symmetric ? "True" : "False", ", azp ", azp.has_value() ? "given" : "missing", ")");
+  // quantize_int8_static itself takes scale 0 (an all-zero group of the dynamic path).
+  check_static_scale(op, "scale", *scale);
   static auto apply = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          c10::string_view, std::optional<int64_t>)>("memwarden::quantize_int8_static");
   at::Tensor q = apply.call(input, *scale, azp, "tensor", std::nullopt);

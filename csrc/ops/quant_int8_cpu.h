@@ -13,6 +13,9 @@ struct QuantInt8CpuKernels {
   // `group_size` consecutive elements of each row. All tensors contiguous.
   void (*quantize_groups)(const at::Tensor& input, int64_t group_size, at::Tensor& q, at::Tensor& scale,
                           at::Tensor& zero_point);
+  // Dynamic per-tensor (one scale) or per-column (per_column: one per column of the
+  // last dimension) parameters, computed in one pass over the input.
+  void (*reduce_params)(const at::Tensor& input, bool per_column, at::Tensor& scale, at::Tensor& zero_point);
   // Static: scales (and zero points, when defined) given in `layout`.
   void (*quantize_static)(const at::Tensor& input, const quant::ScaleLayout& layout, const at::Tensor& scale,
                           const at::Tensor& zero_point, at::Tensor& q);

@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cfloat>
+#include <vector>
 
 #include "ops/int8_span_vec.h"
 #include "ops/quant_int8_cpu.h"
@@ -82,6 +83,51 @@ void quantize_groups_kernel(const at::Tensor& input, int64_t group_size, at::Ten
         }
       }
     });
+  });
+}
+
+void write_params(const FiniteRange& range, int64_t index, float* scales, int32_t* zero_points) {
+  const quant::Int8Params params =
+      zero_points ? quant::asymmetric_params(range.min, range.max) : quant::symmetric_params(range.absmax);
+  scales[index] = params.scale;
+  if (zero_points) zero_points[index] = params.zero_point;
+}
+
+void reduce_params_kernel(const at::Tensor& input, bool per_column, at::Tensor& scale, at::Tensor& zero_point) {
+  const int64_t cols = input.size(-1);
+  const int64_t n = input.numel();
+  const int64_t rows = cols == 0 ? 0 : n / cols;
+  const bool symmetric = !zero_point.defined();
+  float* scales = scale.data_ptr<float>();
+  int32_t* zero_points = symmetric ? nullptr : zero_point.data_ptr<int32_t>();
+  MW_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_int8_params", [&] {
+    const scalar_t* src = input.const_data_ptr<scalar_t>();
+    if (!per_column) {
+      const FiniteRange range = at::parallel_reduce(
+          0, n, kMinGrain, FiniteRange{},
+          [&](int64_t begin, int64_t end, const FiniteRange& acc) {
+            return merge(acc, finite_range(src + begin, end - begin, symmetric));
+          },
+          merge);
+      write_params(range, 0, scales, zero_points);
+      return;
+    }
+    // Each thread folds its rows into its own per-column statistics; they are merged after.
+    const int64_t threads = at::get_num_threads();
+    std::vector<float> absmax(threads * cols, 0.0f), min(threads * cols, FLT_MAX), max(threads * cols, -FLT_MAX);
+    parallel_rows(rows, cols, [&](int64_t begin, int64_t end) {
+      const int64_t offset = at::get_thread_num() * cols;
+      for (int64_t row = begin; row < end; ++row) {
+        accumulate_columns(src + row * cols, cols, symmetric, &absmax[offset], &min[offset], &max[offset]);
+      }
+    });
+    for (int64_t col = 0; col < cols; ++col) {
+      FiniteRange range;
+      for (int64_t t = 0; t < threads; ++t) {
+        range = merge(range, {absmax[t * cols + col], min[t * cols + col], max[t * cols + col]});
+      }
+      write_params(range, col, scales, zero_points);
+    }
   });
 }
 
@@ -166,7 +212,7 @@ void dequantize_kernel(const at::Tensor& q, const quant::ScaleLayout& layout, co
 
 }  // namespace
 
-extern const QuantInt8CpuKernels kQuantInt8CpuKernels{quantize_groups_kernel, quantize_static_kernel,
-                                                      dequantize_kernel};
+extern const QuantInt8CpuKernels kQuantInt8CpuKernels{quantize_groups_kernel, reduce_params_kernel,
+                                                      quantize_static_kernel, dequantize_kernel};
 
 }  // namespace memwarden::ops::CPU_CAPABILITY

@@ -8,15 +8,32 @@ Conventions (the same as vLLM's ``scaled_int8_quant``):
   ``q = round(x / scale) + azp``; dequantized value ``(q - azp) * scale``
 * ``round`` is round half to even, and ``q`` saturates to [-128, 127].
 
+Three rules keep every finite input representable, with nothing overflowing:
+
+* The asymmetric range always includes 0 (``min <= 0 <= max``), as torch.ao's observers
+  do: the zero point lies in [-128, 127], 0 (padding, masked values, NaN) reads back as
+  exactly 0, and ``|x / scale| <= 255`` keeps float32 exact to the step. A group far
+  from zero (all values in ``[1e6, 1e6 + 1]``) therefore gets the coarse step
+  ``max / 255``: subtract such an offset before quantizing.
+* The range is computed in double: ``max - min`` beyond float32's maximum still gives a
+  finite scale.
+* The scale is at least ``torch.finfo(torch.float32).tiny`` (~1.18e-38), so ``1 / scale``
+  stays finite: a group whose absmax is below ~1.5e-36 is quantized with that step (an
+  absolute error of at most ~5.9e-39).
+
 Edge cases are defined, never NaN: a group whose finite values are all zero gets
-``scale = 0`` and ``q = 0``; an asymmetric group holding one constant value has its
-range widened to include zero, so the constant round-trips exactly. Non-finite
-inputs do not take part in the scale: NaN quantizes to the zero point (it dequantizes
-to 0), +Inf to 127 and -Inf to -128 (a group with no non-zero finite value has scale 0
-and quantizes everything, Inf included, to the zero point). An empty input gives an
-empty ``q`` and scales of the documented shape: zero-sized for ``"token"``/``"group"``
-(no rows), ``[1]`` for ``"tensor"`` and ``[cols]`` for ``"channel"``, all 0 (zero point 0),
-like an all-zero group.
+``scale = 0`` and ``q = 0``. Non-finite inputs do not take part in the scale: NaN
+quantizes to the zero point (it dequantizes to 0), +Inf to 127 and -Inf to -128 (a
+group with no non-zero finite value has scale 0 and quantizes everything, Inf
+included, to the zero point). An empty input gives an empty ``q`` and scales of the
+documented shape: zero-sized for ``"token"``/``"group"`` (no rows), ``[1]`` for
+``"tensor"`` and ``[cols]`` for ``"channel"``, all 0 (zero point 0), like an all-zero
+group.
+
+A static scale (``scaled_int8_quant(x, scale)``) must be positive and finite: a
+``ValueError`` names it otherwise. On CUDA, where reading it would wait for the GPU,
+the check is a device-side assertion (``torch._assert_async``): free of
+synchronization, it surfaces at the next one as a CUDA error.
 
 The wrappers check their arguments before calling the ops: a non-tensor is a
 ``TypeError``, a wrong dtype a ``TypeError`` naming the argument and the dtypes as

@@ -74,6 +74,41 @@ TEST(QuantInt8, AsymmetricWithoutFiniteValues) {
   EXPECT_EQ(quantize_value(1.0f, p), 0);
 }
 
+TEST(QuantInt8, AsymmetricRangeIncludesZero) {
+  // [2, 257] is priced as [0, 257]: step 257 / 255, zero point -128, and 0 is exact.
+  const Int8Params p = asymmetric_params(2.0f, 257.0f);
+  EXPECT_FLOAT_EQ(p.scale, 257.0f / 255.0f);
+  EXPECT_EQ(p.zero_point, -128);
+  EXPECT_EQ(dequantize_value(quantize_value(std::numeric_limits<float>::quiet_NaN(), p), p.scale, p.zero_point), 0.0f);
+}
+
+TEST(QuantInt8, LargeOffsetZeroPointStaysInInt8) {
+  // An offset of 1e6 with a spread of 0.0625 overflowed int32 (zero point -2^31).
+  const Int8Params p = asymmetric_params(1e6f, 1e6f + 0.0625f);
+  EXPECT_GE(p.zero_point, -128);
+  EXPECT_LE(p.zero_point, 127);
+  const float x = 1e6f + 0.0625f;
+  EXPECT_NEAR(dequantize_value(quantize_value(x, p), p.scale, p.zero_point), x, p.scale);
+}
+
+TEST(QuantInt8, RangeBeyondFloatMaxHasFiniteScale) {
+  const float big = 3e38f;
+  const Int8Params p = asymmetric_params(-big, big);
+  EXPECT_TRUE(std::isfinite(p.scale));
+  EXPECT_TRUE(std::isfinite(p.inv_scale));
+  EXPECT_NEAR(dequantize_value(quantize_value(big, p), p.scale, p.zero_point), big, p.scale);
+}
+
+TEST(QuantInt8, TinyGroupsUseTheMinimumScale) {
+  // 127 / 1e-37 is not a float: the step is FLT_MIN instead of absmax / 127.
+  const Int8Params p = symmetric_params(1e-37f);
+  EXPECT_EQ(p.scale, kMinScale);
+  EXPECT_TRUE(std::isfinite(p.inv_scale));
+  EXPECT_EQ(quantize_value(1e-37f, p), 9);  // 1e-37 / FLT_MIN = 8.51
+  EXPECT_EQ(quantize_value(3e-40f, p), 0);
+  EXPECT_EQ(symmetric_params(std::numeric_limits<float>::denorm_min()).scale, kMinScale);
+}
+
 TEST(QuantInt8, Granularity) {
   EXPECT_EQ(parse_granularity("group"), Granularity::kGroup);
   EXPECT_STREQ(granularity_name(parse_granularity("channel")), "channel");

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+FLT_MIN = torch.finfo(torch.float32).tiny
+
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q = sat(round_half_even(x * (1 / scale))), scale broadcast over heads ([1] or [H])."""
@@ -15,11 +17,15 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [H, D] -> (q [H, D] int8, scale [H] fp32) with scale = finite absmax / 127."""
+    """x [H, D] -> (q [H, D] int8, scale [H] fp32) with scale = finite absmax / 127 (at least FLT_MIN)."""
     xf = x.float()
     a = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf)).amax(dim=-1)
     scale = a / 127.0
     inv = torch.where(a > 0, torch.full_like(a, 127.0) / a, torch.zeros_like(a))  # true division, like the kernel
+    # A step below FLT_MIN is raised to it (memwarden.quant's rule), so 1 / scale stays finite.
+    tiny = (scale > 0) & (scale < FLT_MIN)
+    scale = torch.where(tiny, FLT_MIN, scale)
+    inv = torch.where(tiny, 1.0 / FLT_MIN, inv)
     q = torch.nan_to_num(torch.round(xf * inv.view(-1, 1)), nan=0.0).clamp(-128, 127).to(torch.int8)
     return q, scale
 

@@ -23,25 +23,30 @@ def ungrouped(g: torch.Tensor, like: torch.Tensor, granularity: str) -> torch.Te
     return g.reshape(like.shape)
 
 
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def _step(step: torch.Tensor) -> torch.Tensor:
+    """The float32 scale of a step computed in double: 0 stays 0, else at least FLT_MIN."""
+    scale = step.float()
+    return torch.where(scale > 0, scale.clamp(min=FLT_MIN), 0.0)
+
+
 def reference_quantize(x: torch.Tensor, granularity: str, group_size: int | None = None, symmetric: bool = True):
     """Returns (q int8 like x, scale float32 [num_scales], azp int32 [num_scales] or None)."""
     g = grouped(x, granularity, group_size)
     finite = torch.isfinite(g)
     if symmetric:
         absmax = torch.where(finite, g.abs(), 0.0).amax(-1)
-        scale = absmax / 127.0
+        scale = _step(absmax.double() / 127.0)
         azp = torch.zeros_like(scale)
     else:
-        lo = torch.where(finite, g, float("inf")).amin(-1)
-        hi = torch.where(finite, g, float("-inf")).amax(-1)
-        none_finite = lo > hi
-        lo, hi = torch.where(none_finite, 0.0, lo), torch.where(none_finite, 0.0, hi)
-        constant = lo == hi
-        lo = torch.where(constant, lo.clamp(max=0.0), lo)
-        hi = torch.where(constant, hi.clamp(min=0.0), hi)
-        scale = (hi - lo) / 255.0
-        safe = torch.where(scale > 0, scale, 1.0)
-        azp = torch.where(scale > 0, torch.round(-128.0 - lo / safe), 0.0)
+        # The range always includes 0 (so a group with no finite value is [0, 0]), in double.
+        lo = torch.where(finite, g, 0.0).amin(-1).double().clamp(max=0.0)
+        hi = torch.where(finite, g, 0.0).amax(-1).double().clamp(min=0.0)
+        scale = _step((hi - lo) / 255.0)
+        safe = torch.where(scale > 0, scale, 1.0).double()
+        azp = torch.where(scale > 0, torch.round(-128.0 - lo / safe).clamp(-128, 127), 0.0).float()
     safe = torch.where(scale > 0, scale, 1.0)[:, None]
     q = torch.where(scale[:, None] > 0, torch.round(g / safe), 0.0)
     q = (torch.nan_to_num(q, nan=0.0) + azp[:, None]).clamp(-128, 127).to(torch.int8)

@@ -3,11 +3,10 @@
 Every generated case is either a *correct result* (the plain-PyTorch reference of
 quant_reference.py within one quantization step, plus a round trip within one step)
 or a *clear error* (TypeError/ValueError naming the offending Python argument, only
-for invalid arguments); see fuzz_runner.py for the oracle. The main properties avoid
-the known, unfixed C++ bugs of issue 11; for each, a strict-xfail test reproduces it
-and a ``*_fuzz_finds_*`` test runs the same property restricted to that region and
-expects it to fail (so the fuzz is shown to detect the bug). ``--fuzz-long`` runs 20x
-the examples.
+for invalid arguments); see fuzz_runner.py for the oracle. The C++ bugs of issue 11
+this suite found each have a reproduction below and a ``test_fuzz_region_*`` test that
+runs the property restricted to the bug's region (both failed before the fix).
+``--fuzz-long`` runs 20x the examples.
 """
 import math
 
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import fuzz_runner as fr
 from memwarden import quant
+from quant_reference import reference_quantize
 
 
 # @settings is applied at import, before any fixture: read the option from the command line.
@@ -62,64 +62,24 @@ scaled_cases = cases("scaled", static_scale=st.one_of(st.none(), good_static),
                      azp_dtype=st.sampled_from([torch.int32] * 5 + [torch.int64]))
 
 
-def _avoid_known_regions(case):
-    """assume() away the known bugs (a), (b), (d) for a valid numeric case."""
-    if case["dtype"] not in fr.FLOAT_DTYPES:
-        return
-    x = fr.case_input(case)
-    if x.dim() == 0:
-        return
-    if case["kind"] == "quantize":
-        gran, gs = case["granularity"], case["group_size"]
-        if gran not in quant.GRANULARITIES:
-            return
-        if gran != "group":
-            gs = None
-    elif case["kind"] == "into":
-        gs = case["group_size"]
-        gran = "token" if gs is None else "group"
-    else:
-        gran, gs = "token", None
-    if gran == "group" and not (isinstance(gs, int) and not isinstance(gs, bool) and gs > 0 and x.shape[-1] % gs == 0):
-        return
-    if case["kind"] == "scaled" and case.get("static_scale") is not None:
-        return
-    assume(not fr.known_bug_regions(x, gran, gs, case["symmetric"]))
-
-
-def property_quantize(case):
-    _avoid_known_regions(case)
-    fr.check_quantize(case)
-
-
-def property_into(case):
-    _avoid_known_regions(case)
-    fr.check_quantize_into(case)
-
-
-def property_scaled(case):
-    _avoid_known_regions(case)
-    fr.check_scaled(case)
-
-
 # ----------------------------------------------------------------------------- main properties
 
 @fuzz_settings(600)
 @given(quantize_cases)
 def test_fuzz_quantize_int8(case):
-    property_quantize(case)
+    fr.check_quantize(case)
 
 
 @fuzz_settings(300)
 @given(into_cases)
 def test_fuzz_quantize_int8_into(case):
-    property_into(case)
+    fr.check_quantize_into(case)
 
 
 @fuzz_settings(300)
 @given(scaled_cases)
 def test_fuzz_scaled_int8_quant(case):
-    property_scaled(case)
+    fr.check_scaled(case)
 
 
 @fuzz_settings(60)
@@ -140,7 +100,6 @@ def test_fuzz_dequantize_bad_arguments(case, bad):
     x = fr.case_input(case)
     gs = case["group_size"] if case["granularity"] == "group" else None
     assume(x.numel() > 0 and (gs is None or x.shape[-1] % gs == 0))
-    assume(not fr.known_bug_regions(x, case["granularity"], gs, case["symmetric"]))
     q, scale, azp = quant.quantize_int8(x, case["granularity"], gs, case["symmetric"])
     args = dict(q=q, scale=scale, azp=azp, granularity=case["granularity"], group_size=gs, out_dtype=None)
     arg = {"bad_granularity": "granularity", "scale_dtype": "scale", "scale_shape": "scale", "azp_dtype": "azp",
@@ -179,18 +138,16 @@ def test_fuzz_sample_in_subprocess():
     assert "DONE" in proc.stdout
 
 
-# ----------------------------------------------------------------------------- known bugs (issue 11)
+# ----------------------------------------------------------------------------- the C++ bugs of issue 11
 
-def _fuzz_fails(prop, strategy, n=60):
-    """Run ``prop`` over ``strategy`` without the region filter; the AssertionError it finds."""
+def _fuzz_region(prop, strategy, n=60):
+    """``prop`` over ``strategy``: a region of inputs that once reached a bug."""
     @fuzz_settings(n)
     @given(strategy)
     def run(case):
         prop(case)
 
-    with pytest.raises(AssertionError) as info:
-        run()
-    return info.value
+    run()
 
 
 def _region_cases(regime, kind="quantize", **extra):
@@ -199,65 +156,72 @@ def _region_cases(regime, kind="quantize", **extra):
     return cases(kind, regimes=(regime,), dtypes=st.just(torch.float32), layouts=("contiguous",), **base)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: asymmetric INT8 zero point overflows int32 for a large offset (C++, not fixed yet)")
-def test_bug_a_large_offset_zero_point_overflows():
-    q, scale, azp = quant.quantize_int8(torch.tensor([[1e6, 1e6 + 0.0625, 1e6 + 0.03125]]), "token", symmetric=False)
-    assert azp.item() != -2**31, "zero point is INT32_MIN"
+def test_large_offset_zero_point_stays_in_int8():
+    """(a) The zero point of 1e6 + [0, 0.0625] was INT32_MIN: every value read back as -526344."""
+    x = torch.tensor([[1e6, 1e6 + 0.0625, 1e6 + 0.03125]])
+    q, scale, azp = quant.quantize_int8(x, "token", symmetric=False)
+    assert -128 <= azp.item() <= 127
     x_hat = quant.dequantize_int8(q, scale, azp, "token")
-    assert (x_hat - torch.tensor([[1e6, 1e6 + 0.0625, 1e6 + 0.03125]])).abs().max() <= scale.item()
+    assert (x_hat - x).abs().max() <= scale.item()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: asymmetric INT8 with an offset below the overflow loses steps in float32 (C++, not fixed yet)")
-def test_bug_a_large_offset_loses_steps():
-    x = torch.tensor([[1e5, 1e5 + 1.0, 1e5 + 0.5]])  # |min| / range = 1e5 < 8.4e6: no overflow
+def test_large_offset_keeps_the_step():
+    """(a) Below the overflow, float32 arithmetic lost 2-85 steps."""
+    x = torch.tensor([[1e5, 1e5 + 1.0, 1e5 + 0.5]])
     q, scale, azp = quant.quantize_int8(x, "token", symmetric=False)
     x_hat = quant.dequantize_int8(q, scale, azp, "token")
     steps = ((x_hat.double() - x.double()).abs() / scale.item()).max().item()
     assert steps <= 1.0, f"round trip off by {steps:.2f} steps"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: all values below ~3.7e-37 in a group: 127/absmax overflows, small values saturate (C++, not fixed yet)")
-def test_bug_b_tiny_group_saturates():
+def test_tiny_group_uses_the_minimum_scale():
+    """(b) 127 / absmax overflowed for absmax < 3.7e-37: 3e-40 read back as 1e-37."""
     x = torch.tensor([[1e-37, 3e-40, 0.0]])
     q, scale, _ = quant.quantize_int8(x, "token")
+    assert scale.item() == torch.finfo(torch.float32).tiny
+    assert q.tolist() == [[9, 0, 0]], q.tolist()  # 1e-37 / FLT_MIN = 8.51
     x_hat = quant.dequantize_int8(q, scale, None, "token")
-    assert q.tolist() == [[127, 0, 0]], q.tolist()  # 3e-40 is 0.38 steps
-    assert x_hat[0, 1].item() < 1e-39, x_hat  # reads back as 1e-37 today
+    assert (x_hat - x).abs().max().item() <= scale.item() / 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: scaled_int8_quant silently writes zeros for a zero/negative/NaN/Inf static scale (C++, not fixed yet)")
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
-def test_bug_c_bad_static_scale_is_not_rejected(bad):
-    with pytest.raises(ValueError, match=r"\bscale\b"):
+def test_bad_static_scale_is_rejected(bad):
+    """(c) It silently wrote zeros."""
+    with pytest.raises(ValueError, match=r"scaled_int8_quant: scale must be positive and finite"):
         quant.scaled_int8_quant(torch.tensor([[1.0, -2.0, 3.0]]), torch.tensor([bad]))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: asymmetric INT8 with a range above FLT_MAX gets scale inf and dequantizes to NaN (C++, not fixed yet)")
 @pytest.mark.parametrize("granularity", ["token", "tensor"])
-def test_bug_d_range_overflow_gives_inf_scale(granularity):
+def test_range_beyond_float_max_has_a_finite_scale(granularity):
+    """(d) max - min overflowed float32: scale inf, NaN read back."""
     x = torch.tensor([[-3e38, 3e38, 1.0]])
     q, scale, azp = quant.quantize_int8(x, granularity, symmetric=False)
     x_hat = quant.dequantize_int8(q, scale, azp, granularity)
-    assert torch.isfinite(scale).all() and not torch.isnan(x_hat).any(), (scale, q, x_hat)
+    assert torch.isfinite(scale).all() and ((x_hat - x).abs() <= scale).all(), (scale, q, x_hat)
 
 
-def test_fuzz_finds_bug_a_large_offset():
-    err = _fuzz_fails(fr.check_quantize, _region_cases("offset_huge", symmetric=st.just(False)))
-    assert "differs from the reference" in str(err)   # wrong numbers, not an error
+def test_nan_reads_back_as_zero_when_the_values_exclude_zero():
+    """(e) The zero point lay outside [-128, 127], so NaN read back as the group's end nearest 0."""
+    q, scale, azp = quant.quantize_int8(torch.tensor([[float("nan"), 1.0, 2.0]]), "token", symmetric=False)
+    assert quant.dequantize_int8(q, scale, azp, "token")[0, 0].item() == 0.0
 
 
-def test_fuzz_finds_bug_b_tiny_values():
-    _fuzz_fails(fr.check_quantize, _region_cases("all_tiny", specials=st.just(((1, 3e-40), (2, 1e-37)))))
+def test_fuzz_region_large_offset():
+    _fuzz_region(fr.check_quantize, _region_cases("offset_huge", symmetric=st.just(False)))
 
 
-def test_fuzz_finds_bug_c_bad_static_scale():
+def test_fuzz_region_tiny_values():
+    _fuzz_region(fr.check_quantize, _region_cases("all_tiny", specials=st.just(((1, 3e-40), (2, 1e-37)))))
+
+
+def test_fuzz_region_bad_static_scale():
     strategy = cases("scaled", dtypes=st.just(torch.float32), layouts=("contiguous",), regimes=("normal",),
                      symmetric=st.just(True), static_scale=st.sampled_from([0.0, -1.0, math.nan, math.inf]))
-    assert "accepted" in str(_fuzz_fails(fr.check_scaled, strategy, n=10))
+    _fuzz_region(fr.check_scaled, strategy, n=10)
 
 
-def test_fuzz_finds_bug_d_range_overflow():
-    _fuzz_fails(fr.check_quantize, _region_cases("range_overflow", symmetric=st.just(False)))
+def test_fuzz_region_range_overflow():
+    _fuzz_region(fr.check_quantize, _region_cases("range_overflow", symmetric=st.just(False)))
 
 
 # ----------------------------------------------------------------------------- other bugs found by this suite
@@ -297,7 +261,36 @@ def test_broadcast_scale_checks_its_arguments(args, name):
         quant.broadcast_scale(*args)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: NaN is documented to dequantize to 0, but an asymmetric group whose range excludes 0 has its zero point outside [-128, 127], so NaN reads back as the group's end nearest 0")
-def test_bug_nan_does_not_read_back_as_zero_when_range_excludes_zero():
-    q, scale, azp = quant.quantize_int8(torch.tensor([[float("nan"), 1.0, 2.0]]), "token", symmetric=False)
-    assert quant.dequantize_int8(q, scale, azp, "token")[0, 0].item() == 0.0
+def _one_buffer(x_shape, q_shape, scale_shape):
+    """x (float32), q (int8) and scale (float32) as views of one byte buffer, overlapping."""
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    x = buf[: 4 * math.prod(x_shape)].view(torch.float32).view(x_shape)
+    q = buf[: math.prod(q_shape)].view(torch.int8).view(q_shape)
+    scale = buf[: 4 * math.prod(scale_shape)].view(torch.float32).view(scale_shape)
+    return x, q, scale
+
+
+@pytest.mark.parametrize("pair", [("q", "scale"), ("input", "q"), ("input", "scale")])
+def test_into_rejects_overlapping_outputs(pair):
+    """q and scale in one buffer (or either over x) was accepted: the scales overwrote q."""
+    x, q, scale = _one_buffer((2, 8), (2, 8), (2, 1))
+    fresh = {"input": torch.randn(2, 8), "q": torch.empty(2, 8, dtype=torch.int8), "scale": torch.empty(2, 1)}
+    args = {name: ({"input": x, "q": q, "scale": scale}[name] if name in pair else fresh[name]) for name in fresh}
+    with pytest.raises(ValueError, match=rf"{pair[0]} and {pair[1]} overlap"):
+        quant.quantize_int8_into(args["input"], args["q"], args["scale"])
+
+
+def test_into_accepts_disjoint_views_of_one_buffer():
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    q = buf[:16].view(torch.int8).view(2, 8)
+    scale = buf[16:24].view(torch.float32).view(2, 1)
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5, 0.0, 1.5, -1.0, 2.0]] * 2)
+    quant.quantize_int8_into(x, q, scale)
+    ref_q, ref_scale, _ = reference_quantize(x, "token")
+    assert torch.equal(q, ref_q) and torch.equal(scale.reshape(-1), ref_scale)
+
+
+def test_op_messages_use_torch_dtype_names():
+    """The ops said "got Float"; Python users write torch.float32."""
+    with pytest.raises(TypeError, match=r"q must be torch\.int8, got torch\.float32"):
+        torch.ops.memwarden.dequantize_int8(torch.zeros(2, 4), torch.ones(2), None, "token")

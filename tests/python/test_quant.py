@@ -232,6 +232,8 @@ def _opcheck_cases(device):
         (ops.quantize_int8_groups.default, (x, 48, True)),
         (ops.quantize_int8_groups_out.default, (x, 16, torch.empty_like(q), torch.empty_like(scale), torch.empty_like(azp))),
         (ops.quantize_int8_groups_out.default, (x, 16, torch.empty_like(q), torch.empty_like(scale), None)),
+        (ops.quantize_int8_params.default, (x, "channel", False)),
+        (ops.quantize_int8_params.default, (x, "tensor", True)),
         (ops.quantize_int8_static.default, (x, scale, azp, "group", 16)),
         (ops.dequantize_int8.default, (q, scale, azp, "group", 16, torch.float32)),
         (ops.quantize_int8.default, (x, "channel", None, False)),
@@ -357,3 +359,20 @@ def test_wrappers_reject_non_tensors_and_name_dtypes_as_torch_does():
         quant.quantize_int8_into(x, torch.empty(4, 64, dtype=torch.int8), torch.empty(4, 1, dtype=torch.float16))
     with pytest.raises(TypeError, match="dequantize_int8: scale must be a torch.Tensor, got float"):
         quant.dequantize_int8(torch.zeros(4, 64, dtype=torch.int8), 0.5, None, "tensor")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_params_op_matches_the_reference(granularity, symmetric):
+    """The one-pass reduction (several threads' partial ranges merged) against the reference."""
+    x = make_input((2000, 40), torch.float32, "cpu", seed=3)  # several 32k-element tasks
+    x[5, 7], x[100, 3] = float("nan"), float("-inf")
+    scale, azp = torch.ops.memwarden.quantize_int8_params(x, granularity, symmetric)
+    _, ref_scale, ref_azp = reference_quantize(x, granularity, None, symmetric)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    assert (azp is None) == symmetric and (symmetric or torch.equal(azp, ref_azp))
+
+
+def test_params_op_names_granularity():
+    with pytest.raises(ValueError, match="granularity must be 'tensor' or 'channel'"):
+        torch.ops.memwarden.quantize_int8_params(torch.randn(2, 4), "token", True)
