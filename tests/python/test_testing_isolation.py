@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -59,7 +60,7 @@ def test_after():
         "*isolated process for test_exits exited with code 3 without reporting a result*",
         "*isolated process for test_segfaults was killed by SIGSEGV*",
         "*Fatal Python error: Segmentation fault*",
-        "*KeyError: 'nope'*", "*traceback in the isolated process*",
+        ">       raise KeyError(\"nope\")", "E       KeyError: 'nope'",
         "*hello from*",
     ])
 
@@ -84,3 +85,53 @@ def test_isolated_cuda_context():
 def _cuda_alloc():
     import torch
     return torch.empty(2**20, dtype=torch.uint8, device="cuda").numel()
+
+
+ISO_FAILURES = """
+import os, pytest
+
+pytestmark = [pytest.mark.isolated] if os.environ.get("MEMWARDEN_TEST_ISOLATE") else []
+
+def _check(total):
+    assert total == 43, "the total is off"
+
+def test_assert_in_helper():
+    x = 41
+    _check(x + 1)
+
+def test_bare_assert():
+    values = [1, 2]
+    assert sum(values) == 4
+
+class TestMethod:
+    def test_raises(self):
+        raise KeyError("nope")
+"""
+
+
+def _failures(r: pytest.RunResult) -> str:
+    """The FAILURES section of a run, without captured output and object addresses."""
+    out = re.sub(r"0x[0-9a-f]+", "0x?", r.stdout.str())
+    body = out.split("= FAILURES =", 1)[1].split("short test summary info")[0]
+    return "\n".join(line for line in body.splitlines() if "Captured" not in line)
+
+
+def test_isolated_failure_reads_like_the_in_process_one(pytester, monkeypatch):
+    pytester.makepyfile(test_isofail=ISO_FAILURES)
+    args = (*plugin_args(), "-p", "no:cacheprovider", "-rf")
+    monkeypatch.delenv("MEMWARDEN_TEST_ISOLATE", raising=False)
+    here = pytester.runpytest_inprocess(*args)
+    here.assert_outcomes(failed=3)
+    monkeypatch.setenv("MEMWARDEN_TEST_ISOLATE", "1")
+    iso = pytester.runpytest_inprocess(*args)
+    iso.assert_outcomes(failed=3)
+    failures = _failures(iso)
+    for name in ("_isolation.py", "plugin.py", "pluggy", "_pytest", "memwarden"):
+        assert name not in failures, name
+    iso.stdout.fnmatch_lines([
+        ">       _check(x + 1)", "test_isofail.py:10: ", "*AssertionError: the total is off",
+        "E       assert 42 == 43", "test_isofail.py:6: AssertionError",
+        ">       assert sum(values) == 4", "E       assert 3 == 4",
+        "E       KeyError: 'nope'", "test_isofail.py:18: KeyError",
+    ])
+    assert failures == _failures(here)

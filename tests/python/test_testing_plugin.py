@@ -7,6 +7,7 @@ import pytest
 
 import memwarden.testing  # noqa: F401
 from memwarden.testing import _sources as src
+from memwarden.testing import format_bytes
 
 from plugin_args import plugin_args
 
@@ -50,7 +51,7 @@ def test_leak_check_run_mode(pytester):
     out = r.stdout.str()
     r.stdout.fnmatch_lines([
         "*memwarden leak check: test_leaky leaked 64.0 MiB on cpu according to torch-tensors*",
-        "*64.0 MiB  float32[[]16777216[]] on cpu  held by list test_leaky._CACHE*",
+        "*64.0 MiB  float32[[]16777216[]] on cpu  held by test_leaky._CACHE[[]0[]]*",
         "*LEAK  test_leaky.py::test_leaky*",
     ])
     assert "boom" in out
@@ -83,6 +84,88 @@ def test_not_checked():
     r.assert_outcomes(passed=2, failed=2)
     r.stdout.fnmatch_lines(["*test_marked leaked 40.0 MiB*", "*test_fixture leaked 20.0 MiB*",
                             "*WARN  test_m.py::test_warns: test_warns leaked 8.0 MiB*"])
+
+
+HOLDERS = """
+import pytest, torch
+pytestmark = pytest.mark.leak_check(fail="1 MiB")
+CACHE = {}
+
+class Holder:
+    pass
+
+HOLDER = Holder()
+
+class Model:
+    def __init__(self):
+        self.buf = torch.ones(2**20, dtype=torch.uint8)
+
+MODELS = []
+
+class Node:
+    def __init__(self, parent=None):
+        self.parent, self.children = parent, []
+        if parent is not None:
+            parent.children.append(self)    # parent <-> child: a reference cycle
+
+TREE = Node()
+
+def test_dict():
+    CACHE["k"] = torch.ones(2**20, dtype=torch.uint8)
+
+def test_nested_dict():
+    CACHE.setdefault("layer0", {})["kv"] = torch.ones(2**20, dtype=torch.uint8)
+
+def test_instance_attribute():
+    HOLDER.buf = torch.ones(2**20, dtype=torch.uint8)
+
+def test_self_attribute():
+    MODELS.append(Model())
+
+def test_class_attribute():
+    Holder.buf = torch.ones(2**20, dtype=torch.uint8)
+
+def test_cycle():
+    Node(TREE).buf = torch.ones(2**20, dtype=torch.uint8)
+
+BATCH = []
+
+def test_many_in_one_list():
+    BATCH.extend(torch.ones(2**20, dtype=torch.uint8) for _ in range(3))
+"""
+
+
+@pytest.mark.parametrize("test, holder", [
+    ("test_dict", "test_holders.CACHE['k']"),
+    ("test_nested_dict", "test_holders.CACHE['layer0']['kv']"),
+    ("test_instance_attribute", "test_holders.HOLDER.buf"),
+    ("test_self_attribute", "test_holders.MODELS[0].buf"),
+    ("test_class_attribute", "test_holders.Holder.buf"),
+    ("test_cycle", "test_holders.TREE.children[0].buf"),
+    ("test_many_in_one_list", "test_holders.BATCH[*]"),    # one line for the three
+])
+def test_leak_names_the_holder(holders_run, test, holder):
+    section = holders_run.split(f"_ {test} _", 1)[1].split("\n_", 1)[0]
+    tensors = "3.0 MiB  3 x uint8[1048576]" if test == "test_many_in_one_list" else "1.0 MiB  uint8[1048576]"
+    assert f"{tensors} on cpu  held by {holder}" in section, section
+
+
+@pytest.fixture(scope="module")
+def holders_run(tmp_path_factory) -> str:
+    """One run of HOLDERS for all the holder kinds (a subprocess: the module fixture cannot
+    use the function-scoped pytester)."""
+    import subprocess
+    import sys
+    import memwarden
+    d = tmp_path_factory.mktemp("holders")
+    (d / "test_holders.py").write_text(HOLDERS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(os.path.abspath(memwarden.__file__))), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "pytest", *plugin_args(), "-p", "no:cacheprovider",
+                        "--memwarden-device=cpu", "test_holders.py"], cwd=d, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "7 failed" in r.stdout, r.stdout + r.stderr
+    return r.stdout
 
 
 def test_leak_checker_api_and_fake_allocator_backend():
@@ -190,6 +273,46 @@ def test_limit_memory_with_allocator_peak():
     assert res.source == "memwarden-alloc" and res.exact and res.peak == 5 * 2**20
 
 
+ALLOC_BLOCK = 512     # docs/alloc.md: sizes are rounded up to multiples of 512 bytes
+
+
+def test_checks_count_memwarden_host_allocator_bytes(pytester, monkeypatch):
+    """With memwarden's host allocator installed (it replaces torch's CPU allocator for the
+    whole process: a subprocess), the leak check and limit_memory count its exact bytes."""
+    pytest.importorskip("memwarden.alloc")
+    n = 700_003                                             # a small-pool request: one block
+    block = -(-n // ALLOC_BLOCK) * ALLOC_BLOCK
+    pytester.makeconftest("import memwarden.alloc\nmemwarden.alloc.install('cpu')\n")
+    pytester.makepyfile(test_exact=f"""
+import pytest, torch
+KEEP = []
+
+@pytest.mark.leak_check(fail="64 KiB")
+def test_leaks():
+    KEEP.append(torch.empty({n}, dtype=torch.uint8))
+
+@pytest.mark.limit_memory("{block} B")
+def test_at_limit():
+    x = torch.empty({n}, dtype=torch.uint8)
+    del x
+
+@pytest.mark.limit_memory("{block - 1} B")
+def test_one_byte_over():
+    x = torch.empty({n}, dtype=torch.uint8)
+    del x
+""")
+    _subprocess_env(monkeypatch)
+    r = pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider", "--memwarden-device=cpu")
+    r.assert_outcomes(passed=1, failed=2)
+    out = r.stdout.str()
+    r.stdout.fnmatch_lines([
+        f"*test_leaks leaked * on cpu according to memwarden-alloc ({block} bytes; fail threshold 64.0 KiB)*",
+        f"*test_one_byte_over used more memory than its limit: peak * (source: memwarden-alloc) = {block} bytes*",
+    ])
+    leak = out.split("_ test_leaks _", 1)[1].split("\n_", 1)[0]
+    assert "host-rss" not in leak                          # the allocator's bytes, not RSS
+
+
 def test_requires_memory(pytester):
     pytester.makepyfile(test_req="""
 import pytest
@@ -267,6 +390,26 @@ def test_passes(memory_tracker):
     assert (tmp_path / "test_tr.py_test_fails.png").stat().st_size > 1000
     assert (tmp_path / "test_tr.py_test_fails.json").exists()
     assert not (tmp_path / "test_tr.py_test_passes.png").exists()
+
+
+def test_tracker_report_json_and_plot_show_one_peak(pytester, tmp_path):
+    import json
+    import re
+    from memwarden.testing._tracker import plot_series
+    pytester.makepyfile(test_one="""
+def test_fails(memory_tracker):
+    memory_tracker.step()
+    assert False
+""")
+    r = run(pytester, f"--memwarden-plot-dir={tmp_path}")
+    r.assert_outcomes(failed=1)
+    data = json.loads((tmp_path / "test_one.py_test_fails.json").read_text())
+    an = data["analysis"]
+    printed = re.search(rf"^{an['metric']}: peak (.+?) at ", r.stdout.str(), re.M).group(1)
+    assert printed == format_bytes(an["peak"], digits=1)        # the report line
+    ts, values = plot_series(data)[an["metric"]]                  # what the PNG draws
+    assert max(values) == an["peak"] and ts[values.index(an["peak"])] == an["peak_t"]
+    assert max(s[an["metric"]] for s in data["samples"]) == an["peak"]
 
 
 def test_entry_point_loads_plugin_and_tolerates_explicit_p(pytester, monkeypatch):

@@ -7,15 +7,18 @@ by default, can only warn: an ``import`` or a library cache also grows them. Wit
 ``noisy="fail"`` they fail too.
 
 After the code ran, a growth at or above the warn threshold is re-measured after a full
-:func:`reset_memory` up to ``retries`` times; the last measurement decides.
+:func:`reset_memory` up to ``retries`` times; the last measurement decides. A leak names
+the tensors still alive and what holds them (:func:`describe_holders`).
 """
 from __future__ import annotations
 
 import gc
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _sources as src
+from ._holders import describe_holders
 from ._reset import collect_garbage, reset_memory
 from memwarden._table import format_table
 from memwarden._units import format_bytes, parse_bytes
@@ -26,6 +29,7 @@ DEFAULT_FAIL = 100 * 2**20
 DEFAULT_WARN = 10 * 2**20
 DEFAULT_RSS_NOISE = 32 * 2**20
 DEFAULT_DRIVER_NOISE = 8 * 2**20
+_INDEX = re.compile(r"\[\d+\]")     # list and tuple positions in a holder's name
 
 
 class MemoryLeakError(AssertionError):
@@ -87,8 +91,9 @@ class LeakResult:
         thr = self.fail_threshold if self.verdict == "fail" else self.warn_threshold
         over = [r for r in self.readings if r.growth >= thr]
         r = max([r for r in over if r.precise] or over or self.readings, key=lambda r: r.growth)
+        exact = f"{r.growth} bytes; " if r.precise else ""    # a precise source counts bytes
         return (f"{what}leaked {format_bytes(r.growth, digits=1)} on {self.device} according to {r.name} "
-                f"({self.verdict} threshold {format_bytes(thr, digits=1)})")
+                f"({exact}{self.verdict} threshold {format_bytes(thr, digits=1)})")
 
     def format(self, top: int = 8) -> str:
         rows = []
@@ -106,14 +111,16 @@ class LeakResult:
             total = sum(n for _, n, _ in self.new_tensors)
             lines.append(f"  live tensors created during the test and still alive "
                          f"({len(self.new_tensors)}, {format_bytes(total, digits=1)}):")
-            groups: dict[tuple, int] = {}
+            groups: dict[tuple, list] = {}     # alike tensors in one container: one line
             for desc, n, holders in self.new_tensors:
-                key = (desc, n, tuple(holders))
-                groups[key] = groups.get(key, 0) + 1
-            for i, ((desc, n, holders), count) in enumerate(groups.items()):
+                key = (desc, n, tuple(_INDEX.sub("[*]", h) for h in holders))
+                groups.setdefault(key, []).append(holders)
+            for i, ((desc, n, alike), members) in enumerate(groups.items()):
                 if i == top:
                     lines.append(f"    ... {len(groups) - top} more groups")
                     break
+                count = len(members)
+                holders = members[0] if count == 1 else alike
                 held = f"  held by {'; '.join(holders)}" if holders else ""
                 mult = f"{count} x " if count > 1 else ""
                 lines.append(f"    {format_bytes(n * count, digits=1):>10}  {mult}{desc}{held}")
@@ -169,7 +176,7 @@ class LeakChecker:
             out.append(_Source("torch-tensors", True, self._census_total))
         if src.device_type(dev) == "cuda":
             out.append(_Source("driver-used", False, lambda: src.device_used_bytes(dev), driver_noise))
-        else:
+        elif src.alloc_backend(dev) is None:   # memwarden's host allocator counts every CPU tensor
             out.append(_Source("host-rss", False, src.host_rss, rss_noise))
         return out
 
@@ -244,11 +251,10 @@ class LeakChecker:
         if self.census:
             new = [t for k, t in self._last_census.items() if k not in self._census_before]
             new.sort(key=lambda t: -t.nbytes)
-            for t in new[:8]:
-                obj = t.ref() if t.ref is not None else None
-                holders = src.describe_holders(obj) if obj is not None else []
-                del obj
-                result.new_tensors.append((t.desc, t.nbytes, holders))
+            objs = [t.ref() if t.ref is not None else None for t in new[:8]]
+            holders = describe_holders(objs)
+            del objs
+            result.new_tensors.extend((t.desc, t.nbytes, h) for t, h in zip(new, holders))
             result.new_tensors.extend((t.desc, t.nbytes, []) for t in new[8:])
         if self._blocks_before is not None:
             blocks = src.live_blocks(self.device) or {}

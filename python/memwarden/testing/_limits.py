@@ -30,6 +30,8 @@ class PeakResult:
 
     def describe(self, limit_bytes: int | None = None) -> str:
         s = f"peak {format_bytes(self.peak, digits=1)} above the start on {self.device} (source: {self.source})"
+        if self.exact and self.source != "host-rss":   # an allocator's counter: bytes, not pages
+            s += f" = {self.peak} bytes"
         if limit_bytes is not None:
             s += f", limit {format_bytes(limit_bytes, digits=1)}"
         if self.where:

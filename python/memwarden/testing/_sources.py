@@ -323,34 +323,3 @@ def tensor_census(device: str = "cpu") -> dict[int, TensorInfo]:
             ref = None
         out[ptr] = TensorInfo(ptr, nbytes, desc, ref)
     return out
-
-
-def describe_holders(obj: Any, limit: int = 3) -> list[str]:
-    """Best-effort names of what keeps ``obj`` alive: module globals, and lists, tuples,
-    sets and dicts stored in module globals (searched directly, so it also works for
-    objects that ``gc.freeze()`` moved out of the collector's view)."""
-    found: list[str] = []
-    for modname, m in list(sys.modules.items()):
-        d = getattr(m, "__dict__", None)
-        if not isinstance(d, dict) or modname.startswith("__mp_"):
-            continue
-        try:
-            items = list(d.items())
-        except Exception:
-            continue
-        for name, v in items:
-            try:
-                if v is obj:
-                    found.append(f"global {modname}.{name}")
-                elif type(v) in (list, tuple, set, frozenset) and len(v) < 1_000_000 and any(x is obj for x in v):
-                    found.append(f"{type(v).__name__} {modname}.{name}")
-                elif type(v) is dict and len(v) < 1_000_000:
-                    for k, x in v.items():
-                        if x is obj:
-                            found.append(f"dict {modname}.{name}[{k!r}]")
-                            break
-            except Exception:
-                continue
-            if len(found) >= limit:
-                return found
-    return found

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from . import _sources as src
 from memwarden._units import format_bytes, parse_bytes
 
-__all__ = ["MemoryTracker", "Sample", "Analysis", "Trend"]
+__all__ = ["MemoryTracker", "Sample", "Analysis", "Trend", "plot_series"]
 
 FIELDS = ("allocated", "reserved", "device_used", "host_rss")
 
@@ -247,20 +247,27 @@ class MemoryTracker:
                         vals[-1], trend, spikes, phases)
 
     # export -----------------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self, analysis: Analysis | None = None) -> dict:
+        """Samples, steps, phases and their :meth:`analyze` (or ``analysis``, made from the
+        same samples): what :meth:`to_json` writes and :meth:`plot` draws. Stop the tracker
+        first for a JSON, a plot and a printed analysis that show the same peak."""
         with self._lock:
             samples = [asdict(s) for s in self.samples]
         out = {"device": self.device, "interval": self.interval, "samples": samples,
                "steps": [asdict(s) for s in self.steps],
                "phases": [{"name": n, "start": a, "end": b} for n, a, b in self.phase_spans]}
-        with contextlib.suppress(ValueError):
-            out["analysis"] = _analysis_dict(self.analyze())
+        if analysis is None:
+            with contextlib.suppress(ValueError):
+                analysis = self.analyze()
+        if analysis is not None:
+            out["analysis"] = asdict(analysis)
         return out
 
-    def to_json(self, path: str | Path) -> Path:
+    def to_json(self, path: str | Path, data: dict | None = None) -> Path:
+        """Write :meth:`to_dict` (or ``data``, one taken before) as JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        path.write_text(json.dumps(self.to_dict() if data is None else data, indent=1))
         return path
 
     def to_csv(self, path: str | Path) -> Path:
@@ -276,39 +283,39 @@ class MemoryTracker:
                             s.phase or "", s.step])
         return path
 
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Save a timeline (MiB over seconds) with phases shaded and steps ticked.
-        Needs matplotlib (``pip install memwarden[plot]``); uses the Agg backend."""
+    def plot(self, path: str | Path, title: str | None = None, data: dict | None = None) -> Path:
+        """Save a timeline (MiB over seconds) with phases shaded, steps ticked and the peak
+        of :meth:`analyze` marked, drawn from :meth:`to_dict` (or ``data``, one taken before:
+        see :func:`plot_series`). Needs matplotlib (``pip install memwarden[plot]``); uses
+        the Agg backend."""
         try:
             import matplotlib
             matplotlib.use("Agg", force=False)
             from matplotlib.figure import Figure
         except ImportError as e:  # pragma: no cover
             raise ImportError("MemoryTracker.plot needs matplotlib: pip install 'memwarden[plot]'") from e
+        data = self.to_dict() if data is None else data
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            samples = list(self.samples)
         fig = Figure(figsize=(10, 4.5))
         ax = fig.add_subplot(1, 1, 1)
-        ts = [s.t for s in samples]
-        for k in FIELDS:
-            vs = [getattr(s, k) for s in samples]
-            if vs and all(v is not None for v in vs):
-                ax.plot(ts, [v / 2**20 for v in vs], label=k, linewidth=1.2)
+        series = plot_series(data)
+        for k, (ts, vs) in series.items():
+            ax.plot(ts, [v / 2**20 for v in vs], label=k, linewidth=1.2)
         colors = ["#e8f0fe", "#fde8e8", "#e8fde9", "#fdf6e8", "#f0e8fd"]
-        names = sorted({n for n, _, _ in self.phase_spans})
-        end_t = ts[-1] if ts else 0.0
-        for n, a, b in self.phase_spans:
+        spans = [(p["name"], p["start"], p["end"]) for p in data["phases"]]
+        names = sorted({n for n, _, _ in spans})
+        end_t = data["samples"][-1]["t"] if data["samples"] else 0.0
+        for n, a, b in spans:
             ax.axvspan(a, b if b is not None else end_t, color=colors[names.index(n) % len(colors)],
                        alpha=0.8, zorder=0)
         for i, n in enumerate(names):
             ax.plot([], [], color=colors[i % len(colors)], linewidth=8, label=f"phase {n}")
-        for s in self.steps:
-            ax.axvline(s.t, color="grey", linewidth=0.4, alpha=0.5, zorder=0)
-        with contextlib.suppress(ValueError):
-            an = self.analyze()
-            ax.annotate(f"peak {format_bytes(an.peak, digits=1)}", (an.peak_t, an.peak / 2**20),
+        for s in data["steps"]:
+            ax.axvline(s["t"], color="grey", linewidth=0.4, alpha=0.5, zorder=0)
+        an = data.get("analysis")
+        if an is not None:
+            ax.annotate(f"peak {format_bytes(an['peak'], digits=1)}", (an["peak_t"], an["peak"] / 2**20),
                         textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel("seconds")
         ax.set_ylabel("MiB")
@@ -320,6 +327,10 @@ class MemoryTracker:
         return path
 
 
-def _analysis_dict(an: Analysis) -> dict:
-    d = asdict(an)
-    return d
+def plot_series(data: dict) -> dict[str, tuple[list[float], list[int]]]:
+    """The lines :meth:`MemoryTracker.plot` draws from ``data`` (a :meth:`~MemoryTracker.to_dict`
+    or its JSON): ``{field: (seconds, bytes)}`` for each field every sample has."""
+    samples = data["samples"]
+    ts = [s["t"] for s in samples]
+    return {k: (ts, [s[k] for s in samples]) for k in FIELDS
+            if samples and all(s[k] is not None for s in samples)}

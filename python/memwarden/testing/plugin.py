@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from . import _sources as src
-from ._isolation import _ModuleFunction, run_isolated
+from ._isolation import (IsolatedProcessError, PytestFailure, _ModuleFunction, spawn,
+                         with_child_traceback)
 from ._leak import DEFAULT_FAIL, DEFAULT_WARN, LeakChecker, LeakResult
 from ._limits import PeakMonitor, PeakResult
 from ._reset import reset_memory
@@ -26,6 +27,7 @@ _STATE = pytest.StashKey["_State"]()
 _CHECKER = pytest.StashKey[LeakChecker]()
 _PEAK = pytest.StashKey[Any]()
 _MARKS = pytest.StashKey[Any]()
+_CHILD_REPR = pytest.StashKey[Any]()
 
 MARKERS = {
     "leak_check": "leak_check(fail=None, warn=None, device=None, retries=None): check this test "
@@ -465,6 +467,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
     if report.when != "call":
         return report
+    child = item.stash.get(_CHILD_REPR, None)
+    if child is not None and report.failed:
+        report.longrepr = child     # the isolated test's failure as the child saw it
     peak = item.stash.get(_PEAK, None)
     st = _state(item.config)
     if peak is not None and st.top > 0:
@@ -482,14 +487,15 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         d = st.plot_dir()
         lines = []
         try:
-            tracker.sample()
-            lines.append(f"samples: {d / (name + '.json')}")
-            tracker.to_json(d / f"{name}.json")
-            with_plot = tracker.plot(d / f"{name}.png", title=item.nodeid)
+            tracker.stop()     # the call is over: one set of samples, one analysis for all three
+            an = tracker.analyze()
+            data = tracker.to_dict(an)
+            lines.append(f"samples: {tracker.to_json(d / f'{name}.json', data)}")
+            with_plot = tracker.plot(d / f"{name}.png", title=item.nodeid, data=data)
             lines.insert(0, f"timeline plot: {with_plot}")
             st.plots_saved.append((item.nodeid, with_plot))
             report.user_properties.append(("memwarden_plot", str(with_plot)))
-            lines.append(str(tracker.analyze()))
+            lines.append(str(an))
         except Exception as e:  # a plot must never hide the test's own failure
             lines.append(f"could not save the memory plot: {type(e).__name__}: {e}")
         report.sections.append(("memwarden memory_tracker", "\n".join(lines)))
@@ -516,14 +522,42 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     fn = pyfuncitem.obj
     func = getattr(fn, "__func__", fn)
     mod = pyfuncitem.module
-    target = _ModuleFunction(mod.__name__, getattr(mod, "__file__", None), func.__qualname__)
+    target = _ModuleFunction(mod.__name__, getattr(mod, "__file__", None), func.__qualname__,
+                             rewrite_asserts=True)
     names = pyfuncitem._fixtureinfo.argnames
     kwargs = {a: pyfuncitem.funcargs[a] for a in names}
     if getattr(fn, "__self__", None) is not None:
         target = _BoundTest(target)
     iso = _parse_marks(pyfuncitem).get("isolated") or {}
-    run_isolated(target, timeout=iso.get("timeout"), **kwargs)
+    pyfuncitem.stash[_CHILD_REPR] = None
+    try:
+        kind, value, tb, rendered = spawn(target, (), kwargs, timeout=iso.get("timeout"),
+                                          render=_failure_renderer(pyfuncitem))
+    except IsolatedProcessError as e:   # a crash or timeout: its message is the whole story
+        pyfuncitem.stash[_CHILD_REPR] = str(e)
+        raise
+    if kind == "error":
+        pyfuncitem.stash[_CHILD_REPR] = rendered     # the report (see makereport)
+        raise value if rendered is not None else with_child_traceback(value, tb)
     return True
+
+
+def _failure_renderer(item: pytest.Function) -> PytestFailure | None:
+    """What formats an isolated test's failure in the child as pytest would here (None with
+    --fulltrace, which shows the parent's frames as well)."""
+    config = item.config
+    if config.getoption("fulltrace", False):
+        return None
+    import inspect
+    code = inspect.unwrap(getattr(item.obj, "__func__", item.obj)).__code__
+    try:
+        abspath = Path.cwd() != config.invocation_params.dir
+    except OSError:
+        abspath = True
+    return PytestFailure(code.co_filename, code.co_firstlineno - 1,   # pytest's Code counts from 0
+                         style=config.getoption("tbstyle", "auto"),
+                         showlocals=bool(config.getoption("showlocals", False)),
+                         verbosity=config.get_verbosity(), abspath=abspath)
 
 
 class _BoundTest:
@@ -535,7 +569,8 @@ class _BoundTest:
 
     def __call__(self, **kwargs):
         cls_name, meth = self.target.qualname.rsplit(".", 1)
-        cls = _ModuleFunction(self.target.module, self.target.path, cls_name).resolve()
+        cls = _ModuleFunction(self.target.module, self.target.path, cls_name,
+                               self.target.rewrite_asserts).resolve()
         return getattr(cls(), meth)(**kwargs)
 
     def __str__(self) -> str:  # used in error messages
