@@ -37,6 +37,19 @@ KNOWN_MISNAMED: dict = {}  # (op, reason) -> the name a message uses instead, wh
 FUZZ_LONG = os.environ.get("MEMWARDEN_FUZZ_LONG") == "1"  # conftest: --fuzz-long (20x the examples)
 
 
+def examples(n: int) -> int:
+    """``n`` examples, 20x with --fuzz-long (shared by every test_fuzz_*.py)."""
+    return n * 20 if FUZZ_LONG else n
+
+
+def fuzz_settings(n: int, **extra):
+    """The settings of every fuzz property: derandomized, no database, ``examples(n)``."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=examples(n), deadline=None, derandomize=True, database=None,
+                    report_multiple_bugs=False, suppress_health_check=list(HealthCheck), **extra)
+
+
 # --------------------------------------------------------------------------- inputs
 
 def make_values(shape, regime: str, seed: int, specials=()) -> torch.Tensor:
@@ -106,6 +119,9 @@ def classify_error(op: str, exc: BaseException, reasons: list[tuple[str, str]]) 
     if not isinstance(exc, (TypeError, ValueError)):
         raise AssertionError(f"{op}: {reasons} raised {type(exc).__name__} (want TypeError/ValueError): {exc}") from exc
     msg = str(exc)
+    if "incompatible function arguments" in msg or "incompatible constructor arguments" in msg:
+        # pybind11's overload error lists every argument's name: it names none in particular
+        raise AssertionError(f"{op}: {reasons} raised pybind11's generic overload error: {msg}") from exc
     names = set()
     for reason, arg in reasons:
         names.add(arg)
@@ -363,10 +379,10 @@ def run_sample(seed: int, n: int) -> int:
     return failures
 
 
-def run_in_subprocess(seed: int, n: int, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    import os
-
+def run_in_subprocess(seed: int, n: int, timeout: float = 120.0, module: str = "fuzz_runner") -> subprocess.CompletedProcess:
+    """``module.run_sample(seed, n)`` (which returns its failure count) in a fresh interpreter."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = f"import sys; sys.path.insert(0, {here!r}); import fuzz_runner; sys.exit(1 if fuzz_runner.run_sample({seed}, {n}) else 0)"
+    code = (f"import sys; sys.path.insert(0, {here!r}); import {module}; "
+            f"sys.exit(1 if {module}.run_sample({seed}, {n}) else 0)")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})

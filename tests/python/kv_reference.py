@@ -82,3 +82,11 @@ def gather(key_cache, value_cache, block_table, seq_lens, kv_cache_dtype="auto",
     if not keys:
         return (torch.empty(0, h, d, dtype=out_dtype), torch.empty(0, h, d, dtype=out_dtype))
     return torch.stack(keys), torch.stack(values)
+
+
+def legacy_to_flash(key_legacy: torch.Tensor, value_legacy: torch.Tensor):
+    """Legacy-layout caches -> flash layout [nb, bs, H, D] (the inverse of flash_to_legacy)."""
+    nb, h, dx, bs, x = key_legacy.shape
+    key = key_legacy.permute(0, 3, 1, 2, 4).reshape(nb, bs, h, dx * x)
+    value = value_legacy.permute(0, 3, 1, 2).contiguous()
+    return key, value

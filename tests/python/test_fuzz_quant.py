@@ -12,24 +12,16 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 import fuzz_runner as fr
 from memwarden import quant
 from quant_reference import reference_quantize
 
 
-# @settings is applied at import, before any fixture: read the option from the command line.
+# @settings is applied at import, before any fixture: conftest sets the option's variable first.
 FUZZ_LONG = fr.FUZZ_LONG
-
-
-def examples(n):
-    return n * 20 if FUZZ_LONG else n
-
-
-def fuzz_settings(n):
-    return settings(max_examples=examples(n), deadline=None, derandomize=True, database=None,
-                    report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
+examples, fuzz_settings = fr.examples, fr.fuzz_settings
 
 
 # ----------------------------------------------------------------------------- strategies
