@@ -18,14 +18,19 @@ void check_no_internal_overlap(const char* op, const char* name, const at::Tenso
 void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
                       const at::Tensor& b);
 
-// `scale` must be float32 and each element be positive and finite: a zero, negative or
-// NaN scale quantizes every value to the zero point, silently wiping what is written.
-// On the CPU (and on the host-resident scales of any device) the values are read and a
-// bad one is a ValueError naming `name`. Reading a CUDA scale would wait for the GPU on
-// every call, so there the check is a device-side assertion (at::_assert_async): it
-// costs no synchronization and surfaces as a CUDA error at the next one (a device-side
-// assertion leaves the CUDA context unusable, like an out-of-bounds index). Meta
-// tensors have no values to check.
+// Every value of a static quantization scale (a float32 CPU tensor) must be positive and
+// finite: a zero, negative or NaN scale quantizes every value to the zero point, silently
+// wiping what is written. A ValueError names `name` and the first bad element (nothing is
+// checked for tensors without values: Meta, fake or functional ones under torch.compile).
+void check_static_scale_values(const char* op, const char* name, const at::Tensor& scale_cpu);
+
+// The same for a scale on any device, as the quant family checks it: CPU values are read;
+// reading a CUDA scale would wait for the GPU on every call, so there the check is a
+// device-side assertion (at::_assert_async), free of synchronization, that surfaces as a
+// CUDA error at the next one (and, like any device-side assertion, leaves the CUDA
+// context unusable). The paged-KV family instead checks a host copy when its CUDA index
+// checks run (they synchronise anyway; see paged_kv.h). Meta and traced tensors have no
+// values: nothing is checked.
 void check_static_scale(const char* op, const char* name, const at::Tensor& scale);
 
 }  // namespace memwarden::ops

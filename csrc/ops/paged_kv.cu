@@ -10,11 +10,11 @@
 // cudaMemcpyAsync per pair on the current stream.
 //
 // Index checking: unless switched off (set_cuda_index_checks) or the current stream is
-// capturing a CUDA graph, the index tensors are copied to the host and checked exactly
-// like on the CPU (one small device-to-host copy, which synchronises the stream) so bad
-// input raises a Python error before anything is written. The kernels also skip every
-// out-of-range slot, block id or row on the device, so even unchecked calls never write
-// out of bounds.
+// capturing a CUDA graph, the index tensors and the static INT8 scales are copied to the
+// host and checked exactly like on the CPU (small device-to-host copies, which
+// synchronise the stream) so bad input raises a Python error before anything is written.
+// The kernels also skip every out-of-range slot, block id or row on the device, so even
+// unchecked calls never write out of bounds (an unchecked bad scale is used as given).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -28,6 +28,7 @@
 
 #include "core/quant/int8.h"
 #include "ops/dispatch.h"
+#include "ops/checks.h"
 #include "ops/paged_kv.h"
 
 namespace memwarden::ops {
@@ -40,6 +41,15 @@ constexpr int kGatherThreads = 512;  // per page: a few hundred pages must fill 
 bool check_on_host() {
   return cuda_index_checks() &&
          c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
+// The values of the static INT8 scales, on one host copy of both. Called where the index
+// checks run (check_on_host), so with those off nothing is copied and nothing syncs.
+void check_static_scales_on_host(const char* op, const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  const at::Tensor host = at::cat({k_scale.reshape(-1), v_scale.reshape(-1)}).cpu();
+  const int64_t n = k_scale.numel();
+  check_static_scale_values(op, "k_scale", host.narrow(0, 0, n));
+  check_static_scale_values(op, "v_scale", host.narrow(0, n, n));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -320,10 +330,13 @@ void reshape_and_cache_flash_cuda(const at::Tensor& key, const at::Tensor& value
   const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
   const FlashGeometry g = reshape_and_cache_flash_check(key, value, key_cache, value_cache, slot_mapping, dtype,
                                                         k_scale, v_scale, k_scale_cache, v_scale_cache);
-  if (check_on_host()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  const bool int8_static = dtype == KvCacheDtype::kInt8;
+  if (check_on_host()) {
+    if (int8_static) check_static_scales_on_host(op, k_scale, v_scale);
+    check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  }
   if (g.num_tokens == 0 || g.num_heads == 0 || g.head_size == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());
-  const bool int8_static = dtype == KvCacheDtype::kInt8;
   const FlashSideArgs k = flash_side(key, g.src_token_stride, g.src_head_stride, key_cache, g.k_block_stride,
                                      g.k_slot_stride, g.k_head_stride, k_scale_cache, g.ks_block_stride,
                                      g.ks_slot_stride, g.ks_head_stride, k_scale, int8_static, g.num_heads);
@@ -362,10 +375,13 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, cons
   const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
   const LegacyGeometry g =
       reshape_and_cache_check(key, value, key_cache, value_cache, slot_mapping, dtype, k_scale, v_scale);
-  if (check_on_host()) check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  const bool int8 = dtype == KvCacheDtype::kInt8;
+  if (check_on_host()) {
+    if (int8) check_static_scales_on_host(op, k_scale, v_scale);
+    check_slot_values(op, slot_mapping.cpu(), g.num_blocks, g.block_size);
+  }
   if (g.num_tokens == 0 || g.num_heads == 0 || g.head_size == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());
-  const bool int8 = dtype == KvCacheDtype::kInt8;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MW_DISPATCH_FLOAT_HALF_BF16(key.scalar_type(), "reshape_and_cache", [&] {
     const int threads = static_cast<int>(std::min<int64_t>(512, ((g.num_heads * g.head_size + 31) / 32) * 32));
@@ -443,14 +459,17 @@ void gather_cache_cuda(const at::Tensor& key_cache, const at::Tensor& value_cach
   const KvCacheDtype dtype = parse_kv_cache_dtype(op, kv_cache_dtype);
   const FlashGeometry g = gather_cache_check(key_cache, value_cache, block_table, seq_lens, key_out, value_out, dtype,
                                              k_scale, v_scale, k_scale_cache, v_scale_cache);
-  if (check_on_host()) check_gather_values(block_table.cpu(), seq_lens.cpu(), g.num_blocks, g.block_size, g.num_tokens);
+  const bool int8_static = dtype == KvCacheDtype::kInt8;
+  if (check_on_host()) {
+    if (int8_static) check_static_scales_on_host(op, *k_scale, *v_scale);
+    check_gather_values(block_table.cpu(), seq_lens.cpu(), g.num_blocks, g.block_size, g.num_tokens);
+  }
   const int64_t num_seqs = block_table.size(0), max_blocks = block_table.size(1);
   if (g.num_tokens == 0 || num_seqs == 0 || max_blocks == 0 || g.num_heads == 0 || g.head_size == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor table = block_table.contiguous();
   const at::Tensor lens = seq_lens.contiguous();
-  const bool int8_static = dtype == KvCacheDtype::kInt8;
   const bool per_token = dtype == KvCacheDtype::kInt8PerTokenHead;
   const auto side = [&](const at::Tensor& cache, int64_t bst, int64_t sst, int64_t hst,
                         const std::optional<at::Tensor>& scale_cache, int64_t sbs, int64_t sss, int64_t shs,

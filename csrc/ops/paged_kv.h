@@ -138,10 +138,11 @@ void check_gather_values(const at::Tensor& block_table_cpu, const at::Tensor& se
 // Checks slot values (CPU tensor) against num_blocks * block_size.
 void check_slot_values(const char* op, const at::Tensor& slot_mapping_cpu, int64_t num_blocks, int64_t block_size);
 
-// Whether the CUDA kernels check index values (slots, block ids, sequence lengths) on a
-// host copy before writing, so bad input raises a Python error. The copy synchronises
-// the stream; callers whose block tables come from a trusted block manager switch it off
-// (the kernels still skip out-of-range indices, so nothing is written out of bounds).
+// Whether the CUDA kernels check index values (slots, block ids, sequence lengths) and
+// static INT8 scales on a host copy before writing, so bad input raises a Python error.
+// The copy synchronises the stream; callers whose block tables come from a trusted block
+// manager switch it off (the kernels still skip out-of-range indices, so nothing is
+// written out of bounds; an unchecked bad scale is used as given).
 bool cuda_index_checks();
 // Returns the previous setting.
 bool set_cuda_index_checks(bool enabled);

@@ -1,16 +1,22 @@
 // Device-generic parts of the paged KV family: argument checks (which are also the Meta
-// kernels) and the checks of index values on CPU copies.
+// kernels) and the checks of index and scale values on CPU copies.
 //
 // Messages are built from strings with std::to_string, never by streaming numbers (see
 // quant_int8_common.cpp). Sizes go through guard_int so the checks also run on the
 // symbolic shapes of torch.compile (they specialise the sizes they look at).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "ops/checks.h"
 #include "ops/paged_kv.h"
 
 namespace memwarden::ops {
@@ -65,7 +71,9 @@ void check_index_dtype(const char* op, const char* arg, const at::Tensor& t, boo
                            dtype_string(t.scalar_type()));
 }
 
-// A static dequantization scale: fp32, [1] or [num_heads] elements, contiguous.
+// A static dequantization scale: fp32, [1] or [num_heads] elements, contiguous, and (on
+// the CPU; the CUDA ops check a host copy, see check_static_scale_values) every value
+// positive and finite.
 bool check_static_scale(const char* op, const char* arg, const at::Tensor& scale, const at::Tensor& cache,
                         int64_t num_heads) {
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat,
@@ -76,7 +84,53 @@ bool check_static_scale(const char* op, const char* arg, const at::Tensor& scale
                                                   shape_string(scale));
   TORCH_CHECK_VALUE(scale.is_contiguous(), prefix(op, arg) + " must be contiguous");
   check_device(op, arg, scale, cache);
+  if (scale.is_cpu()) check_static_scale_values(op, arg, scale);
   return n != 1 || num_heads == 1;
+}
+
+// A tensor argument by name; null when an optional one is absent.
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+const at::Tensor* optional_arg(const std::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
+
+// The addresses from a tensor's first byte to one past its last (strides are non-negative),
+// from its storage: the data pointer of a tensor with symbolic sizes cannot be read.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(storage ? storage.data() : nullptr) +
+                          t.sym_storage_offset().guard_int(__FILE__, __LINE__) * es;
+  int64_t last = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (dim_of(t, i) == 0) return {begin, begin};
+    last += (dim_of(t, i) - 1) * stride_of(t, i);
+  }
+  return {begin, begin + (last + 1) * es};
+}
+
+// Each output has no internal overlap and overlaps no other output and no input. Outputs
+// are compared where their byte spans meet (sorted by start), so the caches of n layers
+// (copy_blocks) cost n log n, not n^2, comparisons.
+void check_outputs_independent(const char* op, c10::ArrayRef<NamedTensor> outputs,
+                               c10::ArrayRef<NamedTensor> inputs) {
+  c10::SmallVector<size_t, 4> order;
+  c10::SmallVector<std::pair<uintptr_t, uintptr_t>, 4> spans(outputs.size());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const auto& [name, t] = outputs[i];
+    if (!t) continue;
+    check_no_internal_overlap(op, name, *t);
+    for (const auto& [input, u] : inputs)
+      if (u) check_no_overlap(op, name, *t, input, *u);
+    spans[i] = byte_span(*t);
+    order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return spans[a].first < spans[b].first; });
+  for (size_t i = 0; i < order.size(); ++i) {
+    for (size_t j = i + 1; j < order.size() && spans[order[j]].first < spans[order[i]].second; ++j) {
+      const size_t a = std::min(order[i], order[j]), b = std::max(order[i], order[j]);
+      check_no_overlap(op, outputs[a].first, *outputs[a].second, outputs[b].first, *outputs[b].second);
+    }
+  }
 }
 
 // A per-(token, head) scale cache [num_blocks, block_size, num_heads] fp32.
@@ -248,6 +302,17 @@ FlashGeometry reshape_and_cache_flash_check(const at::Tensor& key, const at::Ten
   fill_flash_cache_strides(key_cache, value_cache, g);
 
   check_cache_scales(op, dtype, &k_scale, &v_scale, k_scale_cache, v_scale_cache, key_cache, g);
+  const bool int8 = dtype == KvCacheDtype::kInt8;
+  check_outputs_independent(op,
+                            {{"key_cache", &key_cache},
+                             {"value_cache", &value_cache},
+                             {"k_scale_cache", optional_arg(k_scale_cache)},
+                             {"v_scale_cache", optional_arg(v_scale_cache)}},
+                            {{"key", &key},
+                             {"value", &value},
+                             {"slot_mapping", &slot_mapping},
+                             {"k_scale", int8 ? &k_scale : nullptr},
+                             {"v_scale", int8 ? &v_scale : nullptr}});
   return g;
 }
 
@@ -327,6 +392,13 @@ LegacyGeometry reshape_and_cache_check(const at::Tensor& key, const at::Tensor& 
     TORCH_CHECK_VALUE(v_per_head == g.per_head_scale,
                       std::string(op) + ": k_scale and v_scale must have the same number of elements");
   }
+  const bool int8 = dtype == KvCacheDtype::kInt8;
+  check_outputs_independent(op, {{"key_cache", &key_cache}, {"value_cache", &value_cache}},
+                            {{"key", &key},
+                             {"value", &value},
+                             {"slot_mapping", &slot_mapping},
+                             {"k_scale", int8 ? &k_scale : nullptr},
+                             {"v_scale", int8 ? &v_scale : nullptr}});
   return g;
 }
 
@@ -392,6 +464,17 @@ void copy_blocks_check(const at::TensorList& key_caches, const at::TensorList& v
   TORCH_CHECK_VALUE(block_mapping.device() == first.device() || block_mapping.device().is_cpu(),
                     std::string(op) + ": block_mapping must be on the caches' device or the CPU, got " +
                         block_mapping.device().str());
+  std::vector<std::string> names;  // "key_caches[3]"; reserved, so the pointers into it stay valid
+  std::vector<NamedTensor> caches;
+  names.reserve(2 * key_caches.size());
+  for (const auto& [name, list] : {std::pair<const char*, const at::TensorList&>{"key_caches", key_caches},
+                                   std::pair<const char*, const at::TensorList&>{"value_caches", value_caches}}) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      names.push_back(std::string(name) + "[" + to_string(i) + "]");
+      caches.emplace_back(names.back().c_str(), &list[i]);
+    }
+  }
+  check_outputs_independent(op, caches, {{"block_mapping", &block_mapping}});
 }
 
 void copy_blocks_meta(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping) {
@@ -420,6 +503,12 @@ void swap_blocks_check(const at::Tensor& src, const at::Tensor& dst, int64_t blo
   TORCH_CHECK_VALUE(!(src.device().is_cuda() && dst.device().is_cuda()) || src.device() == dst.device(),
                     std::string(op) + ": src and dst must be on the same CUDA device, got " + src.device().str() +
                         " and " + dst.device().str());
+  // dst may be src itself (blocks moved within one cache: check_block_pairs_independent
+  // keeps the pairs apart), but not a partly overlapping view, whose block ids mean others.
+  TORCH_CHECK_VALUE(at::get_overlap_status(src, dst) != at::MemOverlapStatus::Partial,
+                    std::string(op) + ": src and dst overlap (partly: they share memory with different block "
+                                      "offsets); pass the same tensor, or tensors that do not overlap");
+  check_outputs_independent(op, {{"dst", &dst}}, {{"block_mapping", &block_mapping}});
 }
 
 void swap_blocks_meta(const at::Tensor& src, const at::Tensor& dst, int64_t block_size_in_bytes,
@@ -540,6 +629,15 @@ FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& 
   fill_flash_cache_strides(key_cache, value_cache, g);
   check_cache_scales(op, dtype, k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr, k_scale_cache,
                      v_scale_cache, key_cache, g);
+  check_outputs_independent(op, {{"key_out", &key_out}, {"value_out", &value_out}},
+                            {{"key_cache", &key_cache},
+                             {"value_cache", &value_cache},
+                             {"block_table", &block_table},
+                             {"seq_lens", &seq_lens},
+                             {"k_scale", optional_arg(k_scale)},
+                             {"v_scale", optional_arg(v_scale)},
+                             {"k_scale_cache", optional_arg(k_scale_cache)},
+                             {"v_scale_cache", optional_arg(v_scale_cache)}});
   return g;
 }
 

@@ -14,11 +14,11 @@ to the reference for ``"auto"``, within one INT8 step for the INT8 cache dtypes)
 index value out of range as the ops raise today, naming the argument, only for invalid
 arguments). Anything else raises AssertionError.
 
-Two known C++ bugs of issue 11 are *regions* (``known_bug_regions``): a zero, negative,
-NaN or Inf static scale with kv_cache_dtype "int8" ("accepted a bad scale") and
-overlapping or aliased outputs ("accepted overlapping outputs"). The oracle treats both
-as invalid arguments; the main properties assume() them away, and the defects this
-suite found (``FOUND``) too, while they stand.
+Two C++ bugs of issue 11 are *regions* (``known_bug_regions``): a zero, negative, NaN or
+Inf static scale with kv_cache_dtype "int8" ("accepted a bad scale") and overlapping or
+aliased outputs ("accepted overlapping outputs"). The oracle treats both as invalid
+arguments (fixed: the ops now raise); the main properties leave them to the region tests,
+and assume away the defects this suite found (``FOUND``) while they stand.
 """
 from __future__ import annotations
 
@@ -37,11 +37,6 @@ INDEX_ERROR_OK = "index value out of range"  # reasons that may raise IndexError
 
 BAD_SCALE = "accepted a bad scale"
 OVERLAP = "accepted overlapping outputs"
-# int8_per_token_head takes its per-head scale from quant's symmetric_params: a (token,
-# head) whose finite absmax is below ~1.5e-36 is quant's bug (b) of issue 11 (1 / scale
-# overflows). The fix under way clamps the scale to FLT_MIN; kv_reference.quantize_per_head
-# still divides 127 / absmax. Assumed away until kernel and reference agree on it.
-
 # ----------------------------------------------------------------------------- the case space
 
 def mostly(valid: tuple, rare: tuple, p: float = 0.9) -> tuple:

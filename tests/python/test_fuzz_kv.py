@@ -11,9 +11,11 @@ the addressed slots changed) or a *clear error* (TypeError/ValueError naming the
 argument; IndexError for an index value out of range, as the ops raise today); see
 kv_fuzz.py for the oracle.
 
-The main properties assume() away the known, unfixed C++ bugs of issue 11 (a bad static
-scale, overlapping outputs); for each, a strict-xfail test runs the same oracle restricted
-to that region. ``--fuzz-long`` runs 20x the examples.
+Two C++ bugs of issue 11 this suite found are regions of the case space (a bad static
+scale, overlapping outputs): the main properties leave them to the ``*_region_*`` tests,
+which run the same oracle restricted to each region and failed before the fix (one kind,
+slots overlapping inside one cache, is still a strict xfail). ``--fuzz-long`` runs 20x
+the examples.
 """
 
 import pytest
@@ -129,18 +131,12 @@ def test_bug_regions_are_recognised():
     assert kf.known_bug_regions(base) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11: a zero, negative, NaN or Inf k_scale/v_scale with kv_cache_dtype \"int8\" is "
-                          "accepted and writes zeros (fixed on the kv-checks branch)")
 @pytest.mark.parametrize("op", ["flash", "legacy"])
 def test_bad_scale_region_of_the_writes_passes_the_oracle(op):
     region_passes(kf.BAD_SCALE, cases("write", **dict(WRITTEN, op=(op,), kv_dtype=("int8",), k_scale=BAD_SCALES,
                                                            head_size=(16, 32)), v_scale_same=(True, False)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11: a zero, negative, NaN or Inf k_scale/v_scale with kv_cache_dtype \"int8\" is "
-                          "accepted by gather_cache (fixed on the kv-checks branch)")
 def test_bad_scale_region_of_gather_passes_the_oracle():
     region_passes(kf.BAD_SCALE, cases("gather", **dict(READ, kv_dtype=("int8",), k_scale=BAD_SCALES)))
 
@@ -155,24 +151,20 @@ OVERLAP_WRITES = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11: overlapping or aliased outputs are accepted (fixed on the kv-checks branch)")
-@pytest.mark.parametrize("what", sorted(OVERLAP_WRITES))
+@pytest.mark.parametrize("what", [pytest.param(w, marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="issue 11: slots that overlap each other within one cache "
+    "(an as_strided cache whose slot stride is smaller than a slot) are not detected: at::has_internal_overlap "
+    "cannot decide them")) if w == "overlapping_slots" else w for w in sorted(OVERLAP_WRITES)])
 def test_overlapping_outputs_region_of_reshape_and_cache_flash_passes_the_oracle(what):
     region_passes(kf.OVERLAP, cases("write", **dict(WRITTEN, op=("flash",), **OVERLAP_WRITES[what])))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11: overlapping or aliased outputs are accepted (fixed on the kv-checks branch)")
 def test_overlapping_outputs_region_of_reshape_and_cache_passes_the_oracle():
     """The legacy value cache viewing the key cache's memory."""
     region_passes(kf.OVERLAP, cases("write", **dict(WRITTEN, op=("legacy",), cache_layout=("alias",),
                                                          kv_dtype=("auto", "int8"), head_size=(16, 32))))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11: gather_cache accepts key_out is value_out, or a key_out with stride-0 rows "
-                          "(fixed on the kv-checks branch)")
 @pytest.mark.parametrize("out", ["alias", "expand_rows"])
 def test_overlapping_outputs_region_of_gather_cache_passes_the_oracle(out):
     region_passes(kf.OVERLAP, cases("gather", **dict(READ, op=("gather_cache",), out=(out,))))

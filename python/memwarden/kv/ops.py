@@ -17,8 +17,8 @@ the token count is ``slot_mapping.size(0)`` (key/value may be longer, i.e. padde
 
 * ``"auto"``: stored as is (cache dtype = key dtype).
 * ``"int8"``: static symmetric INT8; ``k_scale``/``v_scale`` are float32 with 1 or
-  ``num_heads`` elements; stored ``q = saturate(round_half_even(x * (1 / scale)))``,
-  dequantized ``q * scale``.
+  ``num_heads`` elements, each positive and finite (see Scale checking); stored
+  ``q = saturate(round_half_even(x * (1 / scale)))``, dequantized ``q * scale``.
 * ``"int8_per_token_head"``: dynamic symmetric INT8 with one float32 scale per (token,
   head) (``absmax / 127``), written to ``k_scale_cache``/``v_scale_cache`` shaped
   ``[num_blocks, block_size, num_heads]`` (flash layout only).
@@ -32,6 +32,22 @@ sizes): a server whose slot mappings and block tables come from a block manager 
 trusts switches them off with :func:`set_cuda_index_checks` or :func:`cuda_index_checks`.
 Either way the kernels skip any out-of-range index on the device, so nothing is ever
 written or read out of bounds.
+
+Scale checking (``"int8"``): a ``k_scale``/``v_scale`` value that is 0, negative, NaN or
+Inf is a ``ValueError`` naming it and the value (it would quantize every value to 0, wiping
+the cache). On CPU it is always checked. On CUDA both scales are copied to the host (one
+small copy) and checked together with the index checks: under the same switch
+(:func:`set_cuda_index_checks`) and not while a CUDA graph is being captured. With the
+checks off nothing is copied, nothing synchronises, and the scales are used as given.
+
+Overlap: the tensors an op writes (caches, scale caches, ``key_out``/``value_out``,
+``copy_blocks``' caches, ``swap_blocks``' ``dst``) are checked like torch's in-place ops: no
+two elements of one in the same memory (a stride-0 dimension, as from ``expand()``), and
+no memory shared with another argument (``ValueError: reshape_and_cache_flash: key_cache
+and value_cache overlap ...``). Views torch cannot decide cheaply (not dense, such as
+``cache[:, 0]`` and ``cache[:, 1]`` of a ``[num_blocks, 2, ...]`` tensor) pass, as in torch.
+``swap_blocks`` accepts ``src`` and ``dst`` being the same tensor (moving blocks within one
+cache), not partly overlapping views.
 
 Argument types are checked in Python first: a cache, index or scale that is not a
 ``torch.Tensor`` (a list, say) is a ``TypeError`` naming the argument.
@@ -135,8 +151,11 @@ def reshape_and_cache_flash(
     """Write ``key``/``value`` ``[num_tokens, num_heads, head_size]`` into the flash-layout
     caches at ``slot_mapping`` (int64 ``[num_tokens]``).
 
-    ``k_scale``/``v_scale`` default to ones (they are only read for ``"int8"``);
-    ``k_scale_cache``/``v_scale_cache`` are required for ``"int8_per_token_head"``.
+    ``k_scale``/``v_scale`` default to ones (they are only read for ``"int8"``, where each
+    value must be positive and finite: checked on CPU, and on CUDA on a host copy with the
+    index checks, i.e. not when those are off or during CUDA graph capture);
+    ``k_scale_cache``/``v_scale_cache`` are required for ``"int8_per_token_head"``. The
+    caches and scale caches must not overlap each other or the inputs.
     """
     op = "reshape_and_cache_flash"
     _check_tensors(op, key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
@@ -160,7 +179,10 @@ def reshape_and_cache(
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
 ) -> None:
-    """Write ``key``/``value`` into the legacy paged-attention layout (``"auto"`` or ``"int8"``)."""
+    """Write ``key``/``value`` into the legacy paged-attention layout (``"auto"`` or ``"int8"``).
+
+    The ``"int8"`` scales and overlapping arguments are checked as in
+    :func:`reshape_and_cache_flash`."""
     op = "reshape_and_cache"
     _check_tensors(op, key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale)
@@ -209,7 +231,11 @@ def gather_cache(
 ) -> None:
     """Write the first ``seq_lens[i]`` tokens of each sequence (pages ``block_table[i]``,
     int32/int64 ``[num_seqs, max_blocks]``) back to back into ``key_out``/``value_out``
-    ``[sum(seq_lens), num_heads, head_size]``, dequantizing INT8 caches to their dtype."""
+    ``[sum(seq_lens), num_heads, head_size]``, dequantizing INT8 caches to their dtype.
+
+    ``"int8"`` scales must be positive and finite (checked on CPU, and on CUDA on a host
+    copy with the index checks, i.e. not when those are off or during CUDA graph
+    capture). ``key_out``/``value_out`` must not overlap each other or any input."""
     op = "gather_cache"
     _check_tensors(op, key_cache=key_cache, value_cache=value_cache, block_table=block_table, seq_lens=seq_lens,
                    key_out=key_out, value_out=value_out)
@@ -246,7 +272,8 @@ def gather_kv(
     place later than in :func:`gather_cache`).
 
     ``seq_lens`` (int32/int64 ``[num_seqs]`` on the cache's device, every entry >= 0) is
-    checked before anything is allocated.
+    checked before anything is allocated; the scales are checked by :func:`gather_cache`
+    (errors name ``gather_cache``).
     """
     op = "gather_kv"
     _check_tensors(op, key_cache=key_cache, value_cache=value_cache, block_table=block_table, seq_lens=seq_lens)
