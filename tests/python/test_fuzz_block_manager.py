@@ -30,27 +30,11 @@ BAD_TOKENS = ([2**31], [-(2**31) - 1], [1.5], "abc", None, 5)  # list of int32
 BAD_UINT64 = (-1, 2**64, 1.5, None)                         # extra_key, hash
 BAD_INT32 = (2**31, -(2**31) - 1, 1.5, "2", None)           # n, block
 
-# A defect of issue 11 found by this suite (strict-xfail reproductions below): only the
-# sizes of the KVCacheManager constructor are checked in Python; every other argument of
-# KVCacheManager and BlockPool goes straight to pybind11, whose "incompatible function
-# arguments" TypeError lists every argument and names none (and takes a bool for an int).
-# While it stands, any TypeError from these is accepted; remove an entry when fixed.
-_MANAGER_METHODS = ("add_sequence", "append", "fork", "free_sequence", "swap_out", "swap_in", "lookup", "slot_mapping",
-                    "block_table", "num_tokens", "is_swapped", "has_sequence")
-_POOL_METHODS = ("allocate", "touch", "release", "cache", "lookup", "hash_of", "ref_count")
-KNOWN_UNCLEAR = ({f"KVCacheManager.{m}" for m in _MANAGER_METHODS} | {f"BlockPool.{m}" for m in _POOL_METHODS}
-                 | {"KVCacheManager(enable_prefix_caching)"})
-
-
 def expect_clear_error(where, arg, fn):
-    """``fn`` raises a TypeError/ValueError naming ``arg`` (or, while a known defect stands,
-    any TypeError)."""
+    """``fn`` raises a TypeError/ValueError naming ``arg``."""
     try:
         fn()
     except Exception as exc:  # noqa: BLE001 - classified
-        unclear = {where, f"{where}({arg})"} & KNOWN_UNCLEAR
-        if unclear and isinstance(exc, TypeError) and "incompatible" in str(exc):
-            return
         fr.classify_error(where, exc, [("bad argument", arg)])
         return
     raise AssertionError(f"{where}: a bad {arg} was accepted")
@@ -324,11 +308,8 @@ def test_fuzz_sample_in_subprocess():
     assert "DONE" in proc.stdout
 
 
-# ----------------------------------------------------------------------------- defects found by this suite
+# ----------------------------------------------------------------------------- defects found by this suite (fixed)
 
-@pytest.mark.xfail(strict=True, reason="issue 11: KVCacheManager/BlockPool methods leave their arguments to pybind11: "
-                                       "a bad int raises its generic 'incompatible function arguments' TypeError, "
-                                       "which names no argument")
 @pytest.mark.parametrize("call,name", [
     (lambda m, p: m.add_sequence(2**63, [1]), "seq_id"),
     (lambda m, p: m.add_sequence(1, [2**31]), "tokens"),
@@ -352,14 +333,15 @@ def test_bad_int_arguments_name_the_argument(call, name):
     assert "incompatible" not in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a bool (or None, 2, 1.0 for enable_prefix_caching) is taken for "
-                                       "an int or a bool by the bindings instead of being refused")
 @pytest.mark.parametrize("call", [
     lambda m: m.add_sequence(True, [1]),
     lambda m: m.slot_mapping(0, True, 1),
     lambda m: kv.KVCacheManager(4, 2, 0, None),
     lambda m: kv.KVCacheManager(4, 2, 0, 2),
-], ids=["seq_id_True", "start_True", "caching_None", "caching_2"])
+    lambda m: kv.KVCacheManager(4, 2, 0, 1.0),
+    lambda m: kv.BlockPool(4, 1),
+    lambda m: m.device_pool.ref_count(True),  # the pools a manager hands out are checked too
+], ids=["seq_id_True", "start_True", "caching_None", "caching_2", "caching_1.0", "pool_caching_1", "device_pool_True"])
 def test_bools_and_non_bools_are_refused(call):
     m = kv.KVCacheManager(4, 2)
     m.add_sequence(0, [1, 2, 3])

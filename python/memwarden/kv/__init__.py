@@ -10,8 +10,18 @@ and the block manager that decides which block holds which tokens.
 * :mod:`memwarden.kv.cache` -- the transformers ``Cache`` on top (imported on its own:
   it is the one module of memwarden.kv that imports transformers).
 
+The constructor and every method of :class:`BlockPool` and :class:`KVCacheManager` that
+takes arguments checks them here before the binding sees them (the table ``_ARGUMENTS``):
+integers with ``memwarden._checks.integer`` in the range of the core's C++ type (no
+bools, floats or strings), token/block lists element by element, flags True/False only.
+A bad one is a ValueError (TypeError for a non-list or a non-bool flag) naming it, e.g.
+``ValueError: BlockPool.touch: block must be an integer in [-2147483648, 2147483647], got
+2147483648``, and nothing changes.
+
 See docs/kv.md.
 """
+import inspect
+
 from memwarden import _native
 from memwarden._checks import INT32_MAX, integer
 from memwarden.kv import ops
@@ -23,25 +33,136 @@ BlockPool = _C.kv.BlockPool
 hash_block = _C.kv.hash_block
 ROOT_HASH = _C.kv.ROOT_HASH
 
+
 class KVCacheManager(_C.kv.KVCacheManager):
     """Sequences on top of a :class:`BlockPool` (``memwarden._C.kv.KVCacheManager``, whose
     methods it has): ``KVCacheManager(num_blocks, block_size, num_host_blocks=0,
     enable_prefix_caching=True)``. The sizes are checked here first
     (``memwarden._checks.integer``): ``num_blocks``/``num_host_blocks`` in [0, 2^31 - 2],
-    ``block_size`` in [1, 2^31 - 2]; otherwise a ValueError names the argument."""
+    ``block_size`` in [1, 2^31 - 2]; otherwise a ValueError names the argument. So are
+    the arguments of every method (see :mod:`memwarden.kv`)."""
 
     __slots__ = ()
 
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
-                 enable_prefix_caching: bool = True) -> None:
-        where = "KVCacheManager: "  # the core counts blocks in int32
-        num_blocks = integer(num_blocks, "num_blocks", minimum=0, maximum=INT32_MAX - 1, where=where)
-        block_size = integer(block_size, "block_size", minimum=1, maximum=INT32_MAX - 1, where=where)
-        num_host_blocks = integer(num_host_blocks, "num_host_blocks", minimum=0, maximum=INT32_MAX - 1, where=where)
-        super().__init__(num_blocks, block_size, num_host_blocks, enable_prefix_caching)
-
 
 KVCacheManager.__module__ = __name__
+
+
+# ---- argument checks -------------------------------------------------------------------
+# A kind checks one argument: kind(value, name, where) -> the value to pass on.
+
+def _integers(minimum, maximum):
+    """An integer in [minimum, maximum] (the range of the C++ parameter's type)."""
+    def kind(value, name, where):
+        if type(value) is int and minimum <= value <= maximum:
+            return value  # what integer() returns, without building its message
+        return integer(value, name, minimum=minimum, maximum=maximum, where=where)
+    return kind
+
+
+def _integer_list(minimum, maximum):
+    """A list (any sequence but a string; a numpy array or tensor through ``tolist``) of
+    integers in [minimum, maximum]; a bad element is named ``name[i]``."""
+    def kind(value, name, where):
+        items = None
+        if not isinstance(value, (str, bytes, dict)) and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+            items = value if type(value) is list else value.tolist() if hasattr(value, "tolist") else list(value)
+        if not isinstance(items, list):  # also a 0-d array, whose tolist() is a number
+            raise TypeError(f"{where}{name} must be a list of integers, got {type(value).__name__}")
+        if set(map(type, items)) <= {int} and (not items or (minimum <= min(items) and max(items) <= maximum)):
+            return items  # the common case, at C speed
+        return [integer(v, f"{name}[{i}]", minimum=minimum, maximum=maximum, where=where) for i, v in enumerate(items)]
+    return kind
+
+
+def _flag(value, name, where):
+    if value is True or value is False:
+        return value
+    raise TypeError(f"{where}{name} must be True or False, got {value!r}")
+
+
+_INT32, _INT64 = _integers(-(2**31), INT32_MAX), _integers(-(2**63), 2**63 - 1)
+_UINT64 = _integers(0, 2**64 - 1)                   # extra_key, hash
+_BLOCKS = _integers(0, INT32_MAX - 1)               # a pool's size: ids and the queue's sentinel fit in int32
+_TOKENS = _BLOCK_IDS = _integer_list(-(2**31), INT32_MAX)
+_NO_DEFAULT = inspect.Parameter.empty
+
+# class -> method -> its parameters (name, kind[, default]), in the binding's order. The
+# core's types: block ids and counts int32, sequence ids and token positions int64,
+# hashes and extra keys uint64, tokens int32. A default is the binding's own.
+_ARGUMENTS = {
+    BlockPool: {
+        "__init__": (("num_blocks", _BLOCKS), ("enable_caching", _flag, True)),
+        "allocate": (("n", _integers(0, INT32_MAX)),),
+        "touch": (("block", _INT32),),
+        "release": (("blocks", _BLOCK_IDS),),
+        "cache": (("block", _INT32), ("hash", _UINT64)),
+        "lookup": (("hash", _UINT64),),
+        "hash_of": (("block", _INT32),),
+        "ref_count": (("block", _INT32),),
+    },
+    KVCacheManager: {
+        "__init__": (("num_blocks", _BLOCKS), ("block_size", _integers(1, INT32_MAX - 1)),
+                     ("num_host_blocks", _BLOCKS, 0), ("enable_prefix_caching", _flag, True)),
+        "add_sequence": (("seq_id", _INT64), ("tokens", _TOKENS), ("extra_key", _UINT64, 0)),
+        "append": (("seq_id", _INT64), ("tokens", _TOKENS)),
+        "fork": (("parent", _INT64), ("child", _INT64)),
+        "lookup": (("tokens", _TOKENS), ("extra_key", _UINT64, 0)),
+        "slot_mapping": (("seq_id", _INT64), ("start", _INT64), ("end", _INT64)),
+        **{m: (("seq_id", _INT64),) for m in ("free_sequence", "swap_out", "swap_in", "has_sequence", "is_swapped",
+                                               "block_table", "num_tokens")},
+    },
+}
+
+
+def _arrange(where, names, defaults, args, kwargs):
+    """A call's ``args``/``kwargs`` as one value per parameter, in order (defaults filled)."""
+    if len(args) > len(names):
+        raise TypeError(f"{where}takes {len(names)} arguments, got {len(args)}")
+    values = list(args)
+    for name in names[:len(args)]:
+        if name in kwargs:
+            raise TypeError(f"{where}got multiple values for argument {name!r}")
+    for name in names[len(args):]:
+        if name in kwargs:
+            values.append(kwargs.pop(name))
+        elif name in defaults:
+            values.append(defaults[name])
+        else:
+            raise TypeError(f"{where}missing required argument {name!r}")
+    if kwargs:
+        raise TypeError(f"{where}got an unexpected keyword argument {next(iter(kwargs))!r}")
+    return values
+
+
+def _checked(cls, method, params):
+    """``cls.method`` (the binding's) behind a check of its arguments; docstring kept."""
+    native = getattr(cls, method)
+    native = getattr(native, "__wrapped__", native)  # a reloaded module wraps the native class once
+    where = f"{cls.__name__}: " if method == "__init__" else f"{cls.__name__}.{method}: "
+    names = tuple(p[0] for p in params)
+    kinds = tuple(p[1] for p in params)
+    defaults = {p[0]: p[2] for p in params if len(p) == 3}
+
+    def call(self, *args, **kwargs):
+        if kwargs or len(args) != len(names):
+            args = _arrange(where, names, defaults, args, kwargs)
+        return native(self, *[kind(v, name, where) for kind, name, v in zip(kinds, names, args)])
+
+    call.__name__, call.__qualname__, call.__doc__ = method, f"{cls.__qualname__}.{method}", native.__doc__
+    call.__module__, call.__wrapped__ = __name__, native
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(n, _NO_DEFAULT))
+           for n in names])
+    return call
+
+
+# BlockPool is the native class itself (so the pools a manager returns are checked too).
+for _cls, _methods in _ARGUMENTS.items():
+    for _method, _params in _methods.items():
+        setattr(_cls, _method, _checked(_cls, _method, _params))
+del _cls, _methods, _method, _params
 
 __all__ = [
     "BlockPool",
