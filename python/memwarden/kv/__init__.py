@@ -7,8 +7,11 @@ and the block manager that decides which block holds which tokens.
   prefix-hash cache with LRU eviction, all-or-nothing allocation.
 * :class:`KVCacheManager` -- sequences on top of a pool: prefix reuse, append with
   copy-on-write after ``fork``, swap-out/in mappings, statistics.
-* :mod:`memwarden.kv.cache` -- the transformers ``Cache`` on top (imported on its own:
-  it is the one module of memwarden.kv that imports transformers).
+* :class:`PagedKVCache` (:mod:`memwarden.kv.paged`) -- K/V pages for every layer inside
+  a memory budget: INT8 compression, offload to host/disk, eviction, pruning, stats.
+* :class:`PagedCache` (:mod:`memwarden.kv.cache`) -- the transformers ``Cache`` on top,
+  for ``model.generate(past_key_values=...)``; imported on first use (it is the one module
+  of memwarden.kv that imports transformers).
 
 The constructor and every method of :class:`BlockPool` and :class:`KVCacheManager` that
 takes arguments checks them here before the binding sees them (the table ``_ARGUMENTS``):
@@ -26,6 +29,7 @@ from memwarden import _native
 from memwarden._checks import INT32_MAX, integer
 from memwarden.kv import ops
 from memwarden.kv.ops import copy_blocks, gather_cache, gather_kv, reshape_and_cache, reshape_and_cache_flash, swap_blocks
+from memwarden.kv.paged import KVCacheStats, KVEvictedError, PagedKVCache
 
 _C = _native.load()
 
@@ -164,9 +168,20 @@ for _cls, _methods in _ARGUMENTS.items():
         setattr(_cls, _method, _checked(_cls, _method, _params))
 del _cls, _methods, _method, _params
 
+def __getattr__(name: str):
+    if name in ("PagedCache", "PagedLayer"):  # imports transformers: only when asked for
+        from memwarden.kv import cache
+        return getattr(cache, name)
+    raise AttributeError(f"module 'memwarden.kv' has no attribute {name!r}")
+
+
 __all__ = [
     "BlockPool",
     "KVCacheManager",
+    "KVCacheStats",
+    "KVEvictedError",
+    "PagedCache",
+    "PagedKVCache",
     "ROOT_HASH",
     "copy_blocks",
     "gather_cache",

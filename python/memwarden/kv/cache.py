@@ -1,7 +1,11 @@
 """The transformers ``Cache`` backed by memwarden's paged KV cache (home of ``PagedCache``).
 
-Contract: ``model.generate(past_key_values=memwarden.kv.PagedCache(...))`` works for
-every decoder transformers runs with its own ``DynamicCache``. Following transformers'
+Contract: ``model.generate(past_key_values=memwarden.kv.PagedCache(model.config, ...))``
+works for every decoder transformers runs with its own ``DynamicCache``. Full-attention
+layers keep their K/V in one :class:`~memwarden.kv.paged.PagedKVCache` (pages, a budget,
+INT8 compression, offload and pruning); every other layer type (sliding window, chunked,
+linear attention) is the layer class transformers itself would use, since a sliding
+layer holds at most its window. Supported: transformers 5.18 (pinned) to 5.24. Following transformers'
 ``cache_utils`` design, the variants (full attention, sliding window, INT8 pages) are
 per-layer strategy objects composed by one ``Cache`` subclass, not subclasses of the
 cache. Pages are written with :mod:`memwarden.kv.ops` (``reshape_and_cache_flash``) and
@@ -17,3 +21,205 @@ module is imported), torch, :mod:`memwarden.kv.ops`, :mod:`memwarden.alloc`,
 :mod:`memwarden.quant`, and the bottom layers (``_native``, ``_units``, ``_devices``,
 ``_table``). Never controller, serve, testing or cli.
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from memwarden.kv.paged import KV_DTYPES, KVCacheStats, PagedKVCache
+
+__all__ = ["PagedCache", "PagedLayer", "PRUNE_MODES"]
+
+PRUNE_MODES = (None, "streaming")
+
+
+class PagedLayer(CacheLayerMixin):
+    """One full-attention layer of a :class:`PagedCache`: its tokens live in the cache's
+    shared :class:`PagedKVCache` under index ``store_index``. ``keys``/``values`` read the
+    pages on access (a dense copy; nothing dense is kept between steps)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, cache: "PagedCache", store_index: int):
+        self._cache, self.store_index = cache, store_index
+        super().__init__()
+
+    # keys/values: read-only views of the pages (CacheLayerMixin.__init__ assigns None)
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return self._cache.store.get(self.store_index)[0] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("PagedLayer.keys is read from the pages; write with update()")
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return self._cache.store.get(self.store_index)[1] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("PagedLayer.values is read from the pages; write with update()")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._cache._ensure_store(key_states)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        store = self._cache.store
+        store.add(self.store_index, key_states, value_states)
+        self._cache._after_update(self.store_index)
+        return store.get(self.store_index)
+
+    def get_seq_length(self) -> int:
+        return self._cache.store.seq_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The live past plus the queries; the offset counts the pruned or evicted past
+        tokens, so the causal mask still compares true positions."""
+        if not self.is_initialized:
+            return query_length, 0
+        store = self._cache.store  # masks are made before a step: every layer holds the same tokens
+        live = len(store)
+        return live + query_length, store.seq_length - live
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.16 asks this
+        return -1
+
+    # The pages are shared by every paged layer: PagedCache applies these once.
+    def reset(self) -> None:
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        pass
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pass
+
+    def offload(self):  # Cache(offloading=True) is not how this cache offloads
+        pass
+
+    def prefetch(self):
+        pass
+
+
+class PagedCache(Cache):
+    """A transformers ``Cache`` whose full-attention layers keep their K/V in pages
+    inside ``max_memory`` (see :class:`~memwarden.kv.paged.PagedKVCache` for the policy)::
+
+        cache = PagedCache(model.config, max_memory="1GiB", kv_dtype="int8")
+        model.generate(**inputs, past_key_values=cache)
+        print(cache.stats())
+
+    Options (the store's, see its docstring): ``kv_dtype`` ``"auto"`` (pages in the
+    model's dtype), ``"int8"``/``"int8_per_token_head"`` (INT8 pages with one scale per
+    token and head, the ``residual_length`` newest tokens in full precision);
+    ``compress`` ``"pressure"``/``"always"``/``"never"``; ``offload``
+    ``"never"``/``"host"``/``"host+disk"``/``"evict"`` (an evicting cache lets the model
+    attend to what is left, like StreamingLLM, instead of raising); ``prune`` ``None`` or
+    ``"streaming"`` (keep ``sinks`` first and ``window`` newest tokens after each step).
+    """
+
+    def __init__(self, config, *, max_memory=None, kv_dtype: str = "auto", compress: str = "pressure",
+                 residual_length: int = 0, offload: str = "never", prune: Optional[str] = None, sinks: int = 4,
+                 window: int = 1024, page_size: int = 16, threshold: float = 0.9, host_memory=None,
+                 disk_dir: Optional[str] = None):
+        if not hasattr(config, "get_text_config"):
+            raise TypeError(f"PagedCache: config must be a transformers PretrainedConfig (model.config), "
+                            f"got {type(config).__name__}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"PagedCache: kv_dtype must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv_dtype!r}")
+        if prune not in PRUNE_MODES:
+            raise ValueError(f"PagedCache: prune must be None or 'streaming', got {prune!r}")
+        text = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        if isinstance(layer_kwargs, dict):  # transformers < 5.24: one dict for every layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
+        layers, self._paged = [], []
+        for layer_type, kwargs in zip(layer_types, layer_kwargs):
+            if layer_type == "full_attention":
+                layers.append(PagedLayer(self, len(self._paged)))
+                self._paged.append(layers[-1])
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        super().__init__(layers=layers)
+        self.config = text
+        self._options = dict(max_memory=max_memory, kv_dtype=kv_dtype, compress=compress,
+                             residual_length=residual_length, offload=offload, page_size=page_size,
+                             threshold=threshold, host_memory=host_memory, disk_dir=disk_dir,
+                             missing="skip" if offload == "evict" else "raise")
+        self.prune, self.sinks, self.window = prune, sinks, window
+        self.store: Optional[PagedKVCache] = None
+        if not self._paged:
+            return
+        # Check the options now (a bad budget or mode fails here, not in the first forward).
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        PagedKVCache(len(self._paged), kv_heads, head_dim, dtype=torch.float32, **self._options)
+
+    def _ensure_store(self, key_states: torch.Tensor) -> None:
+        if self.store is None:
+            batch, heads, _, head_dim = key_states.shape
+            self.store = PagedKVCache(len(self._paged), heads, head_dim, batch_size=batch, dtype=key_states.dtype,
+                                      device=key_states.device, **self._options)
+
+    def _after_update(self, store_index: int) -> None:
+        if self.prune == "streaming" and store_index == len(self._paged) - 1:
+            self.store.prune_streaming(self.sinks, self.window)
+
+    def stats(self) -> KVCacheStats:
+        """The paged store's statistics (all zeros before the first forward)."""
+        if self.store is None:
+            return KVCacheStats(0, 0, 0, 0, 0, budget_bytes=self._options["max_memory"])
+        return self.store.stats()
+
+    # The shared store first, then transformers' own layers.
+    def reset(self) -> None:
+        if self.store is not None:
+            self.store.reset()
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.store is not None:
+            current = self.store.seq_length
+            remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, current - tokens_to_remove)
+            self.store.crop(min(remove, len(self.store)))
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.store is not None:
+            self.store.select(beam_idx.tolist())
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store is not None:
+            self.store.select([i for i in range(self.store.batch_size) for _ in range(repeats)])
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.store is not None:
+            self.store.select(torch.as_tensor(indices).tolist())
+        super().batch_select_indices(indices)
+
+    @property
+    def max_batch_size(self) -> int:  # transformers < 5.24 reads it
+        return self.store.batch_size if self.store is not None else -1
+
