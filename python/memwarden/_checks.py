@@ -9,9 +9,10 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-__all__ = ["integer", "INT32_MAX"]
+__all__ = ["integer", "INT32_MAX", "INT64_MAX"]
 
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1  # what an op schema's ``int`` holds
 
 
 def _describe(minimum: int, maximum: int | None) -> str:

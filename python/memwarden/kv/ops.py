@@ -39,6 +39,12 @@ the cache). On CPU it is always checked. On CUDA both scales are copied to the h
 small copy) and checked together with the index checks: under the same switch
 (:func:`set_cuda_index_checks`) and not while a CUDA graph is being captured. With the
 checks off nothing is copied, nothing synchronises, and the scales are used as given.
+``"auto"`` and ``"int8_per_token_head"`` do not read ``k_scale``/``v_scale``: the wrappers
+replace one on another device than the cache (the meta device, say) by their default (ones
+on the cache's device for the writes, ``None`` for :func:`gather_cache`). The dispatcher
+picks the kernel from every tensor argument, so such a scale would otherwise send the
+whole call to that device's kernel (a meta one to the Meta kernel: nothing written, no
+index checked, no error).
 
 Overlap: the tensors an op writes (caches, scale caches, ``key_out``/``value_out``,
 ``copy_blocks``' caches, ``swap_blocks``' ``dst``) are checked like torch's in-place ops: no
@@ -50,7 +56,10 @@ and value_cache overlap ...``). Views torch cannot decide cheaply (not dense, su
 cache), not partly overlapping views.
 
 Argument types are checked in Python first: a cache, index or scale that is not a
-``torch.Tensor`` (a list, say) is a ``TypeError`` naming the argument.
+``torch.Tensor`` (a list, say), or a ``kv_cache_dtype`` that is not a ``str``, is a
+``TypeError`` naming the argument; an unknown ``kv_cache_dtype`` string, or a
+``swap_blocks`` ``block_size_in_bytes`` that is not an integer in ``[0, 2**63 - 1]``, is a
+``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -59,7 +68,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from memwarden import _native
+from memwarden import _checks, _native
 
 _C = _native.load()  # registers torch.ops.memwarden.*
 
@@ -132,8 +141,48 @@ def _check_tensor_list(op: str, name: str, value) -> list:
     return list(value)
 
 
+def _check_kv_cache_dtype(op: str, kv_cache_dtype) -> None:
+    """TypeError unless a str, ValueError unless one of KV_CACHE_DTYPES (the op schema would
+    raise RuntimeError for a non-str, naming no argument)."""
+    wanted = ", ".join(repr(d) for d in KV_CACHE_DTYPES)
+    if not isinstance(kv_cache_dtype, str):
+        raise TypeError(f"{op}: kv_cache_dtype must be a str, one of {wanted}, got {type(kv_cache_dtype).__name__}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"{op}: kv_cache_dtype must be one of {wanted}, got {kv_cache_dtype!r}")
+
+
 def _unit_scale(device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def _static_scale(kv_cache_dtype: str, scale: Optional[torch.Tensor], cache: torch.Tensor, required: bool):
+    """``k_scale``/``v_scale`` as the op gets it: an absent one, and one that the cache dtype
+    does not read (all but ``"int8"``) on another device than ``cache``, become the default
+    (ones on the cache's device when the schema requires a tensor, else None). Left as is, an
+    unread meta scale would send the call to the Meta kernel, which writes nothing."""
+    if scale is None or (kv_cache_dtype != "int8" and scale.device != cache.device):
+        return _unit_scale(cache.device) if required else None
+    return scale
+
+
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_out_dtype(op: str, out_dtype, kv_cache_dtype: str, cache: torch.Tensor) -> torch.dtype:
+    """gather_kv's output dtype (default: the cache's for "auto", float16 for INT8), checked
+    as gather_cache checks key_out: the cache's dtype for "auto", a float dtype for INT8."""
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"{op}: out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
+    if kv_cache_dtype == "auto":
+        if out_dtype is not None and out_dtype != cache.dtype:
+            raise TypeError(f"{op}: out_dtype must be the cache's dtype ({cache.dtype}) with kv_cache_dtype "
+                            f"\"auto\", got {out_dtype}")
+        return cache.dtype
+    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+        wanted = ", ".join(str(d) for d in _OUT_DTYPES)
+        raise TypeError(f"{op}: out_dtype must be one of {wanted} with kv_cache_dtype {kv_cache_dtype!r}, "
+                        f"got {out_dtype}")
+    return torch.float16 if out_dtype is None else out_dtype
 
 
 def reshape_and_cache_flash(
@@ -153,7 +202,9 @@ def reshape_and_cache_flash(
 
     ``k_scale``/``v_scale`` default to ones (they are only read for ``"int8"``, where each
     value must be positive and finite: checked on CPU, and on CUDA on a host copy with the
-    index checks, i.e. not when those are off or during CUDA graph capture);
+    index checks, i.e. not when those are off or during CUDA graph capture; with the other
+    dtypes one on another device than the cache, meta say, is replaced by ones on the
+    cache's device, not sent to the op);
     ``k_scale_cache``/``v_scale_cache`` are required for ``"int8_per_token_head"``. The
     caches and scale caches must not overlap each other or the inputs.
     """
@@ -162,8 +213,9 @@ def reshape_and_cache_flash(
     _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
                             v_scale_cache=v_scale_cache)
     _check_index_dtype(op, "slot_mapping", slot_mapping)
-    k_scale = _unit_scale(key_cache.device) if k_scale is None else k_scale
-    v_scale = _unit_scale(key_cache.device) if v_scale is None else v_scale
+    _check_kv_cache_dtype(op, kv_cache_dtype)
+    k_scale = _static_scale(kv_cache_dtype, k_scale, key_cache, required=True)
+    v_scale = _static_scale(kv_cache_dtype, v_scale, key_cache, required=True)
     torch.ops.memwarden.reshape_and_cache_flash(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k_scale_cache, v_scale_cache
     )
@@ -181,14 +233,15 @@ def reshape_and_cache(
 ) -> None:
     """Write ``key``/``value`` into the legacy paged-attention layout (``"auto"`` or ``"int8"``).
 
-    The ``"int8"`` scales and overlapping arguments are checked as in
-    :func:`reshape_and_cache_flash`."""
+    The ``"int8"`` scales and overlapping arguments are checked, and unread scales on
+    another device replaced by ones, as in :func:`reshape_and_cache_flash`."""
     op = "reshape_and_cache"
     _check_tensors(op, key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
     _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale)
     _check_index_dtype(op, "slot_mapping", slot_mapping)
-    k_scale = _unit_scale(key_cache.device) if k_scale is None else k_scale
-    v_scale = _unit_scale(key_cache.device) if v_scale is None else v_scale
+    _check_kv_cache_dtype(op, kv_cache_dtype)
+    k_scale = _static_scale(kv_cache_dtype, k_scale, key_cache, required=True)
+    v_scale = _static_scale(kv_cache_dtype, v_scale, key_cache, required=True)
     torch.ops.memwarden.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
 
 
@@ -210,9 +263,15 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, 
     Dimension 0 of ``src``/``dst`` indexes blocks. CUDA <-> host (pinned host memory makes it
     asynchronous), CUDA <-> CUDA, and host <-> host. Pairs run in parallel: a destination
     may appear once, and when ``src`` and ``dst`` are the same tensor no block may be both a
-    source and a destination."""
+    source and a destination.
+
+    ``block_size_in_bytes`` is an integer (not a bool, float or str) in ``[0, 2**63 - 1]``
+    (a ``ValueError`` naming it, from Python), at most the bytes of one block of ``src`` and
+    of ``dst`` (a ``ValueError`` from the op)."""
     _check_tensors("swap_blocks", src=src, dst=dst, block_mapping=block_mapping)
     _check_index_dtype("swap_blocks", "block_mapping", block_mapping)
+    block_size_in_bytes = _checks.integer(block_size_in_bytes, "block_size_in_bytes", minimum=0,
+                                          maximum=_checks.INT64_MAX, where="swap_blocks: ")
     torch.ops.memwarden.swap_blocks(src, dst, block_size_in_bytes, block_mapping)
 
 
@@ -235,7 +294,9 @@ def gather_cache(
 
     ``"int8"`` scales must be positive and finite (checked on CPU, and on CUDA on a host
     copy with the index checks, i.e. not when those are off or during CUDA graph
-    capture). ``key_out``/``value_out`` must not overlap each other or any input."""
+    capture); with ``"auto"`` and ``"int8_per_token_head"``, which do not read them, one on
+    another device than the cache (meta, say) is dropped (passed as None). ``key_out``/
+    ``value_out`` must not overlap each other or any input."""
     op = "gather_cache"
     _check_tensors(op, key_cache=key_cache, value_cache=value_cache, block_table=block_table, seq_lens=seq_lens,
                    key_out=key_out, value_out=value_out)
@@ -243,12 +304,13 @@ def gather_cache(
                             v_scale_cache=v_scale_cache)
     _check_index_dtype(op, "block_table", block_table, _INT_DTYPES)
     _check_index_dtype(op, "seq_lens", seq_lens, _INT_DTYPES)
+    _check_kv_cache_dtype(op, kv_cache_dtype)
+    k_scale = _static_scale(kv_cache_dtype, k_scale, key_cache, required=False)
+    v_scale = _static_scale(kv_cache_dtype, v_scale, key_cache, required=False)
     torch.ops.memwarden.gather_cache(
         key_cache, value_cache, block_table, seq_lens, key_out, value_out, kv_cache_dtype, k_scale, v_scale,
         k_scale_cache, v_scale_cache,
     )
-
-
 
 
 def gather_kv(
@@ -271,16 +333,18 @@ def gather_kv(
     ``out_dtype`` and the scales are keyword-only (positionally, ``k_scale`` would stand one
     place later than in :func:`gather_cache`).
 
-    ``seq_lens`` (int32/int64 ``[num_seqs]`` on the cache's device, every entry >= 0) is
-    checked before anything is allocated; the scales are checked by :func:`gather_cache`
+    ``kv_cache_dtype``, ``out_dtype`` (the cache's dtype for ``"auto"``; float32, float16 or
+    bfloat16 for INT8: a ``TypeError`` naming it) and ``seq_lens`` (int32/int64
+    ``[num_seqs]`` on the cache's device, every entry >= 0) are checked before anything is
+    allocated; the scales are checked (and unread ones replaced) by :func:`gather_cache`
     (errors name ``gather_cache``).
     """
     op = "gather_kv"
     _check_tensors(op, key_cache=key_cache, value_cache=value_cache, block_table=block_table, seq_lens=seq_lens)
     _check_optional_tensors(op, k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache,
                             v_scale_cache=v_scale_cache)
-    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"{op}: out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
+    _check_kv_cache_dtype(op, kv_cache_dtype)
+    out_dtype = _check_out_dtype(op, out_dtype, kv_cache_dtype, key_cache)
     if key_cache.dim() != 4:
         raise ValueError(f"{op}: key_cache must be [num_blocks, block_size, num_heads, head_size], "
                          f"got shape {list(key_cache.shape)}")
@@ -295,8 +359,6 @@ def gather_kv(
     if negative.numel():
         i = int(negative[0, 0])
         raise ValueError(f"{op}: seq_lens[{i}] = {int(host_lens[i])} must be >= 0")
-    if out_dtype is None:
-        out_dtype = key_cache.dtype if kv_cache_dtype == "auto" else torch.float16
     total = int(host_lens.sum())
     shape = (total, key_cache.size(2), key_cache.size(3))
     key = torch.empty(shape, dtype=out_dtype, device=key_cache.device)
