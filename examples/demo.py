@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import time
 
 import torch
@@ -110,6 +112,16 @@ def demo_planning() -> None:
     print(plan.plan("deepseek-v3", max_memory={i: "80GiB" for i in range(8)}, dtype="int4").report())
 
 
+def demo_generate() -> None:
+    """examples/hf_generate_paged_int8.py on a small random Llama, smaller."""
+    path = pathlib.Path(__file__).with_name("hf_generate_paged_int8.py")
+    spec = importlib.util.spec_from_file_location("hf_generate_paged_int8", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    print("\n== generate inside a KV budget: transformers + memwarden.kv.PagedCache (INT8 pages, host offload)")
+    example.main(["--prompt-tokens", "48", "--new-tokens", "48"])
+
+
 def main() -> None:
     print(f"memwarden {memwarden.__version__} on torch {torch.__version__} "
           f"({'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'})")
@@ -118,6 +130,7 @@ def main() -> None:
     demo_paged_kv(device)
     demo_allocator()
     demo_planning()
+    demo_generate()
 
 
 if __name__ == "__main__":

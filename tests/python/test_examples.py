@@ -17,6 +17,12 @@ def test_demo_runs_and_reports_expected_figures(capsys):
     # The OOM callback freed one 64 MiB page and the 100 MiB allocation then fit under 256 MiB.
     assert "out of memory for 100 MiB" in out and "allocated 228 MiB" in out and "2 pages kept" in out
     assert "plan for mixtral-8x7b (bfloat16): fits" in out
+    # generate inside a quarter of the K/V it needs: pages were compressed and offloaded,
+    # and the next-token choices stayed those of DynamicCache.
+    paged = re.search(r"PagedCache\(kv_dtype='int8', offload='host'\): (\d+) tokens: (\d+) pages resident, "
+                      r"(\d+) compressed, (\d+) offloaded", out)
+    assert paged and int(paged.group(1)) == 95 and int(paged.group(3)) > 0 and int(paged.group(4)) > 0, out
+    assert float(re.search(r"choices equal to DynamicCache's: (\d+)%", out).group(1)) >= 95
 
 
 def test_estimate_any_model_example_prices_a_config_json_and_a_gguf_header(capsys):

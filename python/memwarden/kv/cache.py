@@ -173,7 +173,11 @@ class PagedCache(Cache):
         # Check the options now (a bad budget or mode fails here, not in the first forward).
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        PagedKVCache(len(self._paged), kv_heads, head_dim, dtype=torch.float32, **self._options)
+        dtype = getattr(text, "dtype", None)
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        PagedKVCache(len(self._paged), kv_heads, head_dim,
+                     dtype=dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32,
+                     **self._options)
 
     def _ensure_store(self, key_states: torch.Tensor) -> None:
         if self.store is None:
