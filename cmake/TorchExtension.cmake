@@ -24,13 +24,13 @@ function(_torch_import name)
   set_target_properties(torch_ext::${name} PROPERTIES IMPORTED_LOCATION "${_lib_${name}}")
 endfunction()
 
-foreach(_name c10 torch torch_cpu)
+foreach(_name c10 torch torch_cpu torch_python)  # torch_python: pybind11 casters for tensors
   _torch_import(${_name})
 endforeach()
 
 add_library(torch_ext::torch_ext INTERFACE IMPORTED)
 target_include_directories(torch_ext::torch_ext SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})
-target_link_libraries(torch_ext::torch_ext INTERFACE torch_ext::c10 torch_ext::torch torch_ext::torch_cpu)
+target_link_libraries(torch_ext::torch_ext INTERFACE torch_ext::c10 torch_ext::torch torch_ext::torch_cpu torch_ext::torch_python)
 target_compile_definitions(torch_ext::torch_ext INTERFACE
   TORCH_API_INCLUDE_EXTENSION_H
   TORCH_EXTENSION_NAME=_C

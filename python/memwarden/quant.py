@@ -50,7 +50,7 @@ import torch
 from memwarden import _native
 from memwarden._checks import integer
 
-_native.load()  # registers torch.ops.memwarden.*
+_C = _native.load()  # registers torch.ops.memwarden.*
 
 __all__ = ["GRANULARITIES", "broadcast_scale", "dequantize_int8", "quantize_int8", "quantize_int8_into", "scaled_int8_quant"]
 
@@ -117,6 +117,14 @@ def _check_contiguous(op: str, x: torch.Tensor) -> None:
     if not x.is_contiguous():
         raise ValueError(f"{op}: x must be contiguous, got strides {list(x.stride())} for shape "
                          f"{list(x.shape)} (call .contiguous())")
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """A plain tensor outside torch.compile, dispatch and function modes and autograd: the
+    op may skip the dispatcher (at decode sizes, calling a custom op through it costs
+    several times the kernel)."""
+    return (type(x) is torch.Tensor and not x.requires_grad and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
 
 
 def _check_out_dtype(op: str, out_dtype) -> None:
@@ -188,6 +196,10 @@ def quantize_int8(
         scale = torch.zeros(n, dtype=torch.float32, device=x.device)
         azp = None if symmetric else torch.zeros(n, dtype=torch.int32, device=x.device)
         return q, scale, azp
+    if granularity in ("token", "group") and x.shape[-1] and _eager(x):  # one kernel, no op chain
+        cols = x.shape[-1]
+        if granularity == "token" or (group_size is not None and 0 < group_size <= cols and cols % group_size == 0):
+            return _C.quant.quantize_groups(x, cols if granularity == "token" else group_size, symmetric)
     return torch.ops.memwarden.quantize_int8(x, granularity, group_size, symmetric)
 
 

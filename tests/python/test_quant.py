@@ -376,3 +376,28 @@ def test_params_op_matches_the_reference(granularity, symmetric):
 def test_params_op_names_granularity():
     with pytest.raises(ValueError, match="granularity must be 'tensor' or 'channel'"):
         torch.ops.memwarden.quantize_int8_params(torch.randn(2, 4), "token", True)
+
+
+@pytest.mark.parametrize("granularity,group_size", [("token", None), ("group", 16)])
+def test_eager_fast_path_matches_the_op(granularity, group_size):
+    """Eager plain tensors skip the dispatcher (decode sizes): the same kernel, the same bits."""
+    x = make_input((3, 64), torch.bfloat16, "cpu")
+    fast = quant.quantize_int8(x, granularity, group_size, symmetric=False)
+    slow = torch.ops.memwarden.quantize_int8(x, granularity, group_size, False)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_dispatch_modes_still_see_the_op():
+    """Under a dispatch mode (FakeTensorMode, profilers, memory trackers) the op is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        quant.quantize_int8(torch.randn(2, 8), "token")
+    assert any(name.startswith("memwarden.quantize_int8") for name in seen), seen
