@@ -362,21 +362,25 @@ def random_case(rng: random.Random, kind: str) -> dict:
     return case
 
 
-def run_sample(seed: int, n: int) -> int:
-    """Run ``n`` random cases of each kind; print and count oracle failures (a crash
-    kills the process, which the caller sees as a signal)."""
-    rng = random.Random(seed)
-    failures = 0
-    for i in range(n):
-        for kind, check in CHECKS.items():
-            case = random_case(rng, kind)
-            try:
-                check(case)
-            except AssertionError as exc:
-                failures += 1
-                print(f"FAIL {case}: {exc}", flush=True)
-    print(f"DONE {n * len(CHECKS)} cases, {failures} failures", flush=True)
+def run_checks(cases) -> int:
+    """Run ``(case, check)`` pairs; print and count oracle failures, then a DONE line (a
+    crash kills the process, which the caller sees as a signal)."""
+    failures = ran = 0
+    for case, check in cases:
+        ran += 1
+        try:
+            check(case)
+        except AssertionError as exc:
+            failures += 1
+            print(f"FAIL {case}: {exc}", flush=True)
+    print(f"DONE {ran} cases, {failures} failures", flush=True)
     return failures
+
+
+def run_sample(seed: int, n: int) -> int:
+    """``n`` random cases of each kind through :func:`run_checks`."""
+    rng = random.Random(seed)
+    return run_checks((random_case(rng, kind), check) for _ in range(n) for kind, check in CHECKS.items())
 
 
 def run_in_subprocess(seed: int, n: int, timeout: float = 120.0, module: str = "fuzz_runner") -> subprocess.CompletedProcess:

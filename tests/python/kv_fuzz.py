@@ -1083,23 +1083,19 @@ def check(case) -> None:
 # ----------------------------------------------------------------------------- subprocess sample
 
 def run_sample(seed: int, n: int) -> int:
-    """``n`` random cases of each kind outside the known-bug regions; print and count
-    oracle failures (a crash kills the process: the caller sees a signal)."""
+    """``n`` random cases of each kind outside the known-bug regions, through
+    ``fuzz_runner.run_checks``."""
     rng = random.Random(seed)
-    failures = ran = 0
-    for _ in range(n):
-        for kind in CHECKS:
-            case = random_case(rng, kind)
-            try:
-                if known_bug_regions(case) or found_bug_regions(case):
-                    continue
-            except Exception:  # noqa: BLE001 - the check itself reports it
-                pass
-            ran += 1
-            try:
-                check(case)
-            except AssertionError as exc:
-                failures += 1
-                print(f"FAIL {case}: {exc}", flush=True)
-    print(f"DONE {ran} cases, {failures} failures", flush=True)
-    return failures
+
+    def outside_bug_regions():
+        for _ in range(n):
+            for kind in CHECKS:
+                case = random_case(rng, kind)
+                try:
+                    if known_bug_regions(case) or found_bug_regions(case):
+                        continue
+                except Exception:  # noqa: BLE001 - the check itself reports it
+                    pass
+                yield case, check
+
+    return fr.run_checks(outside_bug_regions())

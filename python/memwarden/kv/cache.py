@@ -35,6 +35,19 @@ __all__ = ["PagedCache", "PagedLayer", "PRUNE_MODES"]
 PRUNE_MODES = (None, "streaming")
 
 
+def _page_reader(which: int, name: str):
+    """Getter and setter of ``PagedLayer.keys``/``values``: a dense copy read from the
+    pages; only None may be assigned (by transformers' base class)."""
+    def get(self):
+        return self._cache.store.get(self.store_index)[which] if self.is_initialized else None
+
+    def set(self, value):
+        if value is not None:
+            raise AttributeError(f"PagedLayer.{name} is read from the pages; write with update()")
+
+    return get, set
+
+
 class PagedLayer(CacheLayerMixin):
     """One full-attention layer of a :class:`PagedCache`: its tokens live in the cache's
     shared :class:`PagedKVCache` under index ``store_index``. ``keys``/``values`` read the
@@ -48,24 +61,9 @@ class PagedLayer(CacheLayerMixin):
         self._cache, self.store_index = cache, store_index
         super().__init__()
 
-    # keys/values: read-only views of the pages (CacheLayerMixin.__init__ assigns None)
-    @property
-    def keys(self) -> Optional[torch.Tensor]:
-        return self._cache.store.get(self.store_index)[0] if self.is_initialized else None
-
-    @keys.setter
-    def keys(self, value) -> None:
-        if value is not None:
-            raise AttributeError("PagedLayer.keys is read from the pages; write with update()")
-
-    @property
-    def values(self) -> Optional[torch.Tensor]:
-        return self._cache.store.get(self.store_index)[1] if self.is_initialized else None
-
-    @values.setter
-    def values(self, value) -> None:
-        if value is not None:
-            raise AttributeError("PagedLayer.values is read from the pages; write with update()")
+    # Read from the pages on access (CacheLayerMixin.__init__ assigns None).
+    keys = property(*_page_reader(0, "keys"))
+    values = property(*_page_reader(1, "values"))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
