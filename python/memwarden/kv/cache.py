@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from memwarden._units import parse_bytes
 from memwarden.kv.paged import KV_DTYPES, KVCacheStats, PagedKVCache
 
 __all__ = ["PagedCache", "PagedLayer", "PRUNE_MODES"]
@@ -75,8 +76,9 @@ class PagedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         store = self._cache.store
         store.add(self.store_index, key_states, value_states)
-        self._cache._after_update(self.store_index)
-        return store.get(self.store_index)
+        keys, values = store.get(self.store_index)
+        self._cache._after_update(self.store_index)  # after the read: every layer saw the same tokens
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self._cache.store.seq_length if self.is_initialized else 0
@@ -98,7 +100,7 @@ class PagedLayer(CacheLayerMixin):
 
     # The pages are shared by every paged layer: PagedCache applies these once.
     def reset(self) -> None:
-        pass
+        self.is_initialized = False  # PagedCache.reset drops the store: the next batch may differ
 
     def crop(self, tokens_to_remove: int) -> None:
         pass
@@ -160,9 +162,11 @@ class PagedCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
         self.config = text
-        self._options = dict(max_memory=max_memory, kv_dtype=kv_dtype, compress=compress,
+        self._options = dict(max_memory=None if max_memory is None else parse_bytes(max_memory, "max_memory"), kv_dtype=kv_dtype, compress=compress,
                              residual_length=residual_length, offload=offload, page_size=page_size,
-                             threshold=threshold, host_memory=host_memory, disk_dir=disk_dir,
+                             threshold=threshold,
+                             host_memory=None if host_memory is None else parse_bytes(host_memory, "host_memory"),
+                             disk_dir=disk_dir,
                              missing="skip" if offload == "evict" else "raise")
         self.prune, self.sinks, self.window = prune, sinks, window
         self.store: Optional[PagedKVCache] = None
@@ -184,8 +188,13 @@ class PagedCache(Cache):
                                       device=key_states.device, **self._options)
 
     def _after_update(self, store_index: int) -> None:
-        if self.prune == "streaming" and store_index == len(self._paged) - 1:
+        """The end of a step (the last paged layer has read its tokens): prune, then keep
+        the budget, so the next step's masks see what its layers will read."""
+        if store_index != len(self._paged) - 1:
+            return
+        if self.prune == "streaming":
             self.store.prune_streaming(self.sinks, self.window)
+        self.store.enforce_budget()
 
     def stats(self) -> KVCacheStats:
         """The paged store's statistics (all zeros before the first forward)."""
@@ -195,14 +204,14 @@ class PagedCache(Cache):
 
     # The shared store first, then transformers' own layers.
     def reset(self) -> None:
-        if self.store is not None:
-            self.store.reset()
+        self.store = None  # built again at the next update, for that batch
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.store is not None:
+        if self.store is not None:  # negative: that many tokens; positive: the length to keep (legacy)
             current = self.store.seq_length
-            remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, current - tokens_to_remove)
+            remove = -tokens_to_remove if tokens_to_remove < 0 else (
+                max(0, current - tokens_to_remove) if tokens_to_remove > 0 else 0)
             self.store.crop(min(remove, len(self.store)))
         super().crop(tokens_to_remove)
 

@@ -312,6 +312,7 @@ class PagedKVCache:
             return
         start = self._filled[layer]
         if layer == 0:
+            self.enforce_budget()  # between steps: every layer has read what the step added
             self._extend(n, positions)
         elif start + n > self._filled[0]:
             raise ValueError(f"PagedKVCache.add: layer {layer} would hold {start + n} tokens but layer 0 holds "
@@ -331,7 +332,6 @@ class PagedKVCache:
         self._filled[layer] = start + n
         if layer == self.num_layers - 1:
             self._clock += 1
-            self._apply_policy()
 
     def _pages_from(self, token_index: int):
         for page in self._pages:
@@ -461,12 +461,17 @@ class PagedKVCache:
             ids = device.alloc(kind, self.batch_size, grow)
         if ids is None:
             raise MemoryError(
-                f"PagedKVCache: the budget max_memory={format_bytes(self.max_memory)} is full "
-                f"({device.slots} pages of {self.page_size} tokens) and compress={self.compress!r}, "
-                f"offload={self.offload!r} free nothing more; raise max_memory or allow compression/offload")
+                f"PagedKVCache: max_memory={format_bytes(self.max_memory)} ({device.slots} pages of "
+                f"{self.page_size} tokens) cannot hold this step: only pages every layer has written can be "
+                f"compressed or offloaded (compress={self.compress!r}, offload={self.offload!r}), and tokens are "
+                "never evicted in the middle of a step; feed a long prompt in chunks or raise max_memory")
         return ids
 
-    def _apply_policy(self) -> None:
+    def enforce_budget(self) -> None:
+        """Apply the policy (compress, then offload or evict) until the device is back under
+        ``threshold``. :meth:`add` runs it when a step begins (layer 0), so the tokens of a
+        step stay the same for every layer; a caller that knows a step has ended (the
+        transformers Cache after its last layer) may run it then."""
         if self.max_memory is None and self.compress != "always":
             return
         if self.compress == "always":
@@ -499,7 +504,7 @@ class PagedKVCache:
                 self._compress(page)
                 if not self._over(extra_slots, hard):
                     return
-        if self.offload == "never":
+        if self.offload == "never" or (hard and self.offload == "evict"):  # no eviction inside a step
             return
         for page in self._candidates("q") + self._candidates("fp"):
             self._move_out(page)
@@ -642,11 +647,23 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ batch
     def select(self, indices: Sequence[int]) -> None:
-        """Keep the sequences ``indices`` (repeats allowed: beam search copies them)."""
+        """Keep the sequences ``indices`` (repeats allowed: beam search copies them). Room
+        for the copies is made first (the policy may compress or offload pages then, never
+        while they are being copied); a copy on host memory or disk may grow that tier."""
         indices = [integer(i, "indices", minimum=0, maximum=self.batch_size - 1, where="PagedKVCache.select: ")
                    for i in indices]
         if not indices:
             raise ValueError("PagedKVCache.select: indices must not be empty")
+        extra = len(indices) - len(set(indices))
+        device_pages = [p for p in self._pages if p.tier == _DEVICE and not p.evicted]
+        if extra and device_pages and self.max_memory is not None:
+            need = extra * len(device_pages)  # at most one slot per copy
+            self._make_room(need, hard=True)
+            device_pages = [p for p in self._pages if p.tier == _DEVICE and not p.evicted]
+            if len(self._tiers[_DEVICE].free_slots) < extra * len(device_pages):
+                raise MemoryError(f"PagedKVCache.select: no room in max_memory={format_bytes(self.max_memory)} for "
+                                  f"{extra} more copies of {len(device_pages)} pages (beam search copies a "
+                                  "sequence's pages for every extra beam)")
         for page in self._pages:
             if page.evicted:
                 continue
@@ -657,8 +674,7 @@ class PagedKVCache:
                     taken.add(i)
                     ids.append(page.ids[i])
                     continue
-                grow = page.tier != _DEVICE or self.max_memory is None
-                (copy,) = tier.alloc(page.kind, 1, grow=grow) or self._alloc_one(page)
+                (copy,) = tier.alloc(page.kind, 1, grow=page.tier != _DEVICE or self.max_memory is None)
                 for layer in range(self.num_layers):
                     for cache in tier.views(layer, page.kind):
                         if cache is not None:
@@ -667,14 +683,6 @@ class PagedKVCache:
             tier.free(page.kind, [pid for j, pid in enumerate(page.ids) if j not in taken])
             page.ids = ids
         self.batch_size = len(indices)
-
-    def _alloc_one(self, page: _Page) -> list[int]:
-        self._make_room(1, hard=True)
-        ids = self._tiers[page.tier].alloc(page.kind, 1, grow=False)
-        if ids is None:
-            raise MemoryError(f"PagedKVCache: no room in max_memory={format_bytes(self.max_memory)} to copy a "
-                              "sequence's pages (beam search needs one copy per extra beam)")
-        return ids
 
     def reset(self) -> None:
         """Forget every token (the storage stays allocated)."""
