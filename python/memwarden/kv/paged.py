@@ -98,8 +98,8 @@ class _Tier:
     """Page storage of one memory tier: ``slots`` full-precision pages per layer and K/V,
     each also seen as ``per_slot`` INT8 pages with float32 scales."""
 
-    def __init__(self, cache: "PagedKVCache", where: int, slots: int, path: Optional[str] = None):
-        self.cache, self.where, self.path = cache, where, path
+    def __init__(self, cache: "PagedKVCache", where: int, slots: int):
+        self.cache, self.where = cache, where
         self.per_slot = cache.dtype.itemsize  # INT8 pages per full-precision slot
         self.fp = self.q = self.scale = None
         self.slots = 0
@@ -112,10 +112,10 @@ class _Tier:
         c = self.cache
         if self.where == _DISK:
             n = math.prod(shape)
-            fd, self.path = tempfile.mkstemp(prefix="memwarden-kv-", suffix=".bin", dir=c.disk_dir)
+            fd, path = tempfile.mkstemp(prefix="memwarden-kv-", suffix=".bin", dir=c.disk_dir)
             os.close(fd)
-            t = torch.from_file(self.path, shared=True, size=n, dtype=dtype).view(shape)
-            os.unlink(self.path)  # the mapping keeps the file alive; nothing is left behind
+            t = torch.from_file(path, shared=True, size=n, dtype=dtype).view(shape)
+            os.unlink(path)  # the mapping keeps the file alive; nothing is left behind
             return t
         device = c.device if self.where == _DEVICE else torch.device("cpu")
         pin = self.where == _HOST and c.device.type == "cuda"
