@@ -4,7 +4,11 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <c10/util/SmallVector.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 namespace memwarden::ops {
@@ -20,6 +24,22 @@ bool is_concrete(const at::Tensor& t) {
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   return !t.is_meta() && !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides() &&
          !at::functionalization::impl::isFunctionalTensor(t);
+}
+
+// The addresses from a tensor's first byte to one past its last (strides are non-negative),
+// from its storage: the data pointer of a tensor with symbolic sizes cannot be read.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(storage ? storage.data() : nullptr) +
+                          t.sym_storage_offset().guard_int(__FILE__, __LINE__) * es;
+  int64_t last = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    const int64_t size = t.sym_size(i).guard_int(__FILE__, __LINE__);
+    if (size == 0) return {begin, begin};
+    last += (size - 1) * t.sym_stride(i).guard_int(__FILE__, __LINE__);
+  }
+  return {begin, begin + (last + 1) * es};
 }
 }  // namespace
 
@@ -37,6 +57,30 @@ void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, c
   const at::MemOverlapStatus status = at::get_overlap_status(a, b);
   TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
                     name_a, " and ", name_b, " overlap in memory; pass tensors that do not share storage");
+}
+
+const at::Tensor* optional_arg(const std::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
+
+void check_outputs_independent(const char* op, c10::ArrayRef<NamedTensor> outputs,
+                               c10::ArrayRef<NamedTensor> inputs) {
+  c10::SmallVector<size_t, 4> order;
+  c10::SmallVector<std::pair<uintptr_t, uintptr_t>, 4> spans(outputs.size());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const auto& [name, t] = outputs[i];
+    if (!t) continue;
+    check_no_internal_overlap(op, name, *t);
+    for (const auto& [input, u] : inputs)
+      if (u) check_no_overlap(op, name, *t, input, *u);
+    spans[i] = byte_span(*t);
+    order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return spans[a].first < spans[b].first; });
+  for (size_t i = 0; i < order.size(); ++i) {
+    for (size_t j = i + 1; j < order.size() && spans[order[j]].first < spans[order[i]].second; ++j) {
+      const size_t a = std::min(order[i], order[j]), b = std::max(order[i], order[j]);
+      check_no_overlap(op, outputs[a].first, *outputs[a].second, outputs[b].first, *outputs[b].second);
+    }
+  }
 }
 
 void check_static_scale_values(const char* op, const char* name, const at::Tensor& scale_cpu) {

@@ -3,7 +3,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace memwarden::ops {
 
@@ -17,6 +21,15 @@ std::string dtype_name(at::ScalarType dtype);
 void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& out);
 void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
                       const at::Tensor& b);
+
+// A tensor argument by name; null when an optional one is absent.
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+const at::Tensor* optional_arg(const std::optional<at::Tensor>& t);
+
+// Every output has no internal overlap and overlaps no other output and no input.
+// Outputs are compared only where their byte spans meet (sorted by start), so the caches
+// of n layers (copy_blocks) cost n log n comparisons, not n^2.
+void check_outputs_independent(const char* op, c10::ArrayRef<NamedTensor> outputs, c10::ArrayRef<NamedTensor> inputs);
 
 // Every value of a static quantization scale (a float32 CPU tensor) must be positive and
 // finite: a zero, negative or NaN scale quantizes every value to the zero point, silently

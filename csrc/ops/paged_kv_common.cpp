@@ -6,7 +6,6 @@
 // symbolic shapes of torch.compile (they specialise the sizes they look at).
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -36,15 +35,13 @@ std::string shape_string(const at::Tensor& t) {
   return out + "]";
 }
 
-std::string dtype_string(at::ScalarType t) { return c10::toString(t); }
-
 std::string prefix(const char* op, const char* arg) { return std::string(op) + ": " + arg; }
 
 bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 void check_float(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(is_float(t.scalar_type()), prefix(op, arg) + " must be float32, float16 or bfloat16, got " +
-                                                  dtype_string(t.scalar_type()));
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), prefix(op, arg) + " must be torch.float32, torch.float16 or torch.bfloat16, got " +
+                                                  dtype_name(t.scalar_type()));
 }
 
 void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const char* expected) {
@@ -67,8 +64,8 @@ void check_device(const char* op, const char* arg, const at::Tensor& t, const at
 
 void check_index_dtype(const char* op, const char* arg, const at::Tensor& t, bool allow_int32) {
   const bool ok = t.scalar_type() == at::kLong || (allow_int32 && t.scalar_type() == at::kInt);
-  TORCH_CHECK_TYPE(ok, prefix(op, arg) + " must be " + (allow_int32 ? "int32 or int64" : "int64") + ", got " +
-                           dtype_string(t.scalar_type()));
+  TORCH_CHECK_TYPE(ok, prefix(op, arg) + " must be " + (allow_int32 ? "torch.int32 or torch.int64" : "torch.int64") + ", got " +
+                           dtype_name(t.scalar_type()));
 }
 
 // A static dequantization scale: fp32, [1] or [num_heads] elements, contiguous, and (on
@@ -77,7 +74,7 @@ void check_index_dtype(const char* op, const char* arg, const at::Tensor& t, boo
 bool check_static_scale(const char* op, const char* arg, const at::Tensor& scale, const at::Tensor& cache,
                         int64_t num_heads) {
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat,
-                   prefix(op, arg) + " must be float32, got " + dtype_string(scale.scalar_type()));
+                   prefix(op, arg) + " must be torch.float32, got " + dtype_name(scale.scalar_type()));
   const int64_t n = scale.sym_numel().guard_int(__FILE__, __LINE__);
   TORCH_CHECK_VALUE(n == 1 || n == num_heads, prefix(op, arg) + " must have 1 or num_heads = " +
                                                   to_string(num_heads) + " elements, got shape " +
@@ -88,58 +85,13 @@ bool check_static_scale(const char* op, const char* arg, const at::Tensor& scale
   return n != 1 || num_heads == 1;
 }
 
-// A tensor argument by name; null when an optional one is absent.
-using NamedTensor = std::pair<const char*, const at::Tensor*>;
-
-const at::Tensor* optional_arg(const std::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
-
-// The addresses from a tensor's first byte to one past its last (strides are non-negative),
-// from its storage: the data pointer of a tensor with symbolic sizes cannot be read.
-std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
-  const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
-  const int64_t es = static_cast<int64_t>(t.element_size());
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(storage ? storage.data() : nullptr) +
-                          t.sym_storage_offset().guard_int(__FILE__, __LINE__) * es;
-  int64_t last = 0;
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (dim_of(t, i) == 0) return {begin, begin};
-    last += (dim_of(t, i) - 1) * stride_of(t, i);
-  }
-  return {begin, begin + (last + 1) * es};
-}
-
-// Each output has no internal overlap and overlaps no other output and no input. Outputs
-// are compared where their byte spans meet (sorted by start), so the caches of n layers
-// (copy_blocks) cost n log n, not n^2, comparisons.
-void check_outputs_independent(const char* op, c10::ArrayRef<NamedTensor> outputs,
-                               c10::ArrayRef<NamedTensor> inputs) {
-  c10::SmallVector<size_t, 4> order;
-  c10::SmallVector<std::pair<uintptr_t, uintptr_t>, 4> spans(outputs.size());
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const auto& [name, t] = outputs[i];
-    if (!t) continue;
-    check_no_internal_overlap(op, name, *t);
-    for (const auto& [input, u] : inputs)
-      if (u) check_no_overlap(op, name, *t, input, *u);
-    spans[i] = byte_span(*t);
-    order.push_back(i);
-  }
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return spans[a].first < spans[b].first; });
-  for (size_t i = 0; i < order.size(); ++i) {
-    for (size_t j = i + 1; j < order.size() && spans[order[j]].first < spans[order[i]].second; ++j) {
-      const size_t a = std::min(order[i], order[j]), b = std::max(order[i], order[j]);
-      check_no_overlap(op, outputs[a].first, *outputs[a].second, outputs[b].first, *outputs[b].second);
-    }
-  }
-}
-
 // A per-(token, head) scale cache [num_blocks, block_size, num_heads] fp32.
 void check_scale_cache(const char* op, const char* arg, const std::optional<at::Tensor>& t, const at::Tensor& cache,
                        int64_t num_blocks, int64_t block_size, int64_t num_heads, int64_t strides[3]) {
   TORCH_CHECK_VALUE(t.has_value() && t->defined(),
                     prefix(op, arg) + " is required for kv_cache_dtype \"int8_per_token_head\"");
   TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat,
-                   prefix(op, arg) + " must be float32, got " + dtype_string(t->scalar_type()));
+                   prefix(op, arg) + " must be torch.float32, got " + dtype_name(t->scalar_type()));
   check_dim(op, arg, *t, 3, "[num_blocks, block_size, num_heads]");
   TORCH_CHECK_VALUE(dim_of(*t, 0) == num_blocks && dim_of(*t, 1) == block_size && dim_of(*t, 2) == num_heads,
                     prefix(op, arg) + " must have shape [" + to_string(num_blocks) + ", " + to_string(block_size) +
@@ -164,15 +116,15 @@ void check_flash_cache(const char* op, const char* arg, const at::Tensor& cache,
   if (dtype == KvCacheDtype::kAuto) {
     if (float_dtype) {
       TORCH_CHECK_TYPE(cache.scalar_type() == *float_dtype,
-                       prefix(op, arg) + " must have the dtype of key/value (" + dtype_string(*float_dtype) +
-                           ") with kv_cache_dtype \"auto\", got " + dtype_string(cache.scalar_type()));
+                       prefix(op, arg) + " must have the dtype of key/value (" + dtype_name(*float_dtype) +
+                           ") with kv_cache_dtype \"auto\", got " + dtype_name(cache.scalar_type()));
     } else {
       check_float(op, arg, cache);
     }
   } else {
     TORCH_CHECK_TYPE(cache.scalar_type() == at::kChar, prefix(op, arg) +
-                                                           " must be int8 with an int8 kv_cache_dtype, got " +
-                                                           dtype_string(cache.scalar_type()));
+                                                           " must be torch.int8 with an int8 kv_cache_dtype, got " +
+                                                           dtype_name(cache.scalar_type()));
   }
   TORCH_CHECK_VALUE(dim_of(cache, 1) > 0, prefix(op, arg) + " must have a positive block size, got shape " +
                                               shape_string(cache));
@@ -274,8 +226,8 @@ FlashGeometry reshape_and_cache_flash_check(const at::Tensor& key, const at::Ten
   check_dim(op, "value", value, 3, "[num_tokens, num_heads, head_size]");
   check_float(op, "key", key);
   TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), std::string(op) + ": value must have the dtype of key (" +
-                                                                 dtype_string(key.scalar_type()) + "), got " +
-                                                                 dtype_string(value.scalar_type()));
+                                                                 dtype_name(key.scalar_type()) + "), got " +
+                                                                 dtype_name(value.scalar_type()));
   check_inner_contiguous(op, "key", key);
   check_inner_contiguous(op, "value", value);
   check_flash_cache(op, "key_cache", key_cache, dtype, key.scalar_type());
@@ -337,8 +289,8 @@ LegacyGeometry reshape_and_cache_check(const at::Tensor& key, const at::Tensor& 
   check_dim(op, "value", value, 3, "[num_tokens, num_heads, head_size]");
   check_float(op, "key", key);
   TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(),
-                   std::string(op) + ": value must have the dtype of key (" + dtype_string(key.scalar_type()) +
-                       "), got " + dtype_string(value.scalar_type()));
+                   std::string(op) + ": value must have the dtype of key (" + dtype_name(key.scalar_type()) +
+                       "), got " + dtype_name(value.scalar_type()));
   check_inner_contiguous(op, "key", key);
   check_inner_contiguous(op, "value", value);
   check_dim(op, "key_cache", key_cache, 5, "[num_blocks, num_heads, head_size / x, block_size, x]");
@@ -348,12 +300,12 @@ LegacyGeometry reshape_and_cache_check(const at::Tensor& key, const at::Tensor& 
     TORCH_CHECK_VALUE(cache.is_contiguous(), prefix(op, name) + " must be contiguous");
     if (dtype == KvCacheDtype::kAuto) {
       TORCH_CHECK_TYPE(cache.scalar_type() == key.scalar_type(),
-                       prefix(op, name) + " must have the dtype of key/value (" + dtype_string(key.scalar_type()) +
-                           ") with kv_cache_dtype \"auto\", got " + dtype_string(cache.scalar_type()));
+                       prefix(op, name) + " must have the dtype of key/value (" + dtype_name(key.scalar_type()) +
+                           ") with kv_cache_dtype \"auto\", got " + dtype_name(cache.scalar_type()));
     } else {
       TORCH_CHECK_TYPE(cache.scalar_type() == at::kChar, prefix(op, name) +
-                                                             " must be int8 with kv_cache_dtype \"int8\", got " +
-                                                             dtype_string(cache.scalar_type()));
+                                                             " must be torch.int8 with kv_cache_dtype \"int8\", got " +
+                                                             dtype_name(cache.scalar_type()));
     }
   }
   check_slot_mapping_and_devices(op, key, value, key_cache, value_cache, slot_mapping);
@@ -603,8 +555,8 @@ FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& 
   if (dtype == KvCacheDtype::kAuto)
     TORCH_CHECK_TYPE(key_out.scalar_type() == key_cache.scalar_type(),
                      std::string(op) + ": key_out must have the cache's dtype (" +
-                         dtype_string(key_cache.scalar_type()) + ") with kv_cache_dtype \"auto\", got " +
-                         dtype_string(key_out.scalar_type()));
+                         dtype_name(key_cache.scalar_type()) + ") with kv_cache_dtype \"auto\", got " +
+                         dtype_name(key_out.scalar_type()));
   check_same_shape(op, "key_out", key_out, "value_out", value_out);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"value_cache", value_cache},
                                 std::pair<const char*, const at::Tensor&>{"block_table", block_table},

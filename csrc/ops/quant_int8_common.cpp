@@ -155,15 +155,7 @@ void quantize_int8_groups_out_check(const at::Tensor& input, int64_t group_size,
   check("q", q, want_q);
   check("scale", scale, want_scale);
   if (azp.has_value()) check("azp", *azp, *want_azp);
-  // Contiguous outputs cannot overlap themselves; they can overlap each other or the input.
-  check_no_overlap(op, "q", q, "scale", scale);
-  check_no_overlap(op, "input", input, "q", q);
-  check_no_overlap(op, "input", input, "scale", scale);
-  if (azp.has_value()) {
-    check_no_overlap(op, "q", q, "azp", *azp);
-    check_no_overlap(op, "scale", scale, "azp", *azp);
-    check_no_overlap(op, "input", input, "azp", *azp);
-  }
+  check_outputs_independent(op, {{"q", &q}, {"scale", &scale}, {"azp", optional_arg(azp)}}, {{"input", &input}});
 }
 
 ParamsResult quantize_int8_params_outputs(const at::Tensor& input, c10::string_view granularity, bool symmetric) {

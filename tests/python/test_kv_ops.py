@@ -329,7 +329,7 @@ def test_flash_errors_name_the_argument():
     assert bool((kc == 0).all())  # nothing written before the error
     with pytest.raises(TypeError, match="key_cache must have the dtype of key/value"):
         ops.reshape_and_cache_flash(key, value, kc.float(), vc, slots)
-    with pytest.raises(TypeError, match="key_cache must be int8"):
+    with pytest.raises(TypeError, match="key_cache must be torch.int8"):
         ops.reshape_and_cache_flash(key, value, kc, vc, slots, "int8", one, one)
     with pytest.raises(ValueError, match="key has 2 heads of size 64 but the cache holds 2 heads of size 32"):
         ops.reshape_and_cache_flash(key, value, kc[..., :32], vc[..., :32], slots)
