@@ -560,3 +560,13 @@ def test_every_layer_of_a_step_reads_the_same_tokens():
     first = cache.get(0)[0].shape[2]
     cache.add(1, x, x)
     assert cache.get(1)[0].shape[2] == first == 16
+
+
+def test_the_budget_pool_is_allocated_at_the_first_page():
+    """PagedCache checks its options by building a store: that must cost no memory."""
+    cache = PagedKVCache(2, 2, 8, dtype=torch.float32, page_size=4, max_memory="64KiB")
+    assert cache.nbytes == 0
+    x = torch.randn(1, 2, 1, 8)
+    cache.add(0, x, x)
+    slots = 64 * 1024 // cache.slot_bytes
+    assert cache.nbytes == slots * cache.slot_bytes  # the whole budget's pool, scales included

@@ -172,7 +172,8 @@ class PagedCache(Cache):
         self.store: Optional[PagedKVCache] = None
         if not self._paged:
             return
-        # Check the options now (a bad budget or mode fails here, not in the first forward).
+        # Check the options now (a bad budget or mode fails here, not in the first forward);
+        # a store allocates nothing before its first page.
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         dtype = getattr(text, "dtype", None)

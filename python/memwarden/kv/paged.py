@@ -101,12 +101,11 @@ class _Tier:
     def __init__(self, cache: "PagedKVCache", where: int, slots: int):
         self.cache, self.where = cache, where
         self.per_slot = cache.dtype.itemsize  # INT8 pages per full-precision slot
-        self.fp = self.q = self.scale = None
-        self.slots = 0
-        self.free_slots: list[int] = []
+        self.fp = self.q = self.scale = None  # allocated at the first page: a configured cache costs nothing
+        self.slots = slots
+        self.free_slots: list[int] = list(range(slots - 1, -1, -1))
         self.free_q: list[int] = []        # INT8 page ids in slots given to INT8 pages
         self.q_in_slot: dict[int, int] = {}  # slot -> INT8 pages used in it
-        self._resize(slots)
 
     def _new(self, shape, dtype):
         c = self.cache
@@ -121,24 +120,25 @@ class _Tier:
         pin = self.where == _HOST and c.device.type == "cuda"
         return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
 
-    def _resize(self, slots: int) -> None:
+    def _allocate(self) -> None:
+        """Storage for ``self.slots`` slots, holding the pages of the storage it replaces."""
         c = self.cache
-        shape = (c.num_layers, 2, slots, c.page_size, c.num_kv_heads, c.head_dim)
-        fp = self._new(shape, c.dtype)
-        scale = self._new((c.num_layers, 2, slots * self.per_slot, c.page_size, c.num_kv_heads), torch.float32) \
+        fp = self._new((c.num_layers, 2, self.slots, c.page_size, c.num_kv_heads, c.head_dim), c.dtype)
+        scale = self._new((c.num_layers, 2, self.slots * self.per_slot, c.page_size, c.num_kv_heads), torch.float32) \
             if c._may_quantize else None
-        if self.fp is not None and self.slots:
-            fp[:, :, : self.slots].copy_(self.fp)
+        if self.fp is not None:
+            old = self.fp.shape[2]
+            fp[:, :, :old].copy_(self.fp)
             if scale is not None:
-                scale[:, :, : self.slots * self.per_slot].copy_(self.scale)
-        self.free_slots.extend(range(slots - 1, self.slots - 1, -1))
-        self.fp, self.scale, self.slots = fp, scale, slots
-        self.q = fp.view(-1).view(torch.int8).view(c.num_layers, 2, slots * self.per_slot, c.page_size,
+                scale[:, :, : old * self.per_slot].copy_(self.scale)
+        self.fp, self.scale = fp, scale
+        self.q = fp.view(-1).view(torch.int8).view(c.num_layers, 2, self.slots * self.per_slot, c.page_size,
                                                     c.num_kv_heads, c.head_dim)
 
     @property
     def nbytes(self) -> int:
-        return self.fp.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+        """Bytes allocated (0 before the first page)."""
+        return 0 if self.fp is None else self.fp.nbytes + (self.scale.nbytes if self.scale is not None else 0)
 
     @property
     def used_slots(self) -> int:
@@ -150,7 +150,12 @@ class _Tier:
         if need > len(self.free_slots):
             if not grow:
                 return None
-            self._resize(max(2 * self.slots, self.used_slots + need, 4))
+            slots = max(2 * self.slots, self.used_slots + need, 4)
+            self.free_slots.extend(range(slots - 1, self.slots - 1, -1))
+            self.slots = slots
+            self._allocate()
+        elif self.fp is None:
+            self._allocate()
         if kind == "fp":
             return [self.free_slots.pop() for _ in range(n)]
         while len(self.free_q) < n:
@@ -716,5 +721,6 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of storage held on the device (the preallocated pool under a budget)."""
+        """Bytes of storage held on the device: under a budget the pool, allocated in full at
+        the first page (0 before)."""
         return self._tiers[_DEVICE].nbytes
