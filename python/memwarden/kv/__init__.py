@@ -119,26 +119,6 @@ _ARGUMENTS = {
 }
 
 
-def _arrange(where, names, defaults, args, kwargs):
-    """A call's ``args``/``kwargs`` as one value per parameter, in order (defaults filled)."""
-    if len(args) > len(names):
-        raise TypeError(f"{where}takes {len(names)} arguments, got {len(args)}")
-    values = list(args)
-    for name in names[:len(args)]:
-        if name in kwargs:
-            raise TypeError(f"{where}got multiple values for argument {name!r}")
-    for name in names[len(args):]:
-        if name in kwargs:
-            values.append(kwargs.pop(name))
-        elif name in defaults:
-            values.append(defaults[name])
-        else:
-            raise TypeError(f"{where}missing required argument {name!r}")
-    if kwargs:
-        raise TypeError(f"{where}got an unexpected keyword argument {next(iter(kwargs))!r}")
-    return values
-
-
 def _checked(cls, method, params):
     """``cls.method`` (the binding's) behind a check of its arguments; docstring kept."""
     native = getattr(cls, method)
@@ -148,17 +128,23 @@ def _checked(cls, method, params):
     kinds = tuple(p[1] for p in params)
     defaults = {p[0]: p[2] for p in params if len(p) == 3}
 
-    def call(self, *args, **kwargs):
-        if kwargs or len(args) != len(names):
-            args = _arrange(where, names, defaults, args, kwargs)
-        return native(self, *[kind(v, name, where) for kind, name, v in zip(kinds, names, args)])
-
-    call.__name__, call.__qualname__, call.__doc__ = method, f"{cls.__qualname__}.{method}", native.__doc__
-    call.__module__, call.__wrapped__ = __name__, native
-    call.__signature__ = inspect.Signature(
+    signature = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(n, _NO_DEFAULT))
            for n in names])
+
+    def call(self, *args, **kwargs):
+        if kwargs or len(args) != len(names):  # Python's own binding, for keywords and defaults
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"{where}{e}") from None
+            bound.apply_defaults()
+            args = tuple(bound.arguments.values())[1:]
+        return native(self, *[kind(v, name, where) for kind, name, v in zip(kinds, names, args)])
+
+    call.__name__, call.__qualname__, call.__doc__ = method, f"{cls.__qualname__}.{method}", native.__doc__
+    call.__module__, call.__wrapped__, call.__signature__ = __name__, native, signature
     return call
 
 
