@@ -124,43 +124,44 @@ def test_beam_search_matches_dynamic(arch):
         assert torch.equal(x, y)
 
 
-
-@pytest.mark.parametrize("arch", ["llama",
-                                  "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_assisted_decoding_matches_dynamic(arch):
+    """Assisted decoding crops rejected tokens (and calls crop(0) when none are)."""
     model, assistant = tiny_model(arch), tiny_model(arch, seed=1)
     ids = prompt(1, 10, seed=3)
     kw = dict(assistant_model=assistant)
-    ref = generate(model, DynamicCache(config=model.config), ids, new=24, **kw)
+    dyn = DynamicCache(config=model.config)
+    ref = generate(model, dyn, ids, new=24, **kw)
     cache = PagedCache(model.config, page_size=8)
     out = generate(model, cache, ids, new=24, **kw)
     assert torch.equal(ref.sequences, out.sequences)
     for x, y in zip(ref.logits, out.logits):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    # (after this run PagedCache's store is empty where DynamicCache holds 33 tokens: the
-    # final crop(0) of assisted decoding, see test_crop_zero_removes_nothing)
+    assert cache.get_seq_length() == dyn.get_seq_length()
 
 
-def test_crop_zero_removes_nothing():
-    model = tiny_model("llama")
-    ids = prompt(1, 5, seed=11)
+def prefilled_and_cropped(model, tokens: int, crop: int, seed: int):
+    """A DynamicCache and a PagedCache after one forward of ``tokens`` tokens and crop(crop)."""
+    ids = prompt(1, tokens, seed=seed)
     dyn, paged = DynamicCache(config=model.config), PagedCache(model.config, page_size=8)
     with torch.no_grad():
         for c in (dyn, paged):
             model(ids, past_key_values=c, use_cache=True)
-            c.crop(0)
+            c.crop(crop)
+    return dyn, paged
+
+
+def test_crop_zero_removes_nothing():
+    model = tiny_model("llama")
+    dyn, paged = prefilled_and_cropped(model, 5, 0, seed=11)
     assert dyn.get_seq_length() == 5
     assert paged.get_seq_length() == 5 and paged.layers[0].keys.shape[2] == 5
 
 
 def test_crop_negative_matches_dynamic():
     model = tiny_model("llama")
-    ids = prompt(1, 13, seed=12)
-    dyn, paged = DynamicCache(config=model.config), PagedCache(model.config, page_size=8)
+    dyn, paged = prefilled_and_cropped(model, 13, -4, seed=12)
     with torch.no_grad():
-        for c in (dyn, paged):
-            model(ids, past_key_values=c, use_cache=True)
-            c.crop(-4)
         assert paged.get_seq_length() == dyn.get_seq_length() == 9
         for i in paged_layers(model):
             assert torch.equal(paged.layers[i].keys, dyn.layers[i].keys)

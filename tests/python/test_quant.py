@@ -385,6 +385,10 @@ def test_eager_fast_path_matches_the_op(granularity, group_size):
     fast = quant.quantize_int8(x, granularity, group_size, symmetric=False)
     slow = torch.ops.memwarden.quantize_int8(x, granularity, group_size, False)
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    ref_q, ref_scale, ref_azp = reference_quantize(x, granularity, group_size, symmetric=False)
+    torch.testing.assert_close(fast[1].reshape(-1), ref_scale, rtol=1e-6, atol=0)
+    assert (fast[0].int() - ref_q.int()).abs().max() <= 2  # ties may round the other way (x * 1/s vs x / s)
+    assert (fast[2].reshape(-1) - ref_azp).abs().max() <= 1
 
 
 def test_dispatch_modes_still_see_the_op():
