@@ -37,8 +37,8 @@ def build_model(quick: bool):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                         torch_dtype="bfloat16")
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).eval()
+                         dtype="bfloat16")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     prompt, new = (128, 64) if quick else (1024, 512)
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
     return model, ids, new
@@ -86,14 +86,21 @@ def kv_bytes(cache) -> dict:
 
 
 def _nbytes(t) -> int:
+    """Bytes a cached object really holds: a plain tensor's storage; a tensor subclass
+    (quanto's packed tensors) through its inner tensors; tuples, lists and dicts (hqq's
+    (data, meta) pairs) item by item."""
     import torch
 
     if isinstance(t, torch.Tensor):
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(_nbytes(getattr(t, name)) for name in names)
         return t.nbytes
-    if t is None:
-        return 0
-    # quanto / hqq wrappers: sum their tensors
-    return sum(v.nbytes for v in vars(t).values() if isinstance(v, torch.Tensor)) if hasattr(t, "__dict__") else 0
+    if isinstance(t, dict):
+        return sum(_nbytes(v) for v in t.values())
+    if isinstance(t, (tuple, list)):
+        return sum(_nbytes(v) for v in t)
+    return 0
 
 
 def run_one(variant: str, quick: bool, out: str) -> None:
