@@ -17,6 +17,56 @@ std::string dtype_name(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
+std::string shape_string(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    const auto v = t.sym_size(i).maybe_as_int();
+    out += (i ? ", " : "") + (v ? std::to_string(*v) : std::string("<symbolic>"));
+  }
+  return out + "]";
+}
+
+int64_t dim_of(const at::Tensor& t, int64_t i) { return t.sym_size(i).guard_int(__FILE__, __LINE__); }
+int64_t stride_of(const at::Tensor& t, int64_t i) { return t.sym_stride(i).guard_int(__FILE__, __LINE__); }
+
+std::string prefix(const char* op, const char* arg) { return std::string(op) + ": " + arg; }
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), prefix(op, arg) +
+                                                  " must be torch.float32, torch.float16 or torch.bfloat16, got " +
+                                                  dtype_name(t.scalar_type()));
+}
+
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const char* expected) {
+  TORCH_CHECK_VALUE(t.dim() == dim, prefix(op, arg) + " must have " + std::to_string(dim) + " dimensions " +
+                                        expected + ", got shape " + shape_string(t));
+}
+
+void check_inner_contiguous(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 0 || dim_of(t, -1) <= 1 || stride_of(t, -1) == 1,
+                    prefix(op, arg) + " must have a contiguous last dimension (stride 1), got stride " +
+                        std::to_string(stride_of(t, -1)));
+  for (int64_t i = 0; i < t.dim(); ++i)
+    TORCH_CHECK_VALUE(stride_of(t, i) >= 0, prefix(op, arg) + " must not have negative strides");
+}
+
+void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& cache) {
+  TORCH_CHECK_VALUE(t.device() == cache.device(), prefix(op, arg) + " must be on " + cache.device().str() +
+                                                      " like the cache, got " + t.device().str());
+}
+
+void check_index_dtype(const char* op, const char* arg, const at::Tensor& t, bool allow_int32) {
+  const bool ok = t.scalar_type() == at::kLong || (allow_int32 && t.scalar_type() == at::kInt);
+  TORCH_CHECK_TYPE(ok, prefix(op, arg) + " must be " + (allow_int32 ? "torch.int32 or torch.int64" : "torch.int64") +
+                           ", got " + dtype_name(t.scalar_type()));
+}
+
+int64_t index_at(const at::Tensor& t, int64_t i) {
+  return t.scalar_type() == at::kInt ? t.const_data_ptr<int32_t>()[i] : t.const_data_ptr<int64_t>()[i];
+}
+
 namespace {
 // Whether t has memory to read or compare: not a Meta tensor, nor one of the stand-ins
 // torch.compile traces with (fake and functional tensors, symbolic sizes).
@@ -60,6 +110,8 @@ void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, c
 }
 
 const at::Tensor* optional_arg(const std::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
+
+at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 void check_outputs_independent(const char* op, c10::ArrayRef<NamedTensor> outputs,
                                c10::ArrayRef<NamedTensor> inputs) {

@@ -14,6 +14,27 @@ namespace memwarden::ops {
 // A dtype as Python spells it ("torch.float32"), for messages (c10 prints "Float").
 std::string dtype_name(at::ScalarType dtype);
 
+// A shape for messages ("[2, <symbolic>, 8]"), built with std::to_string.
+std::string shape_string(const at::Tensor& t);
+
+// Sizes and strides through guard_int, so the checks also run on the symbolic shapes of
+// torch.compile (they specialise the sizes they look at).
+int64_t dim_of(const at::Tensor& t, int64_t i);
+int64_t stride_of(const at::Tensor& t, int64_t i);
+
+// Argument checks whose errors start "<op>: <arg>" (TypeError for dtypes, ValueError
+// for shapes and devices).
+std::string prefix(const char* op, const char* arg);  // "<op>: <arg>"
+bool is_float(at::ScalarType t);  // float32, float16 or bfloat16
+void check_float(const char* op, const char* arg, const at::Tensor& t);
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const char* expected);
+// A contiguous last dimension and no negative strides.
+void check_inner_contiguous(const char* op, const char* arg, const at::Tensor& t);
+void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& cache);
+void check_index_dtype(const char* op, const char* arg, const at::Tensor& t, bool allow_int32);
+// Element i of a contiguous int32 or int64 CPU tensor.
+int64_t index_at(const at::Tensor& t, int64_t i);
+
 // Outputs are rejected the way torch's in-place ops reject them (ATen/MemoryOverlap.h):
 // an output whose elements share memory (a stride-0 or overlapping as_strided view),
 // or two tensors of which one writes what the other reads or writes. Each error names
@@ -25,6 +46,8 @@ void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, c
 // A tensor argument by name; null when an optional one is absent.
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
 const at::Tensor* optional_arg(const std::optional<at::Tensor>& t);
+// An optional tensor argument as the kernels take it: undefined when absent.
+at::Tensor defined_or_empty(const std::optional<at::Tensor>& t);
 
 // Every output has no internal overlap and overlaps no other output and no input.
 // Outputs are compared only where their byte spans meet (sorted by start), so the caches

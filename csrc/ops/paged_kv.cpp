@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/checks.h"
 #include "ops/paged_kv.h"
 #include "ops/paged_kv_cpu.h"
 
@@ -23,12 +24,6 @@ const PagedKvCpuKernels& paged_kv_cpu_kernels() {
   return DEFAULT::kPagedKvCpuKernels;
 #endif
 }
-
-namespace {
-
-at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
-
-}  // namespace
 
 void reshape_and_cache_flash_cpu(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                                  const at::Tensor& value_cache, const at::Tensor& slot_mapping,

@@ -135,6 +135,20 @@ void gather_cache_cpu(const at::Tensor& key_cache, const at::Tensor& value_cache
 // block ids of the pages in use against num_blocks.
 void check_gather_values(const at::Tensor& block_table_cpu, const at::Tensor& seq_lens_cpu, int64_t num_blocks,
                          int64_t block_size, int64_t out_tokens);
+// Shared by the ops that read a flash-layout cache (gather_cache, paged_attention):
+// the caches' shapes, dtypes and devices and the scales their cache dtype needs, into a
+// geometry whose token counts and source strides are left to the caller; the block table
+// and sequence lengths' shapes, dtypes and devices; and their values (CPU copies):
+// every length within the table and every block id of a page in use within num_blocks.
+// Returns sum(seq_lens). table_arg names the block table in messages.
+FlashGeometry check_read_caches(const char* op, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                KvCacheDtype dtype, const std::optional<at::Tensor>& k_scale,
+                                const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_scale_cache,
+                                const std::optional<at::Tensor>& v_scale_cache);
+void check_block_table(const char* op, const char* table_arg, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& key_cache);
+int64_t check_block_table_values(const char* op, const char* table_arg, const at::Tensor& block_table_cpu,
+                                 const at::Tensor& seq_lens_cpu, int64_t num_blocks, int64_t block_size);
 // Checks slot values (CPU tensor) against num_blocks * block_size.
 void check_slot_values(const char* op, const at::Tensor& slot_mapping_cpu, int64_t num_blocks, int64_t block_size);
 

@@ -23,51 +23,6 @@ namespace {
 
 using std::to_string;
 
-int64_t dim_of(const at::Tensor& t, int64_t i) { return t.sym_size(i).guard_int(__FILE__, __LINE__); }
-int64_t stride_of(const at::Tensor& t, int64_t i) { return t.sym_stride(i).guard_int(__FILE__, __LINE__); }
-
-std::string shape_string(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    const auto v = t.sym_size(i).maybe_as_int();
-    out += (i ? ", " : "") + (v ? to_string(*v) : std::string("<symbolic>"));
-  }
-  return out + "]";
-}
-
-std::string prefix(const char* op, const char* arg) { return std::string(op) + ": " + arg; }
-
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
-void check_float(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(is_float(t.scalar_type()), prefix(op, arg) + " must be torch.float32, torch.float16 or torch.bfloat16, got " +
-                                                  dtype_name(t.scalar_type()));
-}
-
-void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const char* expected) {
-  TORCH_CHECK_VALUE(t.dim() == dim, prefix(op, arg) + " must have " + to_string(dim) + " dimensions " + expected +
-                                        ", got shape " + shape_string(t));
-}
-
-void check_inner_contiguous(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.dim() == 0 || dim_of(t, -1) <= 1 || stride_of(t, -1) == 1,
-                    prefix(op, arg) + " must have a contiguous last dimension (stride 1), got stride " +
-                        to_string(stride_of(t, -1)));
-  for (int64_t i = 0; i < t.dim(); ++i)
-    TORCH_CHECK_VALUE(stride_of(t, i) >= 0, prefix(op, arg) + " must not have negative strides");
-}
-
-void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(t.device() == like.device(), prefix(op, arg) + " must be on " + like.device().str() +
-                                                     " like the cache, got " + t.device().str());
-}
-
-void check_index_dtype(const char* op, const char* arg, const at::Tensor& t, bool allow_int32) {
-  const bool ok = t.scalar_type() == at::kLong || (allow_int32 && t.scalar_type() == at::kInt);
-  TORCH_CHECK_TYPE(ok, prefix(op, arg) + " must be " + (allow_int32 ? "torch.int32 or torch.int64" : "torch.int64") + ", got " +
-                           dtype_name(t.scalar_type()));
-}
-
 // A static dequantization scale: fp32, [1] or [num_heads] elements, contiguous, and (on
 // the CPU; the CUDA ops check a host copy, see check_static_scale_values) every value
 // positive and finite.
@@ -144,10 +99,6 @@ void check_same_shape(const char* op, const char* a, const at::Tensor& x, const 
   for (int64_t i = 0; same && i < x.dim(); ++i) same = dim_of(x, i) == dim_of(y, i);
   TORCH_CHECK_VALUE(same, std::string(op) + ": " + a + " and " + b + " must have the same shape, got " +
                               shape_string(x) + " and " + shape_string(y));
-}
-
-int64_t index_at(const at::Tensor& t, int64_t i) {
-  return t.scalar_type() == at::kInt ? t.const_data_ptr<int32_t>()[i] : t.const_data_ptr<int64_t>()[i];
 }
 
 // The writes' slot mapping is int64 [num_tokens], and every tensor is on key_cache's device.
@@ -526,6 +477,40 @@ bool cuda_index_checks() { return cuda_index_checks_enabled.load(std::memory_ord
 
 bool set_cuda_index_checks(bool enabled) { return cuda_index_checks_enabled.exchange(enabled); }
 
+FlashGeometry check_read_caches(const char* op, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                KvCacheDtype dtype, const std::optional<at::Tensor>& k_scale,
+                                const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_scale_cache,
+                                const std::optional<at::Tensor>& v_scale_cache) {
+  check_flash_cache(op, "key_cache", key_cache, dtype, std::nullopt);
+  check_flash_cache(op, "value_cache", value_cache, dtype, std::nullopt);
+  check_same_shape(op, "key_cache", key_cache, "value_cache", value_cache);
+  TORCH_CHECK_TYPE(value_cache.scalar_type() == key_cache.scalar_type(),
+                   std::string(op) + ": key_cache and value_cache must have the same dtype");
+  check_device(op, "value_cache", value_cache, key_cache);
+  FlashGeometry g;
+  g.num_blocks = dim_of(key_cache, 0);
+  g.block_size = dim_of(key_cache, 1);
+  g.num_heads = dim_of(key_cache, 2);
+  g.head_size = dim_of(key_cache, 3);
+  fill_flash_cache_strides(key_cache, value_cache, g);
+  check_cache_scales(op, dtype, k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr, k_scale_cache,
+                     v_scale_cache, key_cache, g);
+  return g;
+}
+
+void check_block_table(const char* op, const char* table_arg, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& key_cache) {
+  check_dim(op, table_arg, block_table, 2, "[num_seqs, max_blocks_per_seq]");
+  check_index_dtype(op, table_arg, block_table, true);
+  check_dim(op, "seq_lens", seq_lens, 1, "[num_seqs]");
+  check_index_dtype(op, "seq_lens", seq_lens, true);
+  TORCH_CHECK_VALUE(dim_of(seq_lens, 0) == dim_of(block_table, 0),
+                    std::string(op) + ": seq_lens has " + to_string(dim_of(seq_lens, 0)) +
+                        " sequences but " + table_arg + " has " + to_string(dim_of(block_table, 0)));
+  check_device(op, table_arg, block_table, key_cache);
+  check_device(op, "seq_lens", seq_lens, key_cache);
+}
+
 FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& key_out,
                                  const at::Tensor& value_out, KvCacheDtype dtype,
@@ -533,18 +518,9 @@ FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& 
                                  const std::optional<at::Tensor>& k_scale_cache,
                                  const std::optional<at::Tensor>& v_scale_cache) {
   const char* op = "gather_cache";
-  check_flash_cache(op, "key_cache", key_cache, dtype, std::nullopt);
-  check_flash_cache(op, "value_cache", value_cache, dtype, std::nullopt);
-  check_same_shape(op, "key_cache", key_cache, "value_cache", value_cache);
-  TORCH_CHECK_TYPE(value_cache.scalar_type() == key_cache.scalar_type(),
-                   std::string(op) + ": key_cache and value_cache must have the same dtype");
-  check_dim(op, "block_table", block_table, 2, "[num_seqs, max_blocks_per_seq]");
-  check_index_dtype(op, "block_table", block_table, true);
-  check_dim(op, "seq_lens", seq_lens, 1, "[num_seqs]");
-  check_index_dtype(op, "seq_lens", seq_lens, true);
-  TORCH_CHECK_VALUE(dim_of(seq_lens, 0) == dim_of(block_table, 0),
-                    std::string(op) + ": seq_lens has " + to_string(dim_of(seq_lens, 0)) +
-                        " sequences but block_table has " + to_string(dim_of(block_table, 0)));
+  FlashGeometry g = check_read_caches(op, key_cache, value_cache, dtype, k_scale, v_scale, k_scale_cache,
+                                      v_scale_cache);
+  check_block_table(op, "block_table", block_table, seq_lens, key_cache);
   check_dim(op, "key_out", key_out, 3, "[total_tokens, num_heads, head_size]");
   check_dim(op, "value_out", value_out, 3, "[total_tokens, num_heads, head_size]");
   check_inner_contiguous(op, "key_out", key_out);
@@ -558,18 +534,9 @@ FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& 
                          dtype_name(key_cache.scalar_type()) + ") with kv_cache_dtype \"auto\", got " +
                          dtype_name(key_out.scalar_type()));
   check_same_shape(op, "key_out", key_out, "value_out", value_out);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"value_cache", value_cache},
-                                std::pair<const char*, const at::Tensor&>{"block_table", block_table},
-                                std::pair<const char*, const at::Tensor&>{"seq_lens", seq_lens},
-                                std::pair<const char*, const at::Tensor&>{"key_out", key_out},
-                                std::pair<const char*, const at::Tensor&>{"value_out", value_out}})
-    check_device(op, name, t, key_cache);
+  check_device(op, "key_out", key_out, key_cache);
+  check_device(op, "value_out", value_out, key_cache);
 
-  FlashGeometry g;
-  g.num_blocks = dim_of(key_cache, 0);
-  g.block_size = dim_of(key_cache, 1);
-  g.num_heads = dim_of(key_cache, 2);
-  g.head_size = dim_of(key_cache, 3);
   g.num_tokens = dim_of(key_out, 0);
   TORCH_CHECK_VALUE(dim_of(key_out, 1) == g.num_heads && dim_of(key_out, 2) == g.head_size,
                     std::string(op) + ": key_out " + shape_string(key_out) + " must hold " + to_string(g.num_heads) +
@@ -578,9 +545,6 @@ FlashGeometry gather_cache_check(const at::Tensor& key_cache, const at::Tensor& 
   g.src_head_stride = stride_of(key_out, 1);
   g.src_v_token_stride = stride_of(value_out, 0);
   g.src_v_head_stride = stride_of(value_out, 1);
-  fill_flash_cache_strides(key_cache, value_cache, g);
-  check_cache_scales(op, dtype, k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr, k_scale_cache,
-                     v_scale_cache, key_cache, g);
   check_outputs_independent(op, {{"key_out", &key_out}, {"value_out", &value_out}},
                             {{"key_cache", &key_cache},
                              {"value_cache", &value_cache},
@@ -603,9 +567,8 @@ void gather_cache_meta(const at::Tensor& key_cache, const at::Tensor& value_cach
                      v_scale_cache);
 }
 
-void check_gather_values(const at::Tensor& block_table_cpu, const at::Tensor& seq_lens_cpu, int64_t num_blocks,
-                         int64_t block_size, int64_t out_tokens) {
-  const char* op = "gather_cache";
+int64_t check_block_table_values(const char* op, const char* table_arg, const at::Tensor& block_table_cpu,
+                                 const at::Tensor& seq_lens_cpu, int64_t num_blocks, int64_t block_size) {
   const at::Tensor table = block_table_cpu.contiguous();
   const at::Tensor lens = seq_lens_cpu.contiguous();
   const int64_t num_seqs = table.size(0), max_blocks = table.size(1);
@@ -620,12 +583,19 @@ void check_gather_values(const at::Tensor& block_table_cpu, const at::Tensor& se
     const int64_t used = (len + block_size - 1) / block_size;
     for (int64_t b = 0; b < used; ++b) {
       const int64_t block = index_at(table, s * max_blocks + b);
-      TORCH_CHECK_INDEX(block >= 0 && block < num_blocks, std::string(op) + ": block_table[" + to_string(s) + ", " +
-                                                              to_string(b) + "] = " + to_string(block) +
-                                                              " is out of range for " + to_string(num_blocks) +
-                                                              " blocks");
+      TORCH_CHECK_INDEX(block >= 0 && block < num_blocks,
+                        std::string(op) + ": " + table_arg + "[" + to_string(s) + ", " + to_string(b) + "] = " +
+                            to_string(block) + " is out of range for " + to_string(num_blocks) + " blocks");
     }
   }
+  return total;
+}
+
+void check_gather_values(const at::Tensor& block_table_cpu, const at::Tensor& seq_lens_cpu, int64_t num_blocks,
+                         int64_t block_size, int64_t out_tokens) {
+  const char* op = "gather_cache";
+  const int64_t total =
+      check_block_table_values(op, "block_table", block_table_cpu, seq_lens_cpu, num_blocks, block_size);
   TORCH_CHECK_VALUE(total == out_tokens, std::string(op) + ": sum(seq_lens) = " + to_string(total) +
                                              " but key_out/value_out have " + to_string(out_tokens) + " rows");
 }

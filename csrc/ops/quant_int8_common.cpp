@@ -45,12 +45,6 @@ std::string sym_string(const c10::SymInt& value) {
   return concrete ? std::to_string(*concrete) : std::string("<symbolic>");
 }
 
-std::string shape_string(const at::Tensor& t) {
-  std::string out = "[";
-  for (const c10::SymInt& size : t.sym_sizes()) out += (out.size() > 1 ? ", " : "") + sym_string(size);
-  return out + "]";
-}
-
 // Expected number of scales, symbolic in the rows.
 c10::SymInt expected_scales(const at::Tensor& like, Granularity granularity, const QuantShape& shape) {
   switch (granularity) {
