@@ -90,3 +90,60 @@ def legacy_to_flash(key_legacy: torch.Tensor, value_legacy: torch.Tensor):
     key = key_legacy.permute(0, 3, 1, 2, 4).reshape(nb, bs, h, dx * x)
     value = value_legacy.permute(0, 3, 1, 2).contiguous()
     return key, value
+
+
+def dequantized_context(cache, table_row, seq_len, kv_cache_dtype="auto", scale=None, scale_cache=None):
+    """The first seq_len tokens of one sequence's pages as float32 [seq_len, H, D]."""
+    block_size = cache.size(1)
+    blocks = table_row[: (seq_len + block_size - 1) // block_size].long()
+    rows = cache[blocks].reshape(-1, cache.size(2), cache.size(3))[:seq_len].float()
+    if kv_cache_dtype == "int8":
+        sc = scale.float().reshape(-1)
+        rows = rows * (sc.view(1, -1, 1) if sc.numel() > 1 else sc)
+    elif kv_cache_dtype == "int8_per_token_head":
+        rows = rows * scale_cache[blocks].reshape(-1, cache.size(2))[:seq_len].unsqueeze(-1)
+    return rows
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=None, query_start_loc=None,
+                    kv_cache_dtype="auto", k_scale=None, v_scale=None, k_scale_cache=None, v_scale_cache=None,
+                    sliding_window=None, softcap=None, sinks=None, kv_start=None, causal=True):
+    """Brute-force attention per sequence over its dequantized context, in float64:
+    (out in query's dtype, lse float32); a row that sees no key gives 0 and -inf (or the
+    sink's logit)."""
+    num_tokens, num_heads, head_size = query.shape
+    group = num_heads // key_cache.size(2)
+    scale = head_size ** -0.5 if scale is None else scale
+    starts = query_start_loc.tolist() if query_start_loc is not None else list(range(block_tables.size(0) + 1))
+    out = torch.zeros(num_tokens, num_heads, head_size, dtype=torch.float64)
+    lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float64)
+    for s in range(block_tables.size(0)):
+        q0, q1, seq_len = starts[s], starts[s + 1], int(seq_lens[s])
+        if q1 == q0:
+            continue
+        k = dequantized_context(key_cache, block_tables[s], seq_len, kv_cache_dtype, k_scale, k_scale_cache)
+        v = dequantized_context(value_cache, block_tables[s], seq_len, kv_cache_dtype, v_scale, v_scale_cache)
+        k = k.double().repeat_interleave(group, dim=1)
+        v = v.double().repeat_interleave(group, dim=1)
+        q = query[q0:q1].double()
+        logits = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        q_len = q1 - q0
+        pos = torch.arange(seq_len - q_len, seq_len) if causal else torch.full((q_len,), seq_len - 1)
+        keys = torch.arange(seq_len)
+        allowed = (keys[None, :] >= (int(kv_start[s]) if kv_start is not None else 0)).expand(q_len, seq_len)
+        if causal:
+            allowed = allowed & (keys[None, :] <= pos[:, None])
+        if sliding_window:
+            allowed = allowed & (keys[None, :] > pos[:, None] - sliding_window)
+        logits = logits.masked_fill(~allowed[None], float("-inf"))
+        if sinks is not None:
+            logits = torch.cat([logits, sinks.double().view(-1, 1, 1).expand(-1, q_len, 1)], dim=-1)
+        row_lse = torch.logsumexp(logits, dim=-1)  # [H, q_len]
+        weights = torch.exp(logits - row_lse.unsqueeze(-1)).nan_to_num(0.0)
+        if sinks is not None:
+            weights = weights[..., :-1]
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", weights, v)
+        lse[q0:q1] = row_lse.T
+    return out.to(query.dtype), lse.float()

@@ -1,6 +1,7 @@
 """Paged KV cache ops with vLLM's call shapes (``torch.ops.memwarden.*``), on CPU and CUDA.
 
-All ops write in place and return ``None``. Layouts:
+All ops but :func:`paged_attention` (which returns new tensors) write in place and
+return ``None``. Layouts:
 
 * flash: key/value cache ``[num_blocks, block_size, num_heads, head_size]`` (NHD); the
   HND physical layout is a permuted view of a ``[num_blocks, num_heads, block_size,
@@ -78,6 +79,7 @@ __all__ = [
     "cuda_index_checks_enabled",
     "gather_cache",
     "gather_kv",
+    "paged_attention",
     "reshape_and_cache",
     "reshape_and_cache_flash",
     "set_cuda_index_checks",
@@ -366,3 +368,80 @@ def gather_kv(
     gather_cache(key_cache, value_cache, block_table, seq_lens, key, value, kv_cache_dtype, k_scale, v_scale,
                  k_scale_cache, v_scale_cache)
     return key, value
+
+
+def _real_number(value, name: str, op: str) -> float:
+    """A float argument: int or float, not bool (the schema would take True as 1.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: Optional[float] = None,
+    *,
+    query_start_loc: Optional[torch.Tensor] = None,
+    kv_cache_dtype: str = "auto",
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    k_scale_cache: Optional[torch.Tensor] = None,
+    v_scale_cache: Optional[torch.Tensor] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    kv_start: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    return_lse: bool = False,
+):
+    """Attention of ``query`` ``[num_tokens, num_heads, head_size]`` over a flash-layout paged
+    cache read in place (INT8 pages dequantized in registers); returns ``out`` shaped like
+    ``query``, or ``(out, lse)`` with ``return_lse`` (``lse`` float32 ``[num_tokens,
+    num_heads]``, the log of each row's softmax denominator: ``-inf`` for a row that sees no
+    key, whose output is 0), which merges attention over several caches exactly.
+
+    Sequence ``s`` reads pages ``block_tables[s]`` (int32/int64 ``[num_seqs, max_blocks]``)
+    and its first ``seq_lens[s]`` tokens, the new queries' own tokens included. Its queries
+    are rows ``query_start_loc[s]:query_start_loc[s + 1]`` (int32/int64 ``[num_seqs + 1]``,
+    vLLM's varlen convention; default one query per sequence). With ``causal`` query ``i``
+    of ``q_len`` sits at position ``seq_len - q_len + i`` and sees the keys up to it
+    (chunked prefill, speculative verification); without, every query sees the whole
+    context. Options: ``scale`` (default ``head_size ** -0.5``), ``sliding_window`` (the
+    newest keys a query sees, itself included), ``softcap`` (``softcap * tanh(logit /
+    softcap)``, Gemma 2), ``sinks`` (float ``[num_heads]`` logits that join the softmax
+    denominator, gpt-oss), ``kv_start`` (``[num_seqs]``: keys before it are never seen, for
+    left-padded batches). Grouped-query attention: query head ``h`` reads kv head ``h //
+    (num_heads // num_kv_heads)``. ``kv_cache_dtype``, the scales and the index checks are
+    those of :func:`gather_cache`; accumulation is in float32.
+    """
+    op = "paged_attention"
+    _check_tensors(op, query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                   seq_lens=seq_lens)
+    _check_optional_tensors(op, query_start_loc=query_start_loc, k_scale=k_scale, v_scale=v_scale,
+                            k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache, sinks=sinks, kv_start=kv_start)
+    _check_index_dtype(op, "block_tables", block_tables, _INT_DTYPES)
+    _check_index_dtype(op, "seq_lens", seq_lens, _INT_DTYPES)
+    for name, t in (("query_start_loc", query_start_loc), ("kv_start", kv_start)):
+        if t is not None:
+            _check_index_dtype(op, name, t, _INT_DTYPES)
+    _check_kv_cache_dtype(op, kv_cache_dtype)
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
+    if scale is None:
+        scale = query.size(-1) ** -0.5 if query.dim() == 3 and query.size(-1) > 0 else 1.0
+    scale = _real_number(scale, "scale", op)
+    softcap = 0.0 if softcap is None else _real_number(softcap, "softcap", op)
+    window = -1 if sliding_window is None else _checks.integer(sliding_window, "sliding_window", minimum=1,
+                                                               maximum=_checks.INT64_MAX, where=f"{op}: ")
+    k_scale = _static_scale(kv_cache_dtype, k_scale, key_cache, required=False)
+    v_scale = _static_scale(kv_cache_dtype, v_scale, key_cache, required=False)
+    out, lse = torch.ops.memwarden.paged_attention(
+        query, key_cache, value_cache, block_tables, seq_lens, scale, query_start_loc, kv_cache_dtype, k_scale,
+        v_scale, k_scale_cache, v_scale_cache, window, softcap, sinks, kv_start, causal,
+    )
+    return (out, lse) if return_lse else out
