@@ -9,15 +9,16 @@ layer holds at most its window. Supported: transformers 5.18 (pinned) to 5.24. F
 ``cache_utils`` design, the variants (full attention, sliding window, INT8 pages) are
 per-layer strategy objects composed by one ``Cache`` subclass, not subclasses of the
 cache. Pages are written with :mod:`memwarden.kv.ops` (``reshape_and_cache_flash``) and
-read back with ``gather_cache`` or, registered as a transformers attention backend, the
-paged attention op that reads the pages (INT8 included) in place. Blocks come from the
+read back with ``gather_cache`` or, with ``attn_implementation="memwarden_paged"``
+(:mod:`memwarden.kv.attention`), attended over in place by the paged attention op
+(INT8 pages included), with no dense K/V made. Blocks come from the
 block manager (``memwarden.kv.BlockPool`` / ``KVCacheManager``); the memory budget,
 FP16 -> INT8 compression and LRU eviction/offload of pages happen here, and an
 out-of-memory callback registered with :func:`memwarden.alloc.on_oom` asks this cache to
 give memory back.
 
-May import: transformers (imported here and nowhere else in memwarden, and only when this
-module is imported), torch, :mod:`memwarden.kv.ops`, :mod:`memwarden.alloc`,
+May import: transformers (here and in :mod:`memwarden.kv.attention`, nowhere else in
+memwarden, and only when these modules are imported), torch, :mod:`memwarden.kv.attention`, :mod:`memwarden.kv.ops`, :mod:`memwarden.alloc`,
 :mod:`memwarden.quant`, and the bottom layers (``_native``, ``_units``, ``_devices``,
 ``_table``). Never controller, serve, testing or cli.
 """
@@ -29,6 +30,7 @@ import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from memwarden._units import parse_bytes
+from memwarden.kv.attention import ATTENTION_NAME, paged_states
 from memwarden.kv.paged import KV_DTYPES, KVCacheStats, PagedKVCache
 
 __all__ = ["PagedCache", "PagedLayer", "PRUNE_MODES"]
@@ -72,15 +74,26 @@ class PagedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the step's K/V into the pages; return the layer's full K/V: dense, or with
+        the ``"memwarden_paged"`` backend stand-ins that it reads from the pages in place."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        store = self._cache.store
+        cache = self._cache
+        if self.store_index == 0:
+            cache._end_step()
+        store = cache.store
+        empty = len(store) == 0
         store.add(self.store_index, key_states, value_states)
-        keys, values = store.get(self.store_index)
-        self._cache._after_update(self.store_index)  # after the read: every layer saw the same tokens
-        return keys, values
+        if self.store_index == len(cache._paged) - 1:
+            cache._step_pending = True  # pruning and the budget wait until every layer has attended
+        if getattr(cache.config, "_attn_implementation", None) == ATTENTION_NAME:
+            # A first step into full-precision pages: the step's K/V are the layer's K/V.
+            fresh = (key_states, value_states) if empty and store.full_precision else None
+            return paged_states(store, self.store_index, fresh)
+        return store.get(self.store_index)
 
     def get_seq_length(self) -> int:
+        self._cache._end_step()
         return self._cache.store.seq_length if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -88,6 +101,7 @@ class PagedLayer(CacheLayerMixin):
         tokens, so the causal mask still compares true positions."""
         if not self.is_initialized:
             return query_length, 0
+        self._cache._end_step()
         store = self._cache.store  # masks are made before a step: every layer holds the same tokens
         live = len(store)
         return live + query_length, store.seq_length - live
@@ -170,6 +184,7 @@ class PagedCache(Cache):
                              missing="skip" if offload == "evict" else "raise")
         self.prune, self.sinks, self.window = prune, sinks, window
         self.store: Optional[PagedKVCache] = None
+        self._step_pending = False
         if not self._paged:
             return
         # Check the options now (a bad budget or mode fails here, not in the first forward);
@@ -188,17 +203,20 @@ class PagedCache(Cache):
             self.store = PagedKVCache(len(self._paged), heads, head_dim, batch_size=batch, dtype=key_states.dtype,
                                       device=key_states.device, **self._options)
 
-    def _after_update(self, store_index: int) -> None:
-        """The end of a step (the last paged layer has read its tokens): prune, then keep
-        the budget, so the next step's masks see what its layers will read."""
-        if store_index != len(self._paged) - 1:
+    def _end_step(self) -> None:
+        """After a step's last paged layer has attended (so before the next step's masks or
+        first write, or a read of the cache): prune, then keep the budget, so the next
+        step's masks see what its layers will read."""
+        if not self._step_pending:
             return
+        self._step_pending = False
         if self.prune == "streaming":
             self.store.prune_streaming(self.sinks, self.window)
         self.store.enforce_budget()
 
     def stats(self) -> KVCacheStats:
         """The paged store's statistics (all zeros before the first forward)."""
+        self._end_step()
         if self.store is None:
             return KVCacheStats(0, 0, 0, 0, 0, budget_bytes=self._options["max_memory"])
         return self.store.stats()
@@ -206,9 +224,11 @@ class PagedCache(Cache):
     # The shared store first, then transformers' own layers.
     def reset(self) -> None:
         self.store = None  # built again at the next update, for that batch
+        self._step_pending = False
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
+        self._end_step()
         if self.store is not None:  # negative: that many tokens; positive: the length to keep (legacy)
             current = self.store.seq_length
             remove = -tokens_to_remove if tokens_to_remove < 0 else (
@@ -217,16 +237,19 @@ class PagedCache(Cache):
         super().crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._end_step()
         if self.store is not None:
             self.store.select(beam_idx.tolist())
         super().reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._end_step()
         if self.store is not None:
             self.store.select([i for i in range(self.store.batch_size) for _ in range(repeats)])
         super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._end_step()
         if self.store is not None:
             self.store.select(torch.as_tensor(indices).tolist())
         super().batch_select_indices(indices)

@@ -48,7 +48,8 @@ from memwarden._devices import torch_device
 from memwarden._units import format_bytes, parse_bytes
 from memwarden.kv import ops
 
-__all__ = ["KVCacheStats", "KVEvictedError", "PagedKVCache", "KV_DTYPES", "OFFLOAD_MODES", "COMPRESS_MODES"]
+__all__ = ["KVCacheStats", "KVEvictedError", "PagedKVCache", "KV_DTYPES", "OFFLOAD_MODES", "COMPRESS_MODES",
+           "merge_attention"]
 
 KV_DTYPES = ("auto", "int8", "int8_per_token_head")
 COMPRESS_MODES = ("pressure", "always", "never")
@@ -92,6 +93,21 @@ class KVCacheStats:
             f"budget {format_bytes(self.budget_bytes)} ({self.budget_used:.0%} used)")
         return (f"{self.tokens} tokens: {self.pages_resident} pages resident, {self.pages_compressed} compressed, "
                 f"{self.pages_offloaded} offloaded, {self.pages_evicted} evicted; {states}; {budget}")
+
+
+def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from each set's ``(out, lse)``
+    (``[tokens, heads, head_dim]``, ``[tokens, heads]``, as :func:`ops.paged_attention`
+    returns them): each part weighs ``exp(lse - total)``. ``sinks`` (``[heads]``) join the
+    denominator once, with no value. A row no part saw stays 0."""
+    lse = torch.stack([part_lse for _, part_lse in parts])
+    total = torch.logsumexp(lse, dim=0)
+    if sinks is not None:
+        total = torch.logaddexp(total, sinks.float().view(1, -1))
+    weights = torch.exp(lse - total).nan_to_num(0.0)  # -inf - -inf: a row that saw nothing
+    out = sum(o.float() * w.unsqueeze(-1) for (o, _), w in zip(parts, weights))
+    return out.to(parts[0][0].dtype)
 
 
 class _Tier:
@@ -254,6 +270,7 @@ class PagedKVCache:
         self._evicted = self._removed = self._reads = self._offloaded_reads = 0
         self._compression_error = 0.0
         self._runs_cache = None
+        self._run_tables: dict = {}
         self._next = 0
 
     # ------------------------------------------------------------------ sizes
@@ -284,6 +301,11 @@ class PagedKVCache:
 
     def __len__(self) -> int:
         return sum(len(page.positions) for page in self._pages if not page.evicted)
+
+    @property
+    def full_precision(self) -> bool:
+        """Whether every live page holds its values in ``dtype`` (none is INT8)."""
+        return all(page.kind == "fp" for page in self._pages if not page.evicted)
 
     # ------------------------------------------------------------------ checks
     def _check_layer(self, layer) -> int:
@@ -388,6 +410,7 @@ class PagedKVCache:
     def _runs(self):
         """Consecutive live pages of one tier and kind, all full but the last: one gather each."""
         if self._runs_cache is None:
+            self._run_tables = {}  # (id(run), device) -> its block table, for attend()
             runs, current = [], []
             for page in self._pages:
                 if page.evicted:
@@ -455,6 +478,85 @@ class PagedKVCache:
         self._reads += len(run)
         if run[0].tier != _DEVICE:
             self._offloaded_reads += len(run)
+
+    def attend(self, layer: int, query: torch.Tensor, *, scale: Optional[float] = None,
+               softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
+               kv_start: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Causal attention of ``query`` ``[batch, num_heads, q_len, head_dim]`` (the newest
+        ``q_len`` tokens of ``layer``, already added) over the layer's live tokens, read
+        in place from the pages with :func:`~memwarden.kv.ops.paged_attention`: no dense
+        K/V is made. Returns ``[batch, q_len, num_heads, head_dim]`` in query's dtype, or
+        None when the queries reach back past the newest run of pages (the caller then
+        reads :meth:`get` densely).
+
+        Each run of pages of one tier and kind is one op call (INT8 pages are dequantized
+        in registers); runs are merged by log-sum-exp, only the newest masked causally.
+        ``kv_start`` ``[batch]`` hides each sequence's first keys (left padding), counted
+        among the live tokens; ``sinks`` (``[num_heads]``) join the softmax once.
+        Raises :class:`KVEvictedError` like :meth:`get`."""
+        layer = self._check_layer(layer)
+        batch, heads, q_len, head_dim = query.shape
+        if batch != self.batch_size or head_dim != self.head_dim or heads % self.num_kv_heads:
+            raise ValueError(f"PagedKVCache.attend: query must be [batch_size={self.batch_size}, a multiple of "
+                             f"{self.num_kv_heads} heads, q_len, head_dim={self.head_dim}], got {list(query.shape)}")
+        total = self._filled[layer]
+        runs = [run for run in self._runs() if run[0].start < total]
+        if any(run[0].evicted for run in runs):
+            if self.missing == "raise":
+                self.get(layer)  # raises the KVEvictedError with the lost positions
+            runs = [run for run in runs if not run[0].evicted]
+        if not runs:
+            return None
+        lengths = [min(sum(len(p.positions) for p in run), total - run[0].start) for run in runs]
+        if q_len > lengths[-1]:
+            return None
+        rows = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        loc = None if q_len == 1 else torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32,
+                                                   device=query.device)
+        results, first = [], 0
+        for i, (run, n) in enumerate(zip(runs, lengths)):
+            last = i == len(runs) - 1
+            caches, table, kv_cache_dtype = self._attention_pages(run, layer, query.device)
+            starts = None if kv_start is None else (kv_start - first).clamp(0, n)
+            results.append(ops.paged_attention(
+                rows, *caches[:2], table, torch.full((batch,), n, dtype=torch.int32, device=query.device), scale,
+                query_start_loc=loc, kv_cache_dtype=kv_cache_dtype, k_scale_cache=caches[2],
+                v_scale_cache=caches[3], softcap=softcap, sinks=sinks if len(runs) == 1 else None,
+                kv_start=starts, causal=last, return_lse=True))
+            for page in run:
+                page.last_use = self._clock
+            first += n
+        self._reads += sum(len(run) for run in runs)
+        self._offloaded_reads += sum(len(run) for run in runs if run[0].tier != _DEVICE)
+        out = results[0][0] if len(results) == 1 else merge_attention(results, sinks)
+        return out.view(batch, q_len, heads, head_dim)
+
+    def _attention_pages(self, run: list[_Page], layer: int, device: torch.device):
+        """(key_cache, value_cache, k_scale_cache, v_scale_cache), block table and cache
+        dtype of one run for the attention op on ``device``. A run on another device than
+        the queries (host pages of a CUDA cache) is gathered there and copied over as one
+        page per sequence."""
+        tier = self._tiers[run[0].tier]
+        caches = tier.views(layer, run[0].kind)
+        kv_cache_dtype = "auto" if run[0].kind == "fp" else "int8_per_token_head"
+        key = (id(run), caches[0].device)
+        table = self._run_tables.get(key)
+        if table is None:
+            table = torch.tensor([[p.ids[b] for p in run] for b in range(self.batch_size)], dtype=torch.int32,
+                                 device=caches[0].device)
+            self._run_tables[key] = table  # every layer reads the same pages: one table per step
+        if caches[0].device == device:
+            return caches, table, kv_cache_dtype
+        n = sum(len(p.positions) for p in run)
+        lens = torch.full((self.batch_size,), n, dtype=torch.int32)
+        shape = (self.batch_size * n, self.num_kv_heads, self.head_dim)
+        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        ops.gather_cache(*caches[:2], table, lens, k, v, kv_cache_dtype, k_scale_cache=caches[2],
+                         v_scale_cache=caches[3])
+        dense = [t.to(device, non_blocking=True).view(self.batch_size, n, self.num_kv_heads, self.head_dim)
+                 for t in (k, v)]
+        one_page_each = torch.arange(self.batch_size, dtype=torch.int32, device=device).view(-1, 1)
+        return (dense[0], dense[1], None, None), one_page_each, "auto"
 
     # ------------------------------------------------------------------ policy
     def _alloc_device(self, kind: str) -> list[int]:
@@ -688,6 +790,7 @@ class PagedKVCache:
             tier.free(page.kind, [pid for j, pid in enumerate(page.ids) if j not in taken])
             page.ids = ids
         self.batch_size = len(indices)
+        self._runs_cache = None  # the runs' block tables changed
 
     def reset(self) -> None:
         """Forget every token (the storage stays allocated)."""
