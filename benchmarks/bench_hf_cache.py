@@ -13,6 +13,8 @@ random weights, a fixed seed): a 1024-token prompt, then 512 greedy new tokens (
   process, so the peak is the exact maximum of live tensor bytes during generate (weights
   included, and shown separately).
 * tokens/s: new tokens over the whole generate's wall time (prefill included).
+* ``*_attn``: the same PagedCache with ``attn_implementation="memwarden_paged"``, which
+  attends over the pages in place instead of reading them back densely every step.
 * max |logit error| and greedy-token agreement against DynamicCache's run.
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("dynamic", "paged_auto", "paged_int8", "paged_int8_half_budget", "quantized_quanto_int4",
-            "quantized_hqq_int4", "quantized_hqq_int8")
+VARIANTS = ("dynamic", "paged_auto", "paged_int8", "paged_int8_half_budget", "paged_auto_attn", "paged_int8_attn",
+            "paged_int8_half_budget_attn", "quantized_quanto_int4", "quantized_hqq_int4", "quantized_hqq_int8")
+ATTN_SUFFIX = "_attn"  # the same cache with attn_implementation="memwarden_paged" (pages read in place)
 
 
 def build_model(quick: bool):
@@ -57,6 +60,7 @@ def make_cache(variant: str, model, tokens: int):
         return DynamicCache(config=model.config)
     from memwarden.kv import PagedCache
 
+    variant = variant.removesuffix(ATTN_SUFFIX)
     if variant == "paged_auto":
         return PagedCache(model.config)
     if variant == "paged_int8":
@@ -112,6 +116,10 @@ def run_one(variant: str, quick: bool, out: str) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ma.install("cpu")
     model, ids, new = build_model(quick)
+    if variant.endswith(ATTN_SUFFIX):
+        from memwarden.kv.attention import ATTENTION_NAME
+
+        model.set_attn_implementation(ATTENTION_NAME)
     weights = ma.memory_allocated("cpu")
     try:
         cache = make_cache(variant, model, ids.shape[1] + new)

@@ -118,7 +118,7 @@ def demo_generate() -> None:
     spec = importlib.util.spec_from_file_location("hf_generate_paged_int8", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    print("\n== generate inside a KV budget: transformers + memwarden.kv.PagedCache (INT8 pages, host offload)")
+    print("\n== generate inside a KV budget: transformers + memwarden.kv.PagedCache (INT8 pages, host offload; attention reads the pages in place)")
     example.main(["--prompt-tokens", "48", "--new-tokens", "48"])
 
 

@@ -6,7 +6,9 @@
 The same prompt is generated twice, with transformers' DynamicCache and with
 ``memwarden.kv.PagedCache(model.config, kv_dtype="int8", max_memory=..., offload="host", page_size=8)``
 under a budget of a quarter of the K/V the generation needs; the cache's stats show what
-was compressed and offloaded to stay inside it.
+was compressed and offloaded to stay inside it. The paged run attends with
+``attn_implementation="memwarden_paged"`` (the pages, INT8 ones included, are read in
+place; ``--attn sdpa`` reads them back densely each step instead).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from memwarden._units import format_bytes
 from memwarden.kv import PagedCache
+from memwarden.kv.attention import ATTENTION_NAME
 
 
 def small_random_llama():
@@ -32,7 +35,7 @@ def kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * dtype.itemsize
 
 
-def run(model, prompt: torch.Tensor, new_tokens: int, budget_fraction: float = 0.25) -> dict:
+def run(model, prompt: torch.Tensor, new_tokens: int, budget_fraction: float = 0.25, attn: str = ATTENTION_NAME) -> dict:
     """DynamicCache's greedy continuation, then the same tokens fed step by step through a
     PagedCache under the budget: the next-token choices compared at every step (a random
     model's near-flat logits would make a free-running comparison diverge at the first
@@ -46,9 +49,14 @@ def run(model, prompt: torch.Tensor, new_tokens: int, budget_fraction: float = 0
                                    return_dict_in_generate=True)
         cache = PagedCache(config, kv_dtype="int8", max_memory=budget, offload="host", page_size=8)
         tokens = reference.sequences[:, prompt.shape[1]:]
-        logits = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
-        for step in range(new_tokens - 1):
-            logits.append(model(tokens[:, step:step + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        previous = config._attn_implementation
+        model.set_attn_implementation(attn)
+        try:
+            logits = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
+            for step in range(new_tokens - 1):
+                logits.append(model(tokens[:, step:step + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        finally:
+            model.set_attn_implementation(previous)
     logits = torch.stack(logits, 1)
     ref_logits = torch.stack(reference.logits, 1)
     agreement = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
@@ -62,13 +70,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", help="a local model folder or Hub id (default: a small random Llama)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--attn", default=ATTENTION_NAME, choices=[ATTENTION_NAME, "sdpa", "eager"],
+                        help="attention of the paged run (default: attend over the pages in place)")
     args = parser.parse_args(argv)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval() if args.model else small_random_llama()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-    result = run(model, prompt, args.new_tokens)
+    result = run(model, prompt, args.new_tokens, attn=args.attn)
     print(f"K/V of {args.prompt_tokens + args.new_tokens} tokens in full precision: {format_bytes(result['full_kv'])}; "
           f"budget {format_bytes(result['budget'])}")
-    print(f"PagedCache(kv_dtype='int8', offload='host'): {result['stats']}")
+    print(f"PagedCache(kv_dtype='int8', offload='host'), attn_implementation={args.attn!r}: {result['stats']}")
     print(f"next-token choices equal to DynamicCache's: {result['agreement']:.0%} of {args.new_tokens} steps; "
           f"max |logit difference| {result['max_logit_error']:.4f}")
     return result

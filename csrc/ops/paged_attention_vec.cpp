@@ -87,7 +87,6 @@ void attend_range(const Context& c, const float* q, int64_t rows, const int64_t*
   const float softcap = static_cast<float>(g.softcap);
   float scores[kRows][kKeys];
   float k_scale[kKeys], v_scale[kKeys];
-  bool active[kRows];  // the row sees a key of this step (else its scores are not weights)
   const C* k_rows[kKeys];
   const C* v_rows[kKeys];
   for (int64_t t = key_begin; t < key_end;) {
@@ -125,12 +124,16 @@ void attend_range(const Context& c, const float* q, int64_t rows, const int64_t*
         }
       }
     }
-    // Online softmax: rescale what the rows hold to the new maximum, weights in place.
+    // Online softmax: rescale what the rows hold to the new maximum, weights in place
+    // (0 for a row that sees none of this step's keys, so the value loop needs no mask).
     for (int64_t r = 0; r < rows; ++r) {
+      float* row_scores = scores[r];
       float step_max = kNegInf;
-      for (int64_t j = 0; j < n; ++j) step_max = std::max(step_max, scores[r][j]);
-      active[r] = step_max != kNegInf;
-      if (!active[r]) continue;
+      for (int64_t j = 0; j < n; ++j) step_max = std::max(step_max, row_scores[j]);
+      if (step_max == kNegInf) {
+        std::fill(row_scores, row_scores + n, 0.0f);
+        continue;
+      }
       const float new_max = std::max(out.max[r], step_max);
       const float alpha = std::exp(out.max[r] - new_max);  // 0 while the row saw nothing
       if (alpha != 1.0f) {
@@ -138,31 +141,49 @@ void attend_range(const Context& c, const float* q, int64_t rows, const int64_t*
         float* a = out.acc + r * D;
         at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, a, a, D);
       }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = std::exp(scores[r][j] - new_max);  // exp(-inf) = 0 for masked keys
+      Vec sums(0.0f);
+      int64_t j = 0;
+      for (; j + Vec::size() <= n; j += Vec::size()) {
+        const Vec p = (Vec::loadu(row_scores + j) - Vec(new_max)).exp();  // exp(-inf) = 0: masked keys
+        sums = sums + p;
+        (p * Vec::loadu(v_scale + j)).store(row_scores + j);
+      }
+      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sums);
+      for (; j < n; ++j) {
+        const float p = std::exp(row_scores[j] - new_max);
         sum += p;
-        scores[r][j] = p * v_scale[j];
+        row_scores[j] = p * v_scale[j];
       }
       out.sum[r] += sum;
       out.max[r] = new_max;
     }
-    // Values: each loaded chunk of a value row goes to every row that weighs it.
-    for (int64_t j = 0; j < n; ++j) {
-      const C* v = v_rows[j];
+    // Values: four rows at a time keep their accumulator chunk in registers over the
+    // step's keys; each loaded value chunk serves all four.
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int64_t m = std::min<int64_t>(4, rows - r0);
       for (int64_t d = 0; d < vec_end; d += kChunk) {
-        const auto [v_lo, v_hi] = load_cache_chunk(v + d);
-        for (int64_t r = 0; r < rows; ++r) {
-          if (!active[r]) continue;
-          const Vec w(scores[r][j]);
-          float* a = out.acc + r * D + d;
-          at::vec::fmadd(w, v_lo, Vec::loadu(a)).store(a);
-          at::vec::fmadd(w, v_hi, Vec::loadu(a + Vec::size())).store(a + Vec::size());
+        Vec lo[4], hi[4];
+        for (int64_t i = 0; i < m; ++i) {
+          lo[i] = Vec::loadu(out.acc + (r0 + i) * D + d);
+          hi[i] = Vec::loadu(out.acc + (r0 + i) * D + d + Vec::size());
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const auto [v_lo, v_hi] = load_cache_chunk(v_rows[j] + d);
+          for (int64_t i = 0; i < m; ++i) {
+            const Vec w(scores[r0 + i][j]);
+            lo[i] = at::vec::fmadd(w, v_lo, lo[i]);
+            hi[i] = at::vec::fmadd(w, v_hi, hi[i]);
+          }
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          lo[i].store(out.acc + (r0 + i) * D + d);
+          hi[i].store(out.acc + (r0 + i) * D + d + Vec::size());
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        if (!active[r]) continue;
-        for (int64_t d = vec_end; d < D; ++d) out.acc[r * D + d] += scores[r][j] * static_cast<float>(v[d]);
+      for (int64_t i = 0; i < m; ++i) {
+        float* a = out.acc + (r0 + i) * D;
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t d = vec_end; d < D; ++d) a[d] += scores[r0 + i][j] * static_cast<float>(v_rows[j][d]);
       }
     }
     t += n;
