@@ -17,7 +17,6 @@
 // unchecked calls never write out of bounds (an unchecked bad scale is used as given).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -29,6 +28,7 @@
 #include "core/quant/int8.h"
 #include "ops/dispatch.h"
 #include "ops/checks.h"
+#include "ops/cuda_host_checks.cuh"
 #include "ops/paged_kv.h"
 
 namespace memwarden::ops {
@@ -37,20 +37,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kThreads = 128;        // 4 warps per token (writes)
 constexpr int kGatherThreads = 512;  // per page: a few hundred pages must fill the GPU
-
-bool check_on_host() {
-  return cuda_index_checks() &&
-         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
-}
-
-// The values of the static INT8 scales, on one host copy of both. Called where the index
-// checks run (check_on_host), so with those off nothing is copied and nothing syncs.
-void check_static_scales_on_host(const char* op, const at::Tensor& k_scale, const at::Tensor& v_scale) {
-  const at::Tensor host = at::cat({k_scale.reshape(-1), v_scale.reshape(-1)}).cpu();
-  const int64_t n = k_scale.numel();
-  check_static_scale_values(op, "k_scale", host.narrow(0, 0, n));
-  check_static_scale_values(op, "v_scale", host.narrow(0, n, n));
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
