@@ -54,6 +54,11 @@ inline std::pair<Vec, Vec> load_cache_chunk(const C* p) {
   }
 }
 
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+}
+
 // Everything one item needs to know about its sequence and kv head.
 struct Context {
   const PagedAttentionGeometry* g;
@@ -98,6 +103,19 @@ void attend_range(const Context& c, const float* q, int64_t rows, const int64_t*
       v_rows[j] = reinterpret_cast<const C*>(c.v_base) + block * cg.v_block_stride + slot * cg.v_slot_stride;
       k_scale[j] = per_token ? c.ks_base[block * cg.ks_block_stride + slot * cg.ks_slot_stride] : c.k_static;
       v_scale[j] = per_token ? c.vs_base[block * cg.vs_block_stride + slot * cg.vs_slot_stride] : c.v_static;
+    }
+    // The rows of one head are strided through the pages (a cache line or a few per row,
+    // often one memory page apart), which the hardware prefetcher does not follow: ask for
+    // this step's value rows and the next step's key rows while the keys are scored.
+    const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
+    for (int64_t j = 0; j < n; ++j) prefetch_row(v_rows[j], row_bytes);
+    if (t + n < key_end) {
+      const int64_t next = t + n, next_block = c.table[next / bs];
+      const int64_t next_n = std::min({bs - next % bs, key_end - next, kKeys});
+      for (int64_t j = 0; j < next_n; ++j)
+        prefetch_row(reinterpret_cast<const C*>(c.k_base) + next_block * cg.k_block_stride +
+                         (next % bs + j) * cg.k_slot_stride,
+                     row_bytes);
     }
     // Scores: four rows at a time share each loaded key chunk.
     for (int64_t j = 0; j < n; ++j) {
