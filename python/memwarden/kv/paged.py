@@ -7,7 +7,8 @@ paged ops of :mod:`memwarden.kv.ops` (``reshape_and_cache_flash`` and ``gather_c
 so an INT8 page is dequantized inside the gather.
 
 Storage is a *tier*: one tensor per tier of ``slots`` full-precision pages for every
-layer, K and V (``[layers, 2, slots, page_size, kv_heads, head_dim]``), viewed a second
+layer, K and V (``[layers, 2, slots, kv_heads, page_size, head_dim]``: head-major pages,
+the ops' HND layout, so attention streams a head's rows), viewed a second
 way as INT8 pages: a slot of a 2-byte dtype holds two INT8 pages (four for float32), and
 a small float32 tensor holds their per-(token, head) scales. Tiers: the device (budget
 ``max_memory``, preallocated), host memory (``offload="host"``; pinned on CUDA) and a
@@ -139,7 +140,9 @@ class _Tier:
     def _allocate(self) -> None:
         """Storage for ``self.slots`` slots, holding the pages of the storage it replaces."""
         c = self.cache
-        fp = self._new((c.num_layers, 2, self.slots, c.page_size, c.num_kv_heads, c.head_dim), c.dtype)
+        # Head-major pages (the ops' HND layout): a head's tokens of a page lie together, so
+        # attention, which reads one head's rows, streams them instead of striding.
+        fp = self._new((c.num_layers, 2, self.slots, c.num_kv_heads, c.page_size, c.head_dim), c.dtype)
         scale = self._new((c.num_layers, 2, self.slots * self.per_slot, c.page_size, c.num_kv_heads), torch.float32) \
             if c._may_quantize else None
         if self.fp is not None:
@@ -148,8 +151,8 @@ class _Tier:
             if scale is not None:
                 scale[:, :, : old * self.per_slot].copy_(self.scale)
         self.fp, self.scale = fp, scale
-        self.q = fp.view(-1).view(torch.int8).view(c.num_layers, 2, self.slots * self.per_slot, c.page_size,
-                                                    c.num_kv_heads, c.head_dim)
+        self.q = fp.view(-1).view(torch.int8).view(c.num_layers, 2, self.slots * self.per_slot, c.num_kv_heads,
+                                                    c.page_size, c.head_dim)
 
     @property
     def nbytes(self) -> int:
@@ -198,10 +201,13 @@ class _Tier:
                 self.free_slots.append(slot)
 
     def views(self, layer: int, kind: str):
-        """(key_cache, value_cache, k_scale_cache, v_scale_cache) of one layer."""
+        """(key_cache, value_cache, k_scale_cache, v_scale_cache) of one layer, the caches as
+        the ops index them: ``[pages, page_size, kv_heads, head_dim]`` (HND strides)."""
+        pages = self.fp if kind == "fp" else self.q
+        key, value = (pages[layer, i].permute(0, 2, 1, 3) for i in (0, 1))
         if kind == "fp":
-            return self.fp[layer, 0], self.fp[layer, 1], None, None
-        return self.q[layer, 0], self.q[layer, 1], self.scale[layer, 0], self.scale[layer, 1]
+            return key, value, None, None
+        return key, value, self.scale[layer, 0], self.scale[layer, 1]
 
 
 @dataclass
