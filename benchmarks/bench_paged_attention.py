@@ -4,7 +4,8 @@ place (bf16 pages, INT8 pages) against SDPA over dense K/V, in one run.
     python benchmarks/bench_paged_attention.py [--quick] [--device cpu|cuda] [--json PATH] [--plot PATH]
 
 Shapes of a Llama-3-8B layer: 32 query heads on 8 KV heads of 128, one query token per
-sequence, pages of 16 tokens in shuffled blocks. Contexts 1k/4k/16k/32k for batch 1 and
+sequence, pages of 16 tokens in shuffled blocks, head-major (HND, as PagedKVCache
+stores them; --layout NHD for vLLM's default). Contexts 1k/4k/16k/32k for batch 1 and
 1k/4k/16k for batch 16 (--quick: 512 and 2048, batch 1 and 4). Variants:
 
 * ``sdpa_dense``: ``F.scaled_dot_product_attention`` over contiguous dense K/V (GQA), what
@@ -34,20 +35,26 @@ HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 32, 8, 128, 16
 VARIANTS = ("sdpa_dense", "gather_sdpa", "gather_sdpa_int8", "paged", "paged_int8")
 
 
-def make_case(batch: int, context: int, dtype: torch.dtype, device: str):
+def make_case(batch: int, context: int, dtype: torch.dtype, device: str, layout: str = "HND"):
     g = torch.Generator().manual_seed(batch * 100003 + context)
     pages = (context + BLOCK - 1) // BLOCK
     blocks = batch * pages
-    key = torch.randn(blocks, BLOCK, KV_HEADS, HEAD_SIZE, generator=g).to(dtype).to(device)
-    value = torch.randn(blocks, BLOCK, KV_HEADS, HEAD_SIZE, generator=g).to(dtype).to(device)
+
+    def pages_of(dtype_):
+        shape = (blocks, KV_HEADS, BLOCK, HEAD_SIZE) if layout == "HND" else (blocks, BLOCK, KV_HEADS, HEAD_SIZE)
+        t = torch.empty(shape, dtype=dtype_, device=device)
+        return t.permute(0, 2, 1, 3) if layout == "HND" else t
+
+    key, value = pages_of(dtype), pages_of(dtype)
+    key.copy_(torch.randn(key.shape, generator=g).to(dtype))
+    value.copy_(torch.randn(value.shape, generator=g).to(dtype))
     table = torch.randperm(blocks, generator=g).view(batch, pages).int().to(device)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     # INT8 pages of the same values (per token and head scales), written by memwarden's op
-    k8 = torch.empty(key.shape, dtype=torch.int8, device=device)
-    v8 = torch.empty(key.shape, dtype=torch.int8, device=device)
+    k8, v8 = pages_of(torch.int8), pages_of(torch.int8)
     ks, vs = (torch.empty(key.shape[:3], dtype=torch.float32, device=device) for _ in range(2))
     slots = torch.arange(blocks * BLOCK, device=device)
-    ops.reshape_and_cache_flash(key.view(-1, KV_HEADS, HEAD_SIZE), value.view(-1, KV_HEADS, HEAD_SIZE), k8, v8, slots,
+    ops.reshape_and_cache_flash(key.reshape(-1, KV_HEADS, HEAD_SIZE), value.reshape(-1, KV_HEADS, HEAD_SIZE), k8, v8, slots,
                                 "int8_per_token_head", k_scale_cache=ks, v_scale_cache=vs)
     dense_k, dense_v = ops.gather_kv(key, value, table, lens)
     dense_k = dense_k.view(batch, context, KV_HEADS, HEAD_SIZE).transpose(1, 2).contiguous()
@@ -106,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layout", default="HND", choices=["HND", "NHD"],
+                        help="page layout (PagedKVCache's is HND: a head's tokens of a page together)")
     parser.add_argument("--json", default="benchmarks/results/bench_paged_attention.json")
     parser.add_argument("--plot", default="benchmarks/results/bench_paged_attention.png")
     args = parser.parse_args(argv)
@@ -117,7 +126,7 @@ def main(argv=None):
     rows = []
     print(f"{'batch':>5} {'context':>7} {'variant':>17} {'ms':>9} {'x sdpa':>7} {'GB/s':>6} {'max|diff|':>9}")
     for batch, context in cases:
-        c = make_case(batch, context, dtype, args.device)
+        c = make_case(batch, context, dtype, args.device, args.layout)
         run = runners(c)
         ref = run["sdpa_dense"]().float()
         base = None
@@ -132,7 +141,7 @@ def main(argv=None):
                   f"{row['gb_per_s']:6.1f} {diff:9.4f}")
         del c
     write_json(args.json, {"benchmark": "paged_attention", "environment": environment(), "device": args.device,
-                           "dtype": args.dtype, "quick": args.quick, "heads": HEADS, "kv_heads": KV_HEADS,
+                           "dtype": args.dtype, "layout": args.layout, "quick": args.quick, "heads": HEADS, "kv_heads": KV_HEADS,
                            "head_size": HEAD_SIZE, "block_size": BLOCK, "results": rows})
     _plot(rows, args.plot)
 

@@ -238,3 +238,21 @@ def test_causal_queries_must_fit_their_context():
     # Without causal masking the queries are not part of the context: allowed.
     out = ops.paged_attention(torch.randn(4, 1, 32), **paged, query_start_loc=torch.tensor([0, 4]), causal=False)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_graph_capture_and_replay():
+    # Decode must not synchronise with the host: capturable in a CUDA graph (the host-side
+    # index checks are skipped while capturing), and a replay sees new query values.
+    paged = make_paged(2, [300, 41], 2, 128, 16, torch.float16, "int8_per_token_head", "HND", "cuda")
+    query = torch.randn(2, 8, 128, device="cuda").half()
+    ops.paged_attention(query, kv_cache_dtype="int8_per_token_head", **paged)  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.paged_attention(query, kv_cache_dtype="int8_per_token_head", **paged)
+    query.copy_(torch.randn(2, 8, 128, device="cuda").half())
+    graph.replay()
+    torch.cuda.synchronize()
+    want, _ = R.paged_attention(query.cpu(), kv_cache_dtype="int8_per_token_head",
+                                **{k: v.cpu() for k, v in paged.items()})
+    torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-3, rtol=2e-3)
