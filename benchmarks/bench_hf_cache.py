@@ -1,11 +1,11 @@
 """transformers generate with memwarden's PagedCache vs DynamicCache (and QuantizedCache
 where a backend installs), measured in one run, each cache in its own process.
 
-    python benchmarks/bench_hf_cache.py [--quick] [--json PATH] [--plot PATH]
+    python benchmarks/bench_hf_cache.py [--quick] [--prompt N --new N] [--json PATH] [--plot PATH]
 
 The model is small but not trivial (8 layers, hidden 512, GQA 8:2, bf16 on the CPU,
 random weights, a fixed seed): a 1024-token prompt, then 512 greedy new tokens (--quick:
-128 + 64). Per cache:
+128 + 64; --prompt/--new set others). Per cache:
 
 * KV bytes at the end: the K/V tensors a DynamicCache holds; for PagedCache the bytes of
   the pages in use (device + host), and the pool it preallocated under a budget.
@@ -33,16 +33,15 @@ VARIANTS = ("dynamic", "paged_auto", "paged_int8", "paged_int8_half_budget", "pa
 ATTN_SUFFIX = "_attn"  # the same cache with attn_implementation="memwarden_paged" (pages read in place)
 
 
-def build_model(quick: bool):
+def build_model(prompt: int, new: int):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=max(4096, prompt + new),
                          dtype="bfloat16")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    prompt, new = (128, 64) if quick else (1024, 512)
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
     return model, ids, new
 
@@ -107,7 +106,7 @@ def _nbytes(t) -> int:
     return 0
 
 
-def run_one(variant: str, quick: bool, out: str) -> None:
+def run_one(variant: str, prompt: int, new: int, out: str) -> None:
     """One cache in this process: memwarden's allocator counts every CPU tensor byte."""
     import torch
 
@@ -115,7 +114,7 @@ def run_one(variant: str, quick: bool, out: str) -> None:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ma.install("cpu")
-    model, ids, new = build_model(quick)
+    model, ids, new = build_model(prompt, new)
     if variant.endswith(ATTN_SUFFIX):
         from memwarden.kv.attention import ATTENTION_NAME
 
@@ -145,14 +144,18 @@ def run_one(variant: str, quick: bool, out: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="128 + 64 tokens (CI smoke run)")
+    parser.add_argument("--prompt", type=int, help="prompt tokens (default 1024, --quick 128)")
+    parser.add_argument("--new", type=int, help="new tokens (default 512, --quick 64)")
     parser.add_argument("--json", default="benchmarks/results/bench_hf_cache.json")
     parser.add_argument("--plot", default="benchmarks/results/bench_hf_cache.png")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.prompt = args.prompt or (128 if args.quick else 1024)
+    args.new = args.new or (64 if args.quick else 512)
     if args.one:
-        run_one(args.one, args.quick, args.out)
+        run_one(args.one, args.prompt, args.new, args.out)
         return
 
     import torch
@@ -163,7 +166,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
             out = os.path.join(tmp, variant)
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", variant, "--out", out] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", variant, "--out", out, "--prompt", str(args.prompt),
+                   "--new", str(args.new)]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
             if proc.returncode != 0 or not os.path.exists(out + ".json"):
@@ -195,7 +199,8 @@ def main(argv=None):
               f"{r['peak_above_start_bytes'] / 2**20:9.2f} {r.get('peak_vs_dynamic', 0):6.2f} {r['tokens_per_s']:7.1f} "
               f"{r.get('tokens_per_s_vs_dynamic', 0):6.2f} {r.get('max_logit_error', float('nan')):11.4f} "
               f"{r.get('token_agreement', float('nan')):9.1%}")
-    write_json(args.json, {"benchmark": "hf_cache", "environment": environment(), "quick": args.quick, "results": rows})
+    write_json(args.json, {"benchmark": "hf_cache", "environment": environment(), "quick": args.quick, "prompt_tokens": args.prompt,
+                           "new_tokens": args.new, "results": rows})
     _plot(rows, args.plot)
 
 
