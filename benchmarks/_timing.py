@@ -55,3 +55,22 @@ def environment() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def new_figure(figsize):
+    """A matplotlib Figure (Agg, no display), or None with a note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig, path: str) -> None:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")

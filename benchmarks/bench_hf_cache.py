@@ -205,16 +205,13 @@ def main(argv=None):
 
 
 def _plot(rows, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    from _timing import new_figure, save_figure
+
     done = [r for r in rows if "skipped" not in r]
     names = [r["variant"] for r in done]
-    fig = Figure(figsize=(11, 4))
+    fig = new_figure((11, 4))
+    if fig is None:
+        return
     for i, (key, label) in enumerate((("kv_bytes", "KV at the end (MiB)"), ("peak_above_start_bytes", "peak of generate (MiB)"),
                                       ("tokens_per_s", "tokens/s"))):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -223,10 +220,7 @@ def _plot(rows, path: str) -> None:
         ax.set_title(label)
         if i:
             ax.set_yticklabels([])
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import environment, median_seconds, write_json  # noqa: E402
+from _timing import environment, median_seconds, new_figure, save_figure, write_json  # noqa: E402
 
 from memwarden.kv import ops  # noqa: E402
 
@@ -147,15 +147,10 @@ def main(argv=None):
 
 
 def _plot(rows, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
     batches = sorted({r["batch"] for r in rows})
-    fig = Figure(figsize=(5 * len(batches), 4))
+    fig = new_figure((5 * len(batches), 4))
+    if fig is None:
+        return
     for i, batch in enumerate(batches):
         ax = fig.add_subplot(1, len(batches), i + 1)
         for variant in VARIANTS:
@@ -167,10 +162,7 @@ def _plot(rows, path: str) -> None:
         ax.set_ylabel("ms per decode step (one layer)")
         ax.set_title(f"batch {batch}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
