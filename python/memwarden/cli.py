@@ -5,6 +5,8 @@ should each piece go?
     memwarden estimate MODEL [--dtype bf16] [--context 8192] [--batch 1] [--gpus 2x16GiB] [--cpu 64GiB]
     memwarden plan MODEL --gpus 2x16GiB [--cpu 64GiB] [--reserve 2GiB|auto] [--json]
     memwarden fit MODEL --gpus 2x24GiB [--batch 1] [--gpu-layers N --cpu 64GiB]
+    memwarden serve [MODEL] [--max-memory 2GiB] [--host 127.0.0.1 --port 8000] [--config FILE]
+                    [--policy memwarden] [--max-requests N] [--print-config]
 
 MODEL is an embedded name (``memwarden models``), a ``config.json`` (or a folder holding
 one), a GGUF file or a Hugging Face hub id (only its config.json is read). Sizes need a
@@ -177,11 +179,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", action="store_true", help="also print the device_map")
     p.set_defaults(fn=_cmd_plan)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible server under the memory controller")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a local model folder or hub id (default: an embedded tiny model, no download)")
+    p.add_argument("--max-memory", default=None, help="KV cache budget, e.g. 2GiB (default 512MiB)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need allow_remote)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--policy", default=None, help="admission policy: memwarden, reserve, optimistic, admit_all")
+    p.add_argument("--config", default=None, help="a TOML file of settings (see docs/serve.md)")
+    p.add_argument("--max-requests", type=int, default=None, help="stop after this many responses")
+    p.add_argument("--print-config", action="store_true", help="print the effective settings and their sources")
+    p.set_defaults(fn=_cmd_serve)
+
     p = sub.add_parser("fit", help="largest context that fits")
     common(p, gpus_required=True)
     placement(p)
     p.set_defaults(fn=_cmd_fit)
     return ap
+
+
+def _cmd_serve(args) -> int:
+    from memwarden.controller.config import MemwardenConfig
+
+    overrides = {"server.model": args.model, "server.max_memory": args.max_memory, "server.host": args.host,
+                 "server.port": args.port, "admission.policy": args.policy}
+    config = MemwardenConfig.load(args.config, overrides=overrides)
+    if args.print_config:
+        print(config.describe())
+        return 0
+    from memwarden.serve.server import Server
+
+    server = Server(config, max_requests=args.max_requests)
+    thread = server.start()
+    print(server.describe(), flush=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.stop(thread)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

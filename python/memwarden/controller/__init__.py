@@ -1,6 +1,8 @@
 """The memory controller: decides what runs where, and what gives way under pressure.
 
-Home of the ``TrafficController`` facade that composes the pieces, one module each:
+The ``TrafficController`` facade (:mod:`~memwarden.controller.traffic`) composes the
+pieces over one configuration (:class:`~memwarden.controller.config.MemwardenConfig`),
+one module each:
 
 * :mod:`~memwarden.controller.admission` -- accept, shrink ``max_tokens``, route elsewhere
   or reject a request;

@@ -1,9 +1,230 @@
-"""The FastAPI app: builds a ``TrafficController`` (:mod:`memwarden.controller`) and routes
-each request through its admission and sessions (``X-Session-ID`` header) before
-generating; OpenAI-compatible endpoints, ``/memory_stats``, ``/healthz`` and ``/metrics``.
-Tests drive it on loopback with the official ``openai`` client.
+"""The FastAPI app: every request goes through the ``TrafficController``
+(:mod:`memwarden.controller.traffic`) -- admission, sessions (``X-Session-ID`` header),
+degradation -- before the engine generates it. OpenAI-compatible ``/v1/completions`` and
+``/v1/chat/completions`` (server-sent events with ``"stream": true``), ``/v1/models``,
+``/memory_stats`` (the seed's keys), ``/healthz`` and Prometheus ``/metrics``.
 
-May import: fastapi, uvicorn, :mod:`memwarden.controller`, :mod:`memwarden.serve.metrics`,
-:mod:`memwarden.serve.schemas` and the layers below the controller. Never
-:mod:`memwarden.cli`.
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 for
+malformed JSON, unknown fields or out-of-range values (the message names the field) and
+for prompts longer than the model's context; 429 when a session limit refuses a request,
+503 when the pool is full, both with ``Retry-After``. A degraded response says so in its
+``memwarden`` field and the ``X-Memwarden-Degraded`` header. Tests drive it on loopback
+with the official ``openai`` client.
+
+May import: fastapi, :mod:`memwarden.controller`, :mod:`memwarden.serve.metrics`,
+:mod:`memwarden.serve.schemas`, :mod:`memwarden.serve.engine` and the layers below the
+controller. Never :mod:`memwarden.cli`.
 """
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from typing import Callable, Optional
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from memwarden.controller.traffic import Rejected, Ticket, TrafficController
+from memwarden.serve.engine import Engine
+from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from memwarden.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+__all__ = ["create_app"]
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
+           code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(where) or None
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('msg')}", None
+    return (f"{field}: {first.get('msg')}" if field else str(first.get("msg"))), field
+
+
+def device_memory() -> dict:
+    """GPU memory per device when there is one, else the host's (psutil)."""
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = {}
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            gpus[f"cuda:{i}"] = {"total_mb": total / 2**20, "free_mb": free / 2**20, "used_mb": (total - free) / 2**20}
+        used = sum(g["used_mb"] for g in gpus.values())
+        total = sum(g["total_mb"] for g in gpus.values())
+        return {"gpu_memory": gpus, "gpu_usage": used / total if total else 0.0,
+                "gpu_free_mb": sum(g["free_mb"] for g in gpus.values())}
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"gpu_memory": {}, "gpu_usage": None, "gpu_free_mb": None,
+            "host_memory": {"total_mb": vm.total / 2**20, "available_mb": vm.available / 2**20,
+                            "used_perc": vm.percent / 100}}
+
+
+def create_app(engine: Engine, controller: TrafficController, on_response: Optional[Callable[[], None]] = None):
+    """The app over one engine and controller; ``on_response`` is called after every
+    completed response (the CLI counts them to stop after ``--max-requests``)."""
+    app = FastAPI(title="memwarden", docs_url=None, redoc_url=None)
+    metrics = Metrics(controller)
+    app.state.engine, app.state.controller, app.state.metrics = engine, controller, metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        message, field = _validation_message(exc)
+        return _error(400, message, param=field)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
+                                             "owned_by": "memwarden"}]}
+
+    @app.get("/memory_stats")
+    def memory_stats():
+        return {**controller.memory_stats(), **device_memory()}
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest, x_session_id: Optional[str] = Header(None)):
+        return _serve(body, engine.encode_prompt(body.text()), body.max_tokens, x_session_id, chat=False)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionRequest, x_session_id: Optional[str] = Header(None)):
+        prompt = engine.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+        return _serve(body, prompt, body.output_limit(), x_session_id, chat=True)
+
+    def _serve(body, prompt: list[int], max_tokens: int, session_id: Optional[str], chat: bool):
+        if body.model is not None and body.model != engine.name:
+            return _error(404, f"model {body.model!r} is not served here; /v1/models lists {engine.name!r}",
+                          param="model", code="model_not_found")
+        room = engine.max_context - len(prompt)
+        if room < 1:
+            return _error(400, f"the prompt has {len(prompt)} tokens; the model's context is {engine.max_context}",
+                          param="messages" if chat else "prompt", code="context_length_exceeded")
+        try:
+            ticket = controller.acquire(session_id, len(prompt), min(max_tokens, room), body.temperature, body.top_p)
+        except Rejected as e:
+            metrics.observe("reject", e.reason)
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))} if e.retry_after is not None else None
+            return _error(e.status, e.message, kind="server_overloaded" if e.status == 503 else "rate_limit_exceeded",
+                          code=e.reason, headers=headers)
+        steps = _Steps(engine, controller, ticket, prompt, body.seed)  # releases the ticket when closed
+        try:
+            return _respond(body, steps, ticket, prompt, chat)
+        except BaseException:
+            steps.close()
+            raise
+
+    def _respond(body, steps: "_Steps", ticket: Ticket, prompt: list[int], chat: bool):
+        applied = ticket.applied
+        degraded = applied.degraded or ticket.decision.verdict == "shrink"
+        metrics.observe(ticket.decision.verdict, ticket.decision.reason, applied.level if degraded else None)
+        headers = {"X-Memwarden-Degraded": applied.level} if degraded else {}
+        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        info = {"degraded": degraded, "level": applied.level, "max_tokens": ticket.max_tokens,
+                "admission": ticket.decision.verdict}
+        created = int(time.time())
+        if body.stream:
+            # the background close also releases a stream whose body never started
+            return StreamingResponse(_sse(steps, ticket, response_id, created, engine.name, chat, info, on_response),
+                                     media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(steps.close))
+        try:
+            text = "".join(steps)
+        finally:
+            steps.close()
+        finish = _finish_reason(ticket)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": ticket.generated,
+                 "total_tokens": len(prompt) + ticket.generated}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
+                  else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        if on_response is not None:
+            on_response()
+        return JSONResponse({"id": response_id, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": engine.name, "choices": [choice], "usage": usage,
+                             "memwarden": info}, headers=headers)
+
+    return app
+
+
+def _finish_reason(ticket: Ticket) -> str:
+    return "length" if ticket.generated >= ticket.max_tokens or ticket.cut_short else "stop"
+
+
+class _Steps:
+    """The request's text pieces; its reservation goes back however they end (done, client
+    gone, an error), and on :meth:`close` even if they never started."""
+
+    def __init__(self, engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed):
+        self._controller, self._ticket, self._released = controller, ticket, False
+        self._pieces = _pieces(engine, controller, ticket, prompt, seed)
+
+    def __iter__(self):
+        try:
+            yield from self._pieces
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._pieces.close()
+        if not self._released:
+            self._released = True
+            self._controller.release(self._ticket)
+
+
+def _pieces(engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed):
+    applied = ticket.applied
+    generated = 0
+    for step in engine.generate(prompt, ticket.max_tokens, applied.temperature, applied.top_p, seed):
+        if step.token is not None:
+            generated += 1
+            if not controller.progress(ticket, generated):  # no room for more output: stop here
+                ticket.cut_short = True
+                return
+        yield step.text
+
+
+def _sse(steps, ticket: Ticket, response_id: str, created: int, model: str, chat: bool, info: dict, on_response):
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": response_id, "object": kind, "created": created, "model": model}
+    try:
+        if chat:
+            yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]})
+        for text in steps:
+            if not text:
+                continue
+            choice = ({"index": 0, "delta": {"content": text}, "finish_reason": None} if chat
+                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+            yield event({**head, "choices": [choice]})
+        done = {"index": 0, "finish_reason": _finish_reason(ticket)}
+        final = {**done, "delta": {}} if chat else {**done, "text": "", "logprobs": None}
+        yield event({**head, "choices": [final], "memwarden": info})
+        yield "data: [DONE]\n\n"
+    finally:
+        steps.close()
+        if on_response is not None:
+            on_response()

@@ -1,7 +1,51 @@
-"""Request and response schemas (pydantic) of the OpenAI-compatible endpoints and of
-``/memory_stats``; they check their fields and say which one is wrong, so a bad request
-is a 400 naming the field, never a 500.
+"""Request schemas of the OpenAI-compatible endpoints (pydantic): unknown fields, wrong
+types and out-of-range numbers are refused with a message that names the field, before
+anything is admitted or generated.
 
-May import: pydantic, the public dataclasses of :mod:`memwarden.controller` and the bottom
-layers. Never :mod:`memwarden.serve.app` or :mod:`memwarden.cli`.
+May import: pydantic and the bottom layers.
 """
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "MAX_TOKENS_LIMIT"]
+
+MAX_TOKENS_LIMIT = 1 << 20  # beyond any context: a larger request is a mistake, not a wish
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Strict):
+    model: Optional[str] = None
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    n: Literal[1] = 1
+    user: Optional[str] = Field(None, max_length=256)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]] = Field(..., min_length=1)
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else "".join(self.prompt)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    def output_limit(self) -> int:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

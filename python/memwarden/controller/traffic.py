@@ -1,0 +1,214 @@
+"""The ``TrafficController`` facade: one request's way through admission, sessions and
+degradation, and the counters ``/memory_stats`` and the metrics read.
+
+:meth:`TrafficController.acquire` (blocking: call it from a worker thread) degrades the
+request by the KV pressure of the pool (reserved / budget), asks the session table and
+admission, waits in admission's FIFO queue when told to, and returns a :class:`Ticket`
+or raises :class:`Rejected` (HTTP 429 for session limits, 503 for a full pool, with the
+reason and ``Retry-After``). While generating, :meth:`~TrafficController.progress` reports
+tokens and asks for more room when the reservation runs out (``False``: stop there);
+:meth:`~TrafficController.release` ends the request and admits the queue's head.
+
+May import: the controller's modules and the bottom layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from memwarden.controller.admission import AdmissionController, Decision, Request
+from memwarden.controller.config import MemwardenConfig
+from memwarden.controller.degradation import DEFAULT_POLICIES, Applied, Degradation, Level
+from memwarden.controller.sessions import SessionTable
+
+__all__ = ["Rejected", "Ticket", "TrafficController"]
+
+_SESSION_REASONS = ("session_limit", "global_limit")
+_EXTEND_STEP = 16  # output tokens asked for at a time when a reservation runs out
+
+
+class Rejected(Exception):
+    """A request refused by the controller: ``status`` (429 or 503), ``reason`` (a short
+    machine word), ``retry_after`` seconds (None: retrying cannot help)."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: Optional[float]):
+        super().__init__(message)
+        self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
+
+
+@dataclass
+class Ticket:
+    """An admitted request: its decision, the degraded sampling settings and its session."""
+
+    request_id: str
+    session_id: Optional[str]
+    prompt_tokens: int
+    decision: Decision
+    applied: Applied
+    started: float
+    generated: int = 0
+    cut_short: bool = False  # stopped when the pool had no room for more output
+
+    @property
+    def max_tokens(self) -> int:
+        return self.decision.granted_max_tokens
+
+
+class TrafficController:
+    """Admission (``config.admission``), sessions (``config.sessions``, limits capped by
+    the budget) and degradation (``config.degradation``) over one KV budget of
+    ``budget_bytes``, every token priced at ``bytes_per_token``."""
+
+    def __init__(self, config: MemwardenConfig, budget_bytes: int, bytes_per_token: int, clock=time.monotonic):
+        self.config, self.budget_bytes, self.bytes_per_token = config, budget_bytes, bytes_per_token
+        s = config.sessions
+        self.sessions = SessionTable(per_session_limit=min(s.per_session_limit, budget_bytes),
+                                     global_limit=min(s.global_limit, budget_bytes), idle_timeout=s.idle_timeout,
+                                     clock=clock)
+        a = config.admission
+        self.admission = AdmissionController(budget_bytes, bytes_per_token, policy=a.policy, queue_limit=a.queue_limit,
+                                             queue_timeout=a.queue_timeout, clock=clock,
+                                             session_check=self._session_check)
+        d = config.degradation
+        levels = list(Level)
+        self.degradation = Degradation(
+            thresholds=dict(zip(levels[1:], d.thresholds)), hysteresis=d.hysteresis,
+            policies={level: dataclasses.replace(DEFAULT_POLICIES[level], max_tokens_factor=factor)
+                      for level, factor in zip(levels, d.max_tokens_factors)})
+        self.counts = {"rejected": 0, "routed": 0, "degraded": 0, "completed": 0, "cut_short": 0}
+        self.rejections: dict[str, int] = {}
+        self._clock = clock
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._ready: dict[str, threading.Event] = {}  # queued request -> set when decided
+        self._decided: dict[str, Decision] = {}
+
+    # -- the request's way ----------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def _session_check(self, session_id, nbytes: int):
+        verdict = self.sessions.can_reserve(session_id, nbytes)
+        return verdict.ok, verdict.reason
+
+    def pressure(self) -> float:
+        return self.admission.reserved_bytes / self.budget_bytes
+
+    def acquire(self, session_id: Optional[str], prompt_tokens: int, max_tokens: int, temperature: Optional[float] = None,
+                top_p: Optional[float] = None) -> Ticket:
+        """Admit one request or raise :class:`Rejected`; may wait in the queue. Without a
+        ``session_id`` the request counts against no session."""
+        level = self.degradation.update(min(self.pressure(), 1.0))
+        sessions = self.sessions if session_id is not None else None
+        new_session = sessions is None or sessions.get(session_id) is None
+        if new_session and self.degradation.policy.refuse_new_sessions:
+            self._count_rejection("new_session_under_pressure")
+            raise Rejected(503, "new_session_under_pressure",
+                           f"memory pressure is at level {level.label}: new sessions are refused for now", 1.0)
+        applied = self.degradation.apply(max_tokens, temperature, top_p)
+        request_id = self.new_request_id()
+        if sessions is not None:
+            sessions.begin_request(session_id, prompt_tokens)
+        request = Request(request_id, prompt_tokens, applied.max_tokens, session_id=session_id)
+        with self._lock:  # a finish() in between must find the waiter
+            decision = self.admission.admit(request)
+            if decision.verdict == "queue":
+                self._ready[request_id] = threading.Event()
+        if decision.verdict == "queue":
+            decision = self._wait(request_id, decision)
+        if not decision.admitted:
+            if sessions is not None:
+                sessions.end_request(session_id)
+            self._count_rejection(decision.reason)
+            status = 429 if decision.reason in _SESSION_REASONS else 503
+            raise Rejected(status, decision.reason, _explain(decision, self.bytes_per_token), decision.retry_after)
+        if sessions is not None:
+            sessions.reserve(session_id, self.admission.reservation(request_id)[1])
+        if applied.degraded or decision.verdict == "shrink":
+            self.counts["degraded"] += 1
+        return Ticket(request_id, session_id, prompt_tokens, decision, applied, self._clock())
+
+    def _wait(self, request_id: str, decision: Decision) -> Decision:
+        event = self._ready[request_id]
+        deadline = self._clock() + self.config.admission.queue_timeout
+        while not event.wait(timeout=0.05):
+            if self._clock() >= deadline:
+                self._publish(self.admission.expire_queue())
+        with self._lock:
+            self._ready.pop(request_id, None)
+            return self._decided.pop(request_id)
+
+    def _publish(self, decisions: list[Decision]) -> None:
+        with self._lock:
+            for d in decisions:
+                if d.request_id in self._ready:
+                    self._decided[d.request_id] = d
+                    self._ready[d.request_id].set()
+
+    def progress(self, ticket: Ticket, generated: int) -> bool:
+        """Report ``generated`` output tokens; False when the request must stop there (its
+        reservation is spent and the pool has no room for more)."""
+        granted, reserved, _ = self.admission.reservation(ticket.request_id)
+        reserved_tokens = reserved // self.bytes_per_token
+        if ticket.prompt_tokens + max(generated, 1) > reserved_tokens:
+            more = min(_EXTEND_STEP, granted - (reserved_tokens - ticket.prompt_tokens))
+            if more <= 0 or not self.admission.extend(ticket.request_id, more):
+                self.counts["cut_short"] += 1
+                return False
+            if ticket.session_id is not None:
+                self.sessions.reserve(ticket.session_id, more * self.bytes_per_token)
+        self.admission.on_tokens(ticket.request_id, generated)
+        ticket.generated = generated
+        return True
+
+    def release(self, ticket: Ticket) -> None:
+        """End an admitted request: its bytes go back and the queue's head may start."""
+        reserved = self.admission.reservation(ticket.request_id)[1]
+        decisions = self.admission.finish(ticket.request_id)
+        if ticket.session_id is not None:
+            self.sessions.release(ticket.session_id, min(reserved, self._session_bytes(ticket.session_id)))
+            self.sessions.end_request(ticket.session_id, ticket.generated)
+        self.counts["completed"] += 1
+        self._publish(decisions)
+
+    def _session_bytes(self, session_id: str) -> int:
+        session = self.sessions.get(session_id)
+        return session.kv_bytes if session is not None else 0
+
+    def _count_rejection(self, reason: str) -> None:
+        self.counts["rejected"] += 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    # -- what is reported -------------------------------------------------------------------
+
+    def memory_stats(self) -> dict:
+        """The seed's ``/memory_stats`` keys for the KV pool (the server adds devices)."""
+        sessions = self.sessions.stats()
+        return {
+            "active_sessions": sessions["active_sessions"],
+            "total_kv_mb": sessions["total_kv_mb"],
+            "kv_budget_mb": self.budget_bytes / 2**20,
+            "kv_reserved_mb": self.admission.reserved_bytes / 2**20,
+            "kv_cache_usage_perc": self.pressure(),
+            "pressure_level": self.degradation.level.label,
+            "num_requests_running": len(self.admission.running_ids()),
+            "num_requests_waiting": len(self.admission.queued_ids()),
+            "session_details": sessions["session_details"],
+            "rejected_count": self.counts["rejected"],
+            "rejections_by_reason": dict(self.rejections),
+            "routed_count": self.counts["routed"],
+            "degraded_count": self.counts["degraded"],
+            "completed_count": self.counts["completed"],
+            "admission_policy": self.admission.policy,
+        }
+
+
+def _explain(decision: Decision, bytes_per_token: int) -> str:
+    need, free = decision.needed_bytes, decision.free_bytes
+    return (f"request not admitted ({decision.reason}): it needs {need} bytes of KV cache "
+            f"({need // max(bytes_per_token, 1)} tokens) and {free} bytes are free")

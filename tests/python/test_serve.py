@@ -1,0 +1,221 @@
+"""memwarden serve on loopback: the official openai client and raw HTTP against the real
+server (embedded tiny model), the controller's refusals (429/503 with Retry-After), input
+validation (400 naming the field, never a 500), /memory_stats and /metrics, and the CLI
+(`memwarden serve --max-requests`, which stops by itself)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+from transformers import DynamicCache  # noqa: E402
+
+from memwarden.controller.config import MemwardenConfig  # noqa: E402
+from memwarden.controller.traffic import Rejected, TrafficController  # noqa: E402
+from memwarden.serve.server import Server  # noqa: E402
+
+
+def start(**overrides):
+    config = MemwardenConfig.load(env={}, overrides={"server.port": 0, **overrides})
+    server = Server(config)
+    return server, server.start()
+
+
+@pytest.fixture(scope="module")
+def served():
+    server, thread = start(**{"server.max_memory": "4MiB"})
+    yield server, f"http://127.0.0.1:{server.port}"
+    server.stop(thread)
+
+
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(url, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
+def greedy_reference(server, prompt_ids, new):
+    """transformers' own greedy generate with DynamicCache and SDPA on the same model."""
+    model = server.engine.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), past_key_values=DynamicCache(config=model.config),
+                                 max_new_tokens=new, do_sample=False, pad_token_id=server.engine.tokenizer.pad_token_id)
+    finally:
+        model.set_attn_implementation(previous)
+    ids = out[0, len(prompt_ids):].tolist()
+    eos = server.engine.eos
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def test_models_and_health(served):
+    server, base = served
+    assert [m.id for m in client(base).models.list().data] == [server.engine.name]
+    assert json.loads(get(base + "/healthz"))["status"] == "ok"
+
+
+def test_completion_matches_transformers_greedy(served):
+    server, base = served
+    r = client(base).completions.create(model=server.engine.name, prompt="memory", max_tokens=12, temperature=0)
+    prompt = server.engine.encode_prompt("memory")
+    want = server.engine.tokenizer.decode(greedy_reference(server, prompt, 12))
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens <= 12
+    assert r.model_extra["memwarden"]["admission"] in ("accept", "shrink")
+
+
+def test_chat_stream_equals_the_whole_response(served):
+    server, base = served
+    c = client(base)
+    messages = [{"role": "system", "content": "terse"}, {"role": "user", "content": "hi there"}]
+    whole = c.chat.completions.create(model=server.engine.name, messages=messages, max_tokens=10, temperature=0)
+    chunks = list(c.chat.completions.create(model=server.engine.name, messages=messages, max_tokens=10,
+                                            temperature=0, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_sessions_are_tracked_and_released(served):
+    server, base = served
+    c = client(base)
+    for _ in range(2):
+        c.completions.create(model=server.engine.name, prompt="abc", max_tokens=3,
+                             extra_headers={"X-Session-ID": "tenant-7"})
+    stats = json.loads(get(base + "/memory_stats"))
+    detail = stats["session_details"]["tenant-7"]
+    assert detail["requests"] == 2 and detail["in_flight"] == 0
+    assert detail["kv_bytes"] == 0  # a finished request gives its KV back
+    for key in ("active_sessions", "total_kv_mb", "gpu_usage", "gpu_free_mb", "session_details", "gpu_memory",
+                "rejected_count", "routed_count", "degraded_count"):
+        assert key in stats
+    assert stats["num_requests_running"] == 0 and stats["kv_reserved_mb"] == 0
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "n": 2}, "n"),
+])
+def test_bad_input_is_400_naming_the_field(served, body, field):
+    _, base = served
+    status, _, payload = post(base + "/v1/completions", body)
+    assert status == 400
+    assert payload["error"]["param"] == field and field in payload["error"]["message"]
+
+
+def test_malformed_json_and_unknown_model(served):
+    _, base = served
+    status, _, payload = post(base + "/v1/completions", b"{not json")
+    assert status == 400 and "JSON" in payload["error"]["message"]
+    status, _, payload = post(base + "/v1/chat/completions",
+                              {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 404 and payload["error"]["code"] == "model_not_found"
+    status, _, payload = post(base + "/v1/completions", {"prompt": "y" * 5000})
+    assert status == 400 and payload["error"]["code"] == "context_length_exceeded"
+
+
+def test_metrics_use_engine_style_names(served):
+    _, base = served
+    text = get(base + "/metrics")
+    for name in ("memwarden:kv_cache_usage_perc", "memwarden:num_requests_running", "memwarden:num_requests_waiting",
+                 "memwarden:admission_decisions_total", "memwarden:memory_pressure_level",
+                 "memwarden:sessions_active", "memwarden:session_evictions_total", "memwarden:preemptions_total",
+                 "memwarden:degradations_total"):
+        assert name in text
+    assert re.search(r'memwarden:admission_decisions_total\{decision="accept",reason="[a-z_]+"\} [1-9]', text)
+
+
+def test_refusals_429_and_503_with_retry_after():
+    # 512 B a token: a 16 KiB session limit holds 32 tokens, the 64 KiB pool 128.
+    server, thread = start(**{"server.max_memory": "64KiB", "sessions.per_session_limit": "16KiB",
+                              "admission.policy": "reserve"})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, headers, payload = post(base + "/v1/completions", {"prompt": "a" * 20, "max_tokens": 20},
+                                        {"X-Session-ID": "s1"})
+        assert status == 429 and payload["error"]["code"] == "session_limit"
+        assert int(headers["retry-after"]) >= 1
+        status, _, payload = post(base + "/v1/completions", {"prompt": "b" * 200, "max_tokens": 4})
+        assert status == 503 and payload["error"]["code"] == "prompt_too_long"
+        stats = json.loads(get(base + "/memory_stats"))
+        assert stats["rejected_count"] == 2
+        assert stats["rejections_by_reason"] == {"session_limit": 1, "prompt_too_long": 1}
+        assert 'reason="session_limit"' in get(base + "/metrics")
+    finally:
+        server.stop(thread)
+
+
+def test_degradation_under_pressure_shrinks_max_tokens():
+    # Hand-computed: 100 B a token, budget 10000 B; a running request reserving 75 tokens
+    # puts the pool at 0.75 (level "medium", max_tokens x 0.9): 20 -> 18 tokens.
+    config = MemwardenConfig.load(env={}, overrides={"admission.policy": "reserve"})
+    controller = TrafficController(config, 10_000, 100)
+    first = controller.acquire(None, 25, 50)
+    assert first.max_tokens == 50 and not first.applied.degraded
+    second = controller.acquire(None, 5, 20)
+    assert second.applied.level == "medium" and second.applied.degraded and second.max_tokens == 18
+    controller.release(first)
+    controller.release(second)
+    assert controller.memory_stats()["degraded_count"] == 1 and controller.admission.reserved_bytes == 0
+    with pytest.raises(Rejected) as e:
+        controller.acquire(None, 200, 1)  # 201 tokens > the 100-token pool
+    assert e.value.status == 503 and e.value.reason == "prompt_too_long"
+
+
+def test_cli_serves_and_stops_after_max_requests(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "memwarden.cli", "serve", "--port", "0", "--max-requests", "1",
+                             "--max-memory", "1MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        status, _, payload = post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200 and payload["object"] == "text_completion"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_print_config_names_sources(tmp_path):
+    path = tmp_path / "memwarden.toml"
+    path.write_text("[sessions]\nidle_timeout = 60\n")
+    out = subprocess.run([sys.executable, "-m", "memwarden.cli", "serve", "--print-config", "--config", str(path),
+                          "--policy", "reserve"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert out.returncode == 0
+    assert re.search(r"sessions\.idle_timeout\s+60(\.0)?\s+file", out.stdout)
+    assert re.search(r"admission\.policy\s+reserve\s+override", out.stdout)
