@@ -122,6 +122,47 @@ def demo_generate() -> None:
     example.main(["--prompt-tokens", "48", "--new-tokens", "48"])
 
 
+def demo_serve() -> None:
+    """memwarden serve on loopback for a few requests, through the openai-style HTTP API."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from memwarden.controller.config import MemwardenConfig
+    from memwarden.serve.server import Server
+
+    print("\n== memwarden serve: an OpenAI-compatible server under the memory controller (embedded tiny model)")
+    config = MemwardenConfig.load(env={}, overrides={"server.port": 0, "server.max_memory": "1MiB",
+                                                     "sessions.per_session_limit": "128KiB"})
+    server = Server(config)
+    thread = server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    print(server.describe())
+
+    def post(session: str, prompt: str, max_tokens: int):
+        request = urllib.request.Request(base + "/v1/completions", headers={"Content-Type": "application/json",
+                                                                             "X-Session-ID": session},
+                                         data=json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        status, body = post("alice", "Hello", 8)
+        print(f"POST /v1/completions (session alice): {status}, {body['usage']['completion_tokens']} tokens")
+        status, body = post("bob", "x" * 399, 16)  # 400 tokens at 512 B each: over bob's 128 KiB
+        print(f"POST /v1/completions (session bob, 400 tokens): {status} {body['error']['code']}: "
+              f"{body['error']['message']}")
+        with urllib.request.urlopen(base + "/memory_stats", timeout=30) as r:
+            stats = json.loads(r.read())
+        print(f"/memory_stats: active_sessions {stats['active_sessions']}, rejected_count {stats['rejected_count']}, "
+              f"total_kv_mb {stats['total_kv_mb']:.2f}, pressure {stats['pressure_level']}")
+    finally:
+        server.stop(thread)
+
+
 def main() -> None:
     print(f"memwarden {memwarden.__version__} on torch {torch.__version__} "
           f"({'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'})")
@@ -131,6 +172,7 @@ def main() -> None:
     demo_allocator()
     demo_planning()
     demo_generate()
+    demo_serve()
 
 
 if __name__ == "__main__":

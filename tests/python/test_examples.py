@@ -19,10 +19,14 @@ def test_demo_runs_and_reports_expected_figures(capsys):
     assert "plan for mixtral-8x7b (bfloat16): fits" in out
     # generate inside a quarter of the K/V it needs: pages were compressed and offloaded,
     # and the next-token choices stayed those of DynamicCache.
-    paged = re.search(r"PagedCache\(kv_dtype='int8', offload='host'\): (\d+) tokens: (\d+) pages resident, "
-                      r"(\d+) compressed, (\d+) offloaded", out)
+    paged = re.search(r"PagedCache\(kv_dtype='int8', offload='host'\), attn_implementation='memwarden_paged': "
+                      r"(\d+) tokens: (\d+) pages resident, (\d+) compressed, (\d+) offloaded", out)
     assert paged and int(paged.group(1)) == 95 and int(paged.group(3)) > 0 and int(paged.group(4)) > 0, out
     assert float(re.search(r"choices equal to DynamicCache's: (\d+)%", out).group(1)) >= 95
+    # the server: one request served in a session, one refused by the session limit (429)
+    assert re.search(r"POST /v1/completions \(session alice\): 200, \d+ tokens", out), out
+    assert "POST /v1/completions (session bob, 400 tokens): 429 session_limit" in out
+    assert re.search(r"/memory_stats: active_sessions 2, rejected_count 1", out)
 
 
 def test_estimate_any_model_example_prices_a_config_json_and_a_gguf_header(capsys):
