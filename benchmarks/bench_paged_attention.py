@@ -15,8 +15,9 @@ stores them; --layout NHD for vLLM's default). Contexts 1k/4k/16k/32k for batch 
 * ``paged``/``paged_int8``: ``memwarden.kv.ops.paged_attention`` over the pages.
 
 Times are medians of repeated runs (benchmarks/_timing.py); the table prints each
-variant's time, its ratio to ``sdpa_dense`` (< 1: faster) and the bandwidth of the K/V
-bytes it reads. Also checks every variant's output against ``sdpa_dense``.
+variant's time, its ratio to ``sdpa_dense`` (< 1: faster), the bandwidth of the K/V bytes
+it must read and that as a fraction of a large tensor copy's (measured first, same run).
+Also checks every variant's output against ``sdpa_dense``.
 """
 from __future__ import annotations
 
@@ -99,6 +100,14 @@ def runners(c):
     }
 
 
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes a large tensor copy reads per second here: the yardstick for the bytes each
+    variant must read."""
+    src = torch.empty(64 << 20, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    return src.nbytes / median_seconds(lambda: dst.copy_(src), device, repeats=repeats)
+
+
 def kv_bytes(c, variant: str) -> int:
     """Bytes of K/V (and scales) the variant must read at least."""
     values = 2 * c["batch"] * c["context"] * KV_HEADS
@@ -124,7 +133,10 @@ def main(argv=None):
     else:
         cases = [(1, n) for n in (1024, 4096, 16384, 32768)] + [(16, n) for n in (1024, 4096, 16384)]
     rows = []
-    print(f"{'batch':>5} {'context':>7} {'variant':>17} {'ms':>9} {'x sdpa':>7} {'GB/s':>6} {'max|diff|':>9}")
+    copy = copy_bandwidth(args.device, args.repeats)
+    print(f"copy bandwidth on {args.device}: {copy / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    print(f"{'batch':>5} {'context':>7} {'variant':>17} {'ms':>9} {'x sdpa':>7} {'GB/s':>6} {'x copy':>6} "
+          f"{'max|diff|':>9}")
     for batch, context in cases:
         c = make_case(batch, context, dtype, args.device, args.layout)
         run = runners(c)
@@ -134,15 +146,17 @@ def main(argv=None):
             seconds = median_seconds(run[variant], args.device, repeats=args.repeats if not args.quick else 3)
             base = seconds if variant == "sdpa_dense" else base
             diff = (run[variant]().float() - ref).abs().max().item()
+            bandwidth = kv_bytes(c, variant) / seconds
             row = dict(batch=batch, context=context, variant=variant, seconds=seconds, vs_sdpa_dense=seconds / base,
-                       gb_per_s=kv_bytes(c, variant) / seconds / 1e9, max_abs_diff=diff)
+                       gb_per_s=bandwidth / 1e9, of_copy_bandwidth=bandwidth / copy, max_abs_diff=diff)
             rows.append(row)
             print(f"{batch:5d} {context:7d} {variant:>17} {seconds * 1e3:9.3f} {row['vs_sdpa_dense']:7.2f} "
-                  f"{row['gb_per_s']:6.1f} {diff:9.4f}")
+                  f"{row['gb_per_s']:6.1f} {row['of_copy_bandwidth']:6.2f} {diff:9.4f}")
         del c
     write_json(args.json, {"benchmark": "paged_attention", "environment": environment(), "device": args.device,
                            "dtype": args.dtype, "layout": args.layout, "quick": args.quick, "heads": HEADS, "kv_heads": KV_HEADS,
-                           "head_size": HEAD_SIZE, "block_size": BLOCK, "results": rows})
+                           "head_size": HEAD_SIZE, "block_size": BLOCK, "copy_bytes_per_s": copy,
+                           "results": rows})
     _plot(rows, args.plot)
 
 

@@ -207,8 +207,16 @@ def _cmd_serve(args) -> int:
     if args.print_config:
         print(config.describe())
         return 0
+    import logging
+
     from memwarden.serve.server import Server
 
+    # the controller's decisions, level changes and evictions: one JSON object per line
+    events = logging.getLogger("memwarden.controller")
+    events.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    events.addHandler(handler)
     server = Server(config, max_requests=args.max_requests)
     thread = server.start()
     print(server.describe(), flush=True)

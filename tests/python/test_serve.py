@@ -176,11 +176,12 @@ def test_refusals_429_and_503_with_retry_after():
         server.stop(thread)
 
 
-def test_degradation_under_pressure_shrinks_max_tokens():
+def test_degradation_under_pressure_shrinks_max_tokens(caplog):
     # Hand-computed: 100 B a token, budget 10000 B; a running request reserving 75 tokens
     # puts the pool at 0.75 (level "medium", max_tokens x 0.9): 20 -> 18 tokens.
     config = MemwardenConfig.load(env={}, overrides={"admission.policy": "reserve"})
     controller = TrafficController(config, 10_000, 100)
+    caplog.set_level("INFO", logger="memwarden.controller")
     first = controller.acquire(None, 25, 50)
     assert first.max_tokens == 50 and not first.applied.degraded
     second = controller.acquire(None, 5, 20)
@@ -191,6 +192,12 @@ def test_degradation_under_pressure_shrinks_max_tokens():
     with pytest.raises(Rejected) as e:
         controller.acquire(None, 200, 1)  # 201 tokens > the 100-token pool
     assert e.value.status == 503 and e.value.reason == "prompt_too_long"
+    # structured logs: one JSON object per decision and level change
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "memwarden.controller"]
+    assert [(e["event"], e.get("decision"), e.get("new")) for e in events] == [
+        ("admission", "accept", None), ("pressure_level", None, "medium"), ("admission", "accept", None),
+        ("pressure_level", None, "low"), ("admission", "reject", None)]
+    assert events[2]["max_tokens"] == 18 and events[2]["level"] == "medium"
 
 
 def test_cli_serves_and_stops_after_max_requests(tmp_path):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from memwarden.controller.degradation import DEFAULT_POLICIES, Applied, Degradat
 from memwarden.controller.sessions import SessionTable
 
 __all__ = ["Rejected", "Ticket", "TrafficController"]
+
+log = logging.getLogger("memwarden.controller")  # one JSON object per line: decisions, levels, evictions
 
 _SESSION_REASONS = ("session_limit", "global_limit")
 _EXTEND_STEP = 16  # output tokens asked for at a time when a reservation runs out
@@ -79,6 +83,11 @@ class TrafficController:
             thresholds=dict(zip(levels[1:], d.thresholds)), hysteresis=d.hysteresis,
             policies={level: dataclasses.replace(DEFAULT_POLICIES[level], max_tokens_factor=factor)
                       for level, factor in zip(levels, d.max_tokens_factors)})
+        self.degradation.on_change.append(
+            lambda old, new, pressure: _event("pressure_level", old=Level(old).label, new=Level(new).label,
+                                              pressure=round(pressure, 4)))
+        self.sessions.on_evict.append(lambda session, freed: _event("session_evicted", session=session,
+                                                                     freed_bytes=freed))
         self.counts = {"rejected": 0, "routed": 0, "degraded": 0, "completed": 0, "cut_short": 0}
         self.rejections: dict[str, int] = {}
         self._clock = clock
@@ -120,7 +129,12 @@ class TrafficController:
             if decision.verdict == "queue":
                 self._ready[request_id] = threading.Event()
         if decision.verdict == "queue":
+            _event("admission", request=request_id, session=session_id, decision="queue", reason=decision.reason,
+                   needed_bytes=decision.needed_bytes, free_bytes=decision.free_bytes)
             decision = self._wait(request_id, decision)
+        _event("admission", request=request_id, session=session_id, decision=decision.verdict,
+               reason=decision.reason, prompt_tokens=prompt_tokens, max_tokens=decision.granted_max_tokens,
+               needed_bytes=decision.needed_bytes, free_bytes=decision.free_bytes, level=applied.level)
         if not decision.admitted:
             if sessions is not None:
                 sessions.end_request(session_id)
@@ -206,6 +220,11 @@ class TrafficController:
             "completed_count": self.counts["completed"],
             "admission_policy": self.admission.policy,
         }
+
+
+def _event(kind: str, **fields) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(json.dumps({"event": kind, "time": time.time(), **fields}))
 
 
 def _explain(decision: Decision, bytes_per_token: int) -> str:
