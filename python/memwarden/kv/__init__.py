@@ -2,7 +2,8 @@
 and the block manager that decides which block holds which tokens.
 
 * :mod:`memwarden.kv.ops` -- ``reshape_and_cache_flash``, ``reshape_and_cache``,
-  ``copy_blocks``, ``swap_blocks``, ``gather_cache`` (``torch.ops.memwarden.*``).
+  ``copy_blocks``, ``swap_blocks``, ``gather_cache`` and ``paged_attention`` (attention
+  over the pages read in place, INT8 included) (``torch.ops.memwarden.*``).
 * :class:`BlockPool` -- fixed set of blocks, O(1) intrusive free queue, ref counts,
   prefix-hash cache with LRU eviction, all-or-nothing allocation.
 * :class:`KVCacheManager` -- sequences on top of a pool: prefix reuse, append with
@@ -10,8 +11,9 @@ and the block manager that decides which block holds which tokens.
 * :class:`PagedKVCache` (:mod:`memwarden.kv.paged`) -- K/V pages for every layer inside
   a memory budget: INT8 compression, offload to host/disk, eviction, pruning, stats.
 * :class:`PagedCache` (:mod:`memwarden.kv.cache`) -- the transformers ``Cache`` on top,
-  for ``model.generate(past_key_values=...)``; imported on first use (it is the one module
-  of memwarden.kv that imports transformers).
+  for ``model.generate(past_key_values=...)``, and :mod:`memwarden.kv.attention`, the
+  ``"memwarden_paged"`` attention backend that attends over its pages in place; imported on
+  first use (the two modules of memwarden.kv that import transformers).
 
 The constructor and every method of :class:`BlockPool` and :class:`KVCacheManager` that
 takes arguments checks them here before the binding sees them (the table ``_ARGUMENTS``):
