@@ -199,3 +199,34 @@ def test_attend_matches_sdpa_on_the_store():
     torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
     # queries reaching past the newest run: None (the caller reads densely)
     assert store.attend(1, torch.randn(2, 8, 40, 32)) is None
+
+
+def test_threads_attend_at_once():
+    # A server runs requests in several threads: generations with different masks (left
+    # padding) running at once give what each gives alone (no state shared between them).
+    import threading
+
+    model = C.tiny_model("llama")
+    jobs = []
+    for seed, pad in ((1, 0), (2, 3), (3, 5)):
+        ids = C.prompt(2, 12, seed=seed)
+        mask = torch.ones_like(ids)
+        ids[1, :pad], mask[1, :pad] = 0, 0
+        jobs.append((ids, mask))
+    with attn(model, attention.ATTENTION_NAME):
+        alone = [C.generate(model, PagedCache(model.config, page_size=4), ids, new=16, attention_mask=mask).sequences
+                 for ids, mask in jobs]
+        together = [None] * len(jobs)
+
+        def run(i):
+            ids, mask = jobs[i]
+            together[i] = C.generate(model, PagedCache(model.config, page_size=4), ids, new=16,
+                                     attention_mask=mask).sequences
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

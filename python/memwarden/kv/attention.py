@@ -25,6 +25,7 @@ May import: transformers, torch, :mod:`memwarden.kv.paged` and :mod:`memwarden.k
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -91,7 +92,9 @@ def paged_states(store: PagedKVCache, layer: int, fresh=None) -> tuple[PagedStat
             PagedStates(read, 1, shape, store.dtype, store.device))
 
 
-_mask_memo: list = [None, None]  # (mask, kv_start): the model passes every layer the same mask
+# (mask, kv_start) of this thread's last call: a model passes every layer the same mask.
+# Per thread, since models may run in several threads at once (a server's requests).
+_mask_memo = threading.local()
 
 
 def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
@@ -99,8 +102,8 @@ def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
     q_len, kv_len]``) is exactly causal with left padding, else False; None for no mask."""
     if mask is None:
         return None
-    if _mask_memo[0] is mask:
-        return _mask_memo[1]
+    if getattr(_mask_memo, "mask", None) is mask:
+        return _mask_memo.kv_start
     result = False
     if mask.dtype == torch.bool and mask.dim() == 4 and tuple(mask.shape[-2:]) == (q_len, kv_len):
         last_row = mask[:, 0, -1, :]
@@ -111,7 +114,7 @@ def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
         expected = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= queries[None, :, None])
         if torch.equal(mask, expected[:, None].expand_as(mask)):
             result = start
-    _mask_memo[:] = [mask, result]
+    _mask_memo.mask, _mask_memo.kv_start = mask, result
     return result
 
 
