@@ -1,0 +1,338 @@
+"""Model lifecycle policies: hand-computed footprints, can_load_model verdicts and
+adjustments, should_swap_models against each never-evict rule (fake clock), the registry's
+transitions and thread safety; hypothesis properties of swap decisions (budget kept, the
+protected models stay, same state -> same decision)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from memwarden.controller.models import (
+    Adjustment, LoadRequirements, ModelRegistry, ModelSpec, SwapDecision, SystemState, can_load_model,
+    should_swap_models,
+)
+
+MiB, GiB = 2**20, 2**30
+INT8_PER_TOKEN = 1 * MiB * (128 + 4) // 256   # 1 MiB/token of bf16 heads of 128 -> int8 + fp32 scale
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spec(name="m", weights=8 * GiB, per_token=MiB, context=4096, **kw):
+    return ModelSpec(name=name, weights_bytes=weights, kv_bytes_per_token=per_token, context=context, **kw)
+
+
+def load(registry, clock, name, at, uses=0):
+    """Load ``name`` at time ``at`` and serve ``uses`` finished requests then."""
+    clock.now = at
+    registry.mark_loading(name)
+    registry.mark_loaded(name)
+    for _ in range(uses):
+        registry.begin_request(name)
+        registry.end_request(name)
+
+
+# --- ModelSpec -------------------------------------------------------------------------
+
+def test_footprint_by_hand():
+    s = spec(buffers_bytes=100 * MiB)
+    assert s.priority == s.tier == 0
+    assert s.footprint() == 8 * GiB + 4096 * MiB + 100 * MiB
+    assert s.footprint(context=1000) == 8 * GiB + 1000 * MiB + 100 * MiB
+    assert s.kv_per_token("int8_per_token_head") == INT8_PER_TOKEN == 540672
+    assert s.kv_per_token("fp8") == MiB // 2
+    assert s.kv_per_token("int4") == MiB * (64 + 2 * 4) // 256   # half bytes + 2 groups of scale, zero
+    assert s.footprint(kv_dtype="bf16") == s.footprint()
+    assert spec(tier=2).priority == 2 and spec(tier=2, priority=0).priority == 0
+
+
+@pytest.mark.parametrize("field,value", [("weights_bytes", -1), ("kv_bytes_per_token", 1.5), ("context", 0),
+                                         ("min_residency_s", -1.0), ("kv_dtype", "int3"), ("quota_bytes", "9")])
+def test_spec_validation_names_the_argument(field, value):
+    args = dict(name="m", weights_bytes=1, kv_bytes_per_token=1, context=1)
+    with pytest.raises(ValueError, match=field):
+        ModelSpec(**{**args, field: value})
+
+
+def test_from_estimate_matches_the_estimator(tmp_path):
+    from gguf_files import write_llama
+
+    from memwarden import footprint as F
+    from memwarden.estimate import estimate
+    from memwarden.models import describe
+
+    path = write_llama(str(tmp_path / "tiny.gguf")).path
+    s = ModelSpec.from_estimate("tiny", path, context=256, tier=1, quota_bytes="2GiB")
+    desc = describe(path)
+    est = estimate(path, context=256)
+    assert s.weights_bytes == est.weights == desc.bytes
+    assert s.kv_bytes_per_token == F.kv_bytes_per_token(desc.spec, est.kv_dtype, desc.dtype) == 384
+    assert s.footprint() == est.total      # full attention, no recurrent state: the same sum
+    assert s.num_layers == 3
+    decoder = sum(p.bytes for p in desc.parts if 0 <= p.layer < 3)
+    assert s.layer_bytes == -(-decoder // 3)
+    assert (s.tier, s.quota_bytes, s.kv_dtype, s.head_dim) == (1, 2 * GiB, est.kv_dtype, 16)
+
+
+# --- can_load_model ----------------------------------------------------------------------
+
+def test_kv_bottleneck_and_adjustments_by_hand():
+    v = can_load_model(SystemState(10 * GiB, 0), spec())
+    assert (v.feasible, v.bottleneck) == (False, "kv")
+    assert v.needed_device_bytes == 12 * GiB and v.available_device_bytes == 10 * GiB
+    shrink, int8 = v.suggested_adjustments         # no layers given: offloading is not priced
+    assert shrink == Adjustment("shrink_context", shrink.detail, 2048 * MiB, True, 2048)
+    # int8 saves (1 MiB - 540672) x 4096 = 1.9375 GiB: not enough for the 2 GiB short
+    assert int8 == Adjustment("int8_kv", int8.detail, (MiB - INT8_PER_TOKEN) * 4096, False,
+                              "int8_per_token_head")
+    assert int8.saves_bytes == 2080374784
+
+
+def test_buffers_count_when_shrinking_and_int8_ranks_first_when_enough():
+    v = can_load_model(SystemState(11 * GiB, 0), spec(buffers_bytes=GiB // 2))
+    int8, shrink = v.suggested_adjustments        # both suffice: least disruption first
+    assert (int8.kind, int8.sufficient) == ("int8_kv", True)
+    assert shrink.value == (11 * GiB - 8 * GiB - GiB // 2) // MiB == 2560
+
+
+def test_offload_layers_smallest_n_and_host_room():
+    s = spec(num_layers=32, layer_bytes=256 * MiB)
+    # (n - 1) x 256 MiB >= 2 GiB short (one layer stays reserved for streaming): n = 9
+    offload = [a for a in can_load_model(SystemState(10 * GiB, 4 * GiB), s).suggested_adjustments
+               if a.kind == "offload_layers"]
+    assert offload == [Adjustment("offload_layers", offload[0].detail, 2 * GiB, True, 9)]
+    no_host = can_load_model(SystemState(10 * GiB, 2 * GiB), s).suggested_adjustments   # 9 layers need 2.25 GiB
+    assert "offload_layers" not in [a.kind for a in no_host]
+
+
+def test_weights_buffers_host_memory_and_quota_bottlenecks():
+    assert can_load_model(SystemState(10 * GiB, 0), spec(weights=12 * GiB)).bottleneck == "weights"
+    v = can_load_model(SystemState(10 * GiB, 0), spec(context=1024, buffers_bytes=2 * GiB))
+    assert v.bottleneck == "buffers"
+    host = LoadRequirements(spec(context=1024, num_layers=8, layer_bytes=GiB), host_layers=4)
+    v = can_load_model(SystemState(10 * GiB, 2 * GiB), host)
+    assert (v.feasible, v.bottleneck, v.needed_host_bytes, v.suggested_adjustments) == \
+        (False, "host_memory", 4 * GiB, [])
+    assert v.needed_device_bytes == 8 * GiB - 3 * GiB + 1024 * MiB
+    assert can_load_model(SystemState(10 * GiB, 4 * GiB), host).feasible
+    v = can_load_model(SystemState(64 * GiB, 0), spec(quota_bytes="9GiB"))
+    assert (v.bottleneck, v.available_device_bytes) == ("kv", 9 * GiB)
+    ok = can_load_model(SystemState(12 * GiB, 0), spec())
+    assert (ok.feasible, ok.bottleneck, ok.suggested_adjustments) == (True, None, [])
+
+
+def test_unload_candidates_idle_lowest_tier_then_least_recent():
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    for name, tier in [("old", 0), ("recent", 0), ("busy", 0), ("vip", 1), ("young", 0), ("low", -1)]:
+        reg.register(spec(name, weights=GiB, per_token=0, tier=tier))
+    load(reg, clock, "old", 100, uses=1)
+    load(reg, clock, "recent", 200, uses=1)
+    load(reg, clock, "busy", 100)
+    reg.begin_request("busy")
+    load(reg, clock, "vip", 100)
+    load(reg, clock, "low", 300, uses=5)
+    load(reg, clock, "young", 990)
+    clock.now = 1000
+    v = can_load_model(reg.system_state(10 * GiB, 0), spec())
+    unloads = [a for a in v.suggested_adjustments if a.kind == "unload_model"]
+    assert [a.value for a in unloads] == ["low", "old", "recent"]   # tier -1 first, then older demand
+    assert all(a.saves_bytes == GiB and not a.sufficient for a in unloads)
+    reg.record_measured("old", 3 * GiB)
+    enough = [a for a in can_load_model(reg.system_state(10 * GiB, 0), spec()).suggested_adjustments
+              if a.kind == "unload_model" and a.sufficient]
+    assert [(a.value, a.saves_bytes) for a in enough] == [("old", 3 * GiB)]
+
+
+# --- registry -----------------------------------------------------------------------------
+
+def test_registry_lifecycle_and_measured_bytes():
+    clock = FakeClock(0.0)
+    reg = ModelRegistry(clock=clock, demand_half_life_s=300)
+    reg.register(spec("a"))
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register(spec("a"))
+    with pytest.raises(ValueError, match="requests run only on a loaded model"):
+        reg.begin_request("a")
+    with pytest.raises(ValueError, match="from unloaded to offloaded"):
+        reg.mark_offloaded("a")
+    reg.mark_loading("a")
+    clock.now = 5.0
+    reg.mark_loaded("a", measured_bytes="9GiB")
+    reg.begin_request("a")
+    with pytest.raises(ValueError, match="1 running request"):
+        reg.mark_unloaded("a")
+    with pytest.raises(ValueError, match="unload it before unregistering"):
+        reg.unregister("a")
+    reg.end_request("a")
+    with pytest.raises(ValueError, match="no running request"):
+        reg.end_request("a")
+    s = reg.state("a", now=305.0)
+    assert (s.status, s.loaded_at, s.last_used, s.use_count, s.running) == ("loaded", 5.0, 5.0, 1, 0)
+    assert s.footprint_bytes == 9 * GiB and s.demand == pytest.approx(0.5)   # one half-life later
+    assert s.score == pytest.approx(0.5 / 9)
+    reg.mark_offloaded("a")
+    reg.mark_unloaded("a")
+    assert reg.state("a").loaded_at is None
+    reg.unregister("a")
+    with pytest.raises(KeyError, match="not registered"):
+        reg.state("a")
+    with pytest.raises(ValueError, match="nbytes"):
+        reg.record_measured("missing", -1)
+
+
+def test_registry_is_thread_safe():
+    reg = ModelRegistry()
+    reg.register(spec("a"))
+    reg.mark_loading("a")
+    reg.mark_loaded("a")
+
+    def serve():
+        for _ in range(500):
+            reg.begin_request("a")
+            reg.end_request("a")
+
+    threads = [threading.Thread(target=serve) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = reg.state("a")
+    assert (s.use_count, s.running) == (4000, 0)
+
+
+# --- should_swap_models -----------------------------------------------------------------
+
+def swap_setup(**victim):
+    """'x' (10 GiB, loaded at t=100, one request) and 'y' (12 GiB, unloaded) in 20 GiB."""
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    reg.register(spec("x", weights=10 * GiB, per_token=0, **victim))
+    reg.register(spec("y", weights=12 * GiB, per_token=0, tier=1 if victim.get("tier") == 2 else 0))
+    load(reg, clock, "x", 100, uses=1)
+    clock.now = 1000
+    return reg, clock
+
+
+def test_swaps_out_an_idle_quiet_model():
+    reg, _ = swap_setup()
+    d = should_swap_models(reg, {"y": 5}, "20GiB")
+    assert (d.swap_out, d.swap_in) == (["x"], ["y"])
+    assert "swap in y, swap out x" in d.reason
+
+
+def test_never_evicts_running_higher_tier_or_young_models():
+    reg, _ = swap_setup()
+    reg.begin_request("x")
+    d = should_swap_models(reg, ["y"], 20 * GiB)
+    assert (d.swap_out, d.swap_in) == ([], []) and "x has 1 running request" in d.reason
+    reg, _ = swap_setup(tier=2)
+    d = should_swap_models(reg, {"y": 100}, 20 * GiB)
+    assert (d.swap_out, d.swap_in) == ([], []) and "tier 2, above 1" in d.reason
+    reg, clock = swap_setup()
+    reg.mark_offloaded("x")
+    clock.now = 995.0
+    reg.mark_loaded("x")          # back on the device 5 s ago
+    clock.now = 1000.0
+    d = should_swap_models(reg, [("y", 3)], 20 * GiB)
+    assert (d.swap_out, d.swap_in) == ([], []) and "loaded 5 s ago (min residency 30 s)" in d.reason
+
+
+def test_busier_model_per_byte_stays():
+    reg, clock = swap_setup()
+    for _ in range(20):
+        reg.begin_request("x")
+        reg.end_request("x")
+    d = should_swap_models(reg, {"y": 1}, 20 * GiB)
+    assert d.swap_in == [] and "as much in demand per byte" in d.reason
+
+
+def test_fits_without_eviction_tier_order_and_nothing_pending():
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    reg.register(spec("small", weights=4 * GiB, per_token=0))
+    reg.register(spec("vip", weights=6 * GiB, per_token=0, tier=1))
+    d = should_swap_models(reg, {"small": 50, "vip": 1}, 8 * GiB)
+    assert d == SwapDecision([], ["vip"], d.reason) and "skipped: small" in d.reason
+    assert should_swap_models(reg, {"small": 1}, 8 * GiB).swap_in == ["small"]
+    assert "no pending request" in should_swap_models(reg, {}, 8 * GiB).reason
+    d = should_swap_models(reg, {"vip": 1}, 4 * GiB)
+    assert d.swap_in == [] and "nothing else is loaded" in d.reason
+    with pytest.raises(KeyError, match="'nope'"):
+        should_swap_models(reg, ["nope"], GiB)
+    with pytest.raises(ValueError, match="device_budget"):
+        should_swap_models(reg, [], "lots")
+    with pytest.raises(ValueError, match="pending_requests"):
+        should_swap_models(reg, "small", GiB)
+    with pytest.raises(ValueError, match=r"pending_requests\['small'\]"):
+        should_swap_models(reg, {"small": -1}, GiB)
+
+
+def test_import_stays_light():
+    code = "import sys, memwarden.controller.models; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+models_strategy = st.lists(
+    st.fixed_dictionaries({
+        "gib": st.integers(1, 8), "tier": st.integers(0, 2), "status": st.sampled_from(
+            ["unloaded", "loaded", "loaded", "offloaded"]),
+        "running": st.sampled_from([0, 0, 0, 1]), "extra_uses": st.integers(0, 3),
+        "age": st.sampled_from([10, 40, 500, 2000]),
+    }), min_size=2, max_size=6)
+
+
+def build(models):
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    for i, m in enumerate(models):
+        name = f"m{i}"
+        reg.register(spec(name, weights=m["gib"] * GiB, per_token=0, tier=m["tier"]))
+        if m["status"] == "unloaded":
+            continue
+        load(reg, clock, name, 1000 - m["age"], uses=m["extra_uses"])
+        if m["status"] == "offloaded":
+            reg.mark_offloaded(name)
+        else:
+            for _ in range(m["running"]):
+                reg.begin_request(name)
+    clock.now = 1000
+    return reg
+
+
+@settings(max_examples=150, deadline=None)
+@given(models=models_strategy, pending=st.lists(st.integers(0, 9), min_size=6, max_size=6),
+       headroom_gib=st.integers(-4, 8))
+def test_swap_decision_properties(models, pending, headroom_gib):
+    reg = build(models)
+    states = {s.name: s for s in reg.states()}
+    resident = {n for n, s in states.items() if s.status in ("loading", "loaded")}
+    # a budget near what is loaded, so that swaps need evictions about as often as not
+    budget_gib = max(1, sum(states[n].footprint_bytes for n in resident) // GiB + headroom_gib)
+    pending = {f"m{i}": count for i, count in enumerate(pending[:len(models)])}  # resident ones are ignored
+    d = should_swap_models(reg, pending, budget_gib * GiB)
+    assert d == should_swap_models(reg, pending, budget_gib * GiB)
+    assert d == should_swap_models(build(models), pending, budget_gib * GiB)
+    if not d.swap_in:
+        assert d.swap_out == []
+        return
+    after = (resident - set(d.swap_out)) | set(d.swap_in)
+    assert sum(states[n].footprint_bytes for n in after) <= budget_gib * GiB
+    top_tier = max(states[n].spec.tier for n in d.swap_in)
+    for name in d.swap_out:
+        s = states[name]
+        assert s.running == 0 and s.spec.tier <= top_tier and s.status == "loaded"
+        assert s.now - s.loaded_at >= s.spec.min_residency_s
+    assert not set(d.swap_in) & resident
