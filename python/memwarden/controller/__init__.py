@@ -11,8 +11,11 @@ one module each:
 * :mod:`~memwarden.controller.degradation` -- degradation levels by memory pressure;
 * :mod:`~memwarden.controller.monitor` -- samples torch, NVML and host memory, with
   thresholds, history, alerts and plots;
-* :mod:`~memwarden.controller.models` -- loading and swapping models (``can_load_model``,
-  ``should_swap_models``), an LRU weight cache;
+* :mod:`~memwarden.controller.models` -- a registry of models with tiers and quotas,
+  ``can_load_model`` (feasible, the bottleneck, ranked adjustments) and
+  ``should_swap_models`` (size- and popularity-aware, anti-thrash);
+* :mod:`~memwarden.controller.weight_cache` -- ``ModelWeightCache``, an LRU of module
+  weights in host memory within a byte budget (optionally INT8);
 * :mod:`~memwarden.controller.offload` -- moves modules between devices by pressure,
   with hysteresis.
 
