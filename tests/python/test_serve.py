@@ -226,3 +226,41 @@ def test_print_config_names_sources(tmp_path):
     assert out.returncode == 0
     assert re.search(r"sessions\.idle_timeout\s+60(\.0)?\s+file", out.stdout)
     assert re.search(r"admission\.policy\s+reserve\s+override", out.stdout)
+
+
+def test_concurrent_requests_each_get_their_own_greedy_answer(served):
+    server, base = served
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"prompt number {i}" for i in range(6)]
+    c = client(base)
+
+    def ask(prompt):
+        return c.completions.create(model=server.engine.name, prompt=prompt, max_tokens=8, temperature=0)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, prompts))
+    for prompt, answer in zip(prompts, answers):
+        want = server.engine.tokenizer.decode(greedy_reference(server, server.engine.encode_prompt(prompt), 8))
+        assert answer.choices[0].text == want
+    stats = json.loads(get(base + "/memory_stats"))
+    assert stats["num_requests_running"] == 0 and stats["kv_reserved_mb"] == 0
+
+
+def test_requests_that_do_not_fit_together_wait_their_turn():
+    # reserve: 20 prompt + 16 output tokens at 512 B = 18 KiB each; a 30 KiB pool holds one
+    # at a time, so of three sent at once two queue, and all three complete.
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, thread = start(**{"server.max_memory": "30KiB", "admission.policy": "reserve"})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda i: post(base + "/v1/completions",
+                                                   {"prompt": f"{i:019d}", "max_tokens": 16}), range(3)))
+        assert [status for status, _, _ in results] == [200, 200, 200]
+        counts = server.controller.admission.decision_counts()
+        assert sum(n for (verdict, _), n in counts.items() if verdict == "queue") >= 1
+        assert server.controller.admission.reserved_bytes == 0
+    finally:
+        server.stop(thread)

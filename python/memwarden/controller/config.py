@@ -176,6 +176,7 @@ class ServerConfig:
     max_memory: int | None = _option(None, "size", optional=True)
     model: str | None = _option(None, "str", optional=True, check=_non_empty)
     allow_remote: bool = _option(False, "bool")
+    max_concurrency: int = _option(4, "int", check=_at_least(1))  # requests generating at once
 
 
 # ---- parsing --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""What the server generates with: a transformers causal LM and its tokenizer, one request
-at a time, token by token into a :class:`memwarden.kv.PagedCache` (attention over the
-pages in place), so every step can be streamed, counted and stopped.
+"""What the server generates with: a transformers causal LM and its tokenizer, token by
+token into a :class:`memwarden.kv.PagedCache` per request (attention over the pages in
+place), so every step can be streamed, counted and stopped; several requests at once in
+their own threads.
 
 ``load_engine(None)`` is the embedded model: a tiny Llama with random weights (a fixed
 seed) over a byte-level tokenizer, so ``memwarden serve`` runs with no download (its text
@@ -62,9 +63,11 @@ class Step:
 
 
 class Engine:
-    """A model, its tokenizer and a lock: :meth:`generate` runs one request at a time."""
+    """A model and its tokenizer: :meth:`generate` runs up to ``max_concurrency`` requests
+    at once (each in its caller's thread, each with its own cache; admission decides how
+    many may hold memory, this bounds how many compute)."""
 
-    def __init__(self, model, tokenizer, name: str, kv_dtype: str = "auto"):
+    def __init__(self, model, tokenizer, name: str, kv_dtype: str = "auto", max_concurrency: int = 4):
         from memwarden.kv import PagedCache, PagedKVCache
         from memwarden.kv.attention import ATTENTION_NAME
 
@@ -80,7 +83,7 @@ class Engine:
         # KV bytes of one token, every layer, K and V: what admission prices a request at
         self.bytes_per_token = store.page_bytes("q" if kv_dtype != "auto" else "fp") // store.page_size
         self.eos = getattr(tokenizer, "eos_token_id", None)
-        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_concurrency)
         self.created = int(time.time())
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -98,7 +101,7 @@ class Engine:
         ``max_tokens`` or the end-of-sequence token, which is not yielded; the text is
         held back while it ends inside a multi-byte character, and flushed at the end."""
         generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % (2**63))
-        with self._lock, torch.no_grad():
+        with self._slots, torch.no_grad():
             cache = self._cache_class(self.model.config, kv_dtype=self.kv_dtype)
             logits = self.model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
             produced: list[int] = []
@@ -131,13 +134,13 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def load_engine(model: Optional[str] = None, kv_dtype: str = "auto") -> Engine:
+def load_engine(model: Optional[str] = None, kv_dtype: str = "auto", max_concurrency: int = 4) -> Engine:
     """The embedded tiny model (``model=None``) or a local folder / Hub id."""
     if model is None:
         lm, tokenizer = _embedded_model()
-        return Engine(lm, tokenizer, EMBEDDED_NAME, kv_dtype)
+        return Engine(lm, tokenizer, EMBEDDED_NAME, kv_dtype, max_concurrency)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model).eval()
-    return Engine(lm, tokenizer, model, kv_dtype)
+    return Engine(lm, tokenizer, model, kv_dtype, max_concurrency)

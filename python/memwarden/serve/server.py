@@ -24,7 +24,7 @@ def build(config: MemwardenConfig, on_response: Optional[Callable[[], None]] = N
     from memwarden.serve.app import create_app
     from memwarden.serve.engine import load_engine
 
-    engine = load_engine(config.server.model)
+    engine = load_engine(config.server.model, max_concurrency=config.server.max_concurrency)
     budget = config.server.max_memory or DEFAULT_KV_BUDGET
     controller = TrafficController(config, budget, engine.bytes_per_token)
     return create_app(engine, controller, on_response), engine, controller
