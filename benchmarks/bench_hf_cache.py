@@ -5,7 +5,7 @@ where a backend installs), measured in one run, each cache in its own process.
 
 The model is small but not trivial (8 layers, hidden 512, GQA 8:2, bf16 on the CPU,
 random weights, a fixed seed): a 1024-token prompt, then 512 greedy new tokens (--quick:
-128 + 64; --prompt/--new set others). Per cache:
+64 + 128, whose half-size INT8 budget still holds the prompt; --prompt/--new set others). Per cache:
 
 * KV bytes at the end: the K/V tensors a DynamicCache holds; for PagedCache the bytes of
   the pages in use (device + host), and the pool it preallocated under a budget.
@@ -130,7 +130,7 @@ def run_one(variant: str, prompt: int, new: int, out: str) -> None:
         model.generate(ids[:, :16], max_new_tokens=2, do_sample=False, past_key_values=make_cache(variant, model, ids.shape[1] + new))
         # the prefill alone (generate of one token), so decode speed can be told apart
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, do_sample=False, past_key_values=make_cache(variant, model, ids.shape[1] + 1))
+        model.generate(ids, max_new_tokens=1, do_sample=False, past_key_values=make_cache(variant, model, ids.shape[1] + new))
         prefill_seconds = time.perf_counter() - start
         ma.reset_peak_memory_stats("cpu")
         before = ma.memory_allocated("cpu")
@@ -149,7 +149,7 @@ def run_one(variant: str, prompt: int, new: int, out: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="128 + 64 tokens (CI smoke run)")
+    parser.add_argument("--quick", action="store_true", help="64 + 128 tokens (CI smoke run)")
     parser.add_argument("--prompt", type=int, help="prompt tokens (default 1024, --quick 128)")
     parser.add_argument("--new", type=int, help="new tokens (default 512, --quick 64)")
     parser.add_argument("--json", default="benchmarks/results/bench_hf_cache.json")
@@ -158,8 +158,8 @@ def main(argv=None):
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.prompt = args.prompt or (128 if args.quick else 1024)
-    args.new = args.new or (64 if args.quick else 512)
+    args.prompt = args.prompt or (64 if args.quick else 1024)
+    args.new = args.new or (128 if args.quick else 512)
     if args.one:
         run_one(args.one, args.prompt, args.new, args.out)
         return
