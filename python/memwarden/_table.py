@@ -5,6 +5,8 @@ the rows indented by two spaces, columns separated by two spaces, the first colu
 left-aligned and the others right-aligned, every cell in full (nothing is ever cut), then
 the footer lines, indented the same way. ``.report()`` methods return it.
 
+:func:`html_table` is the same table as HTML, for notebooks' ``_repr_html_``.
+
 :func:`render` prints a table: with ``rich`` when rich is installed *and* the target is a
 terminal (cells that do not fit fold onto the next line rather than being cut), otherwise
 the text of :func:`format_table` -- so output that is piped, redirected or captured stays
@@ -17,7 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable, Sequence, TextIO
 
-__all__ = ["format_table", "render"]
+__all__ = ["format_table", "html_table", "render"]
 
 
 def _cells(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> tuple[list[str], list[list[str]]]:
@@ -42,6 +44,25 @@ def format_table(title: str | None, header: Sequence[Any], rows: Iterable[Sequen
         lines.append(("  " + "  ".join(cells)).rstrip())
     lines += [f"  {line}" for line in footer]
     return "\n".join(lines)
+
+
+def html_table(title: str | None, header: Sequence[Any], rows: Iterable[Sequence[Any]],
+               footer: Iterable[Any] = ()) -> str:
+    """The table of :func:`format_table` as HTML (every cell escaped; the first column
+    left-aligned, the others right-aligned), for Jupyter's ``_repr_html_``."""
+    from html import escape
+
+    head, body = _cells(header, rows)
+
+    def row(cells, tag):
+        return "<tr>" + "".join(f'<{tag} style="text-align:{"left" if i == 0 else "right"}">{escape(c)}</{tag}>'
+                                for i, c in enumerate(cells)) + "</tr>"
+
+    parts = [f"<b>{escape(title)}</b>"] if title else []
+    if head:
+        parts.append("<table>" + row(head, "th") + "".join(row(r, "td") for r in body) + "</table>")
+    parts += [f"<div>{escape(str(line))}</div>" for line in footer]
+    return "<div>" + "".join(parts) + "</div>"
 
 
 def _is_terminal(file: Any) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 from memwarden import footprint as F
 from memwarden._checks import integer
 from memwarden._devices import SPILL_DEVICES as _SPILL
-from memwarden._table import format_table
+from memwarden._table import format_table, html_table
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["Estimate", "DeviceEstimate", "estimate", "max_context", "OFFLOAD_MODES"]
@@ -128,6 +128,15 @@ class Estimate:
 
     def report(self) -> str:
         return "\n".join(format_table(*table) for table in self.tables())
+
+    def __repr__(self) -> str:
+        fits = "" if self.fits is None else (", fits" if self.fits else ", DOES NOT FIT")
+        return (f"<Estimate {self.title()}: total {format_bytes(self.total)} (weights {format_bytes(self.weights)}, "
+                f"KV {format_bytes(self.kv_cache)}, activations {format_bytes(self.activations)}, buffers "
+                f"{format_bytes(self.overhead)}){fits}>")
+
+    def _repr_html_(self) -> str:
+        return "".join(html_table(*table) for table in self.tables())
 
 
 def _describe(model: Any, dtype: Any):

@@ -47,3 +47,32 @@ def test_render_uses_rich_on_a_terminal():
     text = out.getvalue()
     assert "[bold]x[/bold]" in text and "foot [x]" in text  # cells are text, not markup
     assert "┃" in text or "|" in text
+
+
+def test_html_table_escapes_and_aligns():
+    from memwarden._table import html_table
+
+    html = html_table("a <b> & c", ["part", "bytes"], [["<script>", "1 KiB"]], ["fits & more"])
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "a &lt;b&gt; &amp; c" in html and "fits &amp; more" in html
+    assert '<td style="text-align:left">&lt;script&gt;</td><td style="text-align:right">1 KiB</td>' in html
+    assert html_table("only a title", [], []) == "<div><b>only a title</b></div>"
+
+
+def test_notebook_displays_of_estimate_plan_and_kv_stats():
+    import torch
+
+    from memwarden import estimate, plan
+    from memwarden.kv import PagedKVCache
+
+    e = estimate.estimate("llama-3.1-8b", context=8192)
+    assert repr(e).startswith("<Estimate llama-3.1-8b") and "total " in repr(e) and len(repr(e)) < 300
+    assert "<table>" in e._repr_html_() and "KV cache" in e._repr_html_()
+    p = plan.plan("mixtral-8x7b", max_memory={0: "48GiB", 1: "48GiB"}, reserve="2GiB")
+    html = p._repr_html_()
+    assert html.count("<tr>") == 1 + 2 and "imbalance" in html  # header + two devices, the footer
+    store = PagedKVCache(2, 2, 16, page_size=4, dtype=torch.float32, max_memory="64KiB")
+    store.add(0, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+    store.add(1, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+    html = store.stats()._repr_html_()
+    assert "KV cache: 9 tokens" in html and "<td style=\"text-align:right\">3</td>" in html  # 3 pages resident

@@ -46,6 +46,7 @@ import torch
 
 from memwarden._checks import integer
 from memwarden._devices import torch_device
+from memwarden._table import html_table
 from memwarden._units import format_bytes, parse_bytes
 from memwarden.kv import ops
 
@@ -94,6 +95,16 @@ class KVCacheStats:
             f"budget {format_bytes(self.budget_bytes)} ({self.budget_used:.0%} used)")
         return (f"{self.tokens} tokens: {self.pages_resident} pages resident, {self.pages_compressed} compressed, "
                 f"{self.pages_offloaded} offloaded, {self.pages_evicted} evicted; {states}; {budget}")
+
+    def _repr_html_(self) -> str:
+        rows = [["resident (full precision)", self.pages_resident], ["compressed (INT8)", self.pages_compressed],
+                ["offloaded", self.pages_offloaded], ["evicted", self.pages_evicted]]
+        footer = [f"{tier}: {format_bytes(n)}" for tier, n in self.bytes_by_state.items()]
+        if self.budget_bytes is not None:
+            footer.append(f"budget {format_bytes(self.budget_bytes)}, {self.budget_used:.0%} used")
+        footer.append(f"page reads {self.reads}, {self.offload_hit_rate:.0%} from host or disk; "
+                      f"largest INT8 error {self.compression_error:.2%} of absmax; {self.tokens_removed} tokens pruned")
+        return html_table(f"KV cache: {self.tokens} tokens", ["pages", "count"], rows, footer)
 
 
 def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]],

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from memwarden._devices import SPILL_DEVICES as _SPILL
 from memwarden._devices import device_key, device_order
 from memwarden._native import load as load_native
-from memwarden._table import format_table
+from memwarden._table import format_table, html_table
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["plan", "Plan", "InfeasiblePlanError", "apply", "parse_max_memory", "parse_reserve"]
@@ -235,6 +235,9 @@ class Plan:
 
     def __str__(self) -> str:
         return self.report()
+
+    def _repr_html_(self) -> str:
+        return html_table(*self.table())
 
 
 def plan(model: Any, max_memory: Any, dtype: Any = None, reserve: Any = None, *,
