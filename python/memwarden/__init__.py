@@ -3,8 +3,10 @@
 ``import memwarden`` is light: it imports neither torch nor the native extension. The
 submodules load what they need when they are imported: :mod:`memwarden.quant`,
 :mod:`memwarden.kv` and :mod:`memwarden.alloc` load the extension (and with it
-``torch.ops.memwarden.*``); they are also reachable as attributes
-(``memwarden.quant.quantize_int8(...)`` after a plain ``import memwarden``). Code that
+``torch.ops.memwarden.*``). Every public submodule (``alloc``, ``controller``,
+``estimate``, ``footprint``, ``kv``, ``models``, ``plan``, ``quant``, ``serve``,
+``testing``) is also reachable as an attribute after a plain ``import memwarden``
+(``memwarden.plan.plan(...)``), imported on first use. Code that
 calls ``torch.ops.memwarden.*`` directly calls :func:`load_ops` first.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from memwarden._version import __version__
 __all__ = ["__version__", "load_ops"]
 
 # Submodules imported on first attribute access (PEP 562).
-_LAZY_SUBMODULES = frozenset({"alloc", "kv", "quant"})
+_LAZY_SUBMODULES = frozenset({"alloc", "controller", "estimate", "footprint", "kv", "models", "plan", "quant",
+                              "serve", "testing"})
 
 
 def __getattr__(name: str) -> Any:

@@ -92,3 +92,14 @@ def test_submodules_are_lazy_attributes_and_load_ops_registers_the_ops():
                 "try:\n    memwarden.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\n"
                 "else:\n    raise SystemExit('memwarden.nope did not raise')\n")
     assert r.returncode == 0, r.stderr
+
+
+def test_every_public_submodule_is_an_attribute_imported_on_first_use():
+    r = _python("import sys, memwarden\n"
+                "for name in ('plan', 'estimate', 'footprint', 'models', 'controller', 'serve', 'testing'):\n"
+                "    assert f'memwarden.{name}' not in sys.modules, name\n"
+                "assert 'torch' not in sys.modules\n"
+                "assert memwarden.plan.plan and memwarden.estimate.estimate and memwarden.controller.__doc__\n"
+                "assert 'memwarden.plan' in sys.modules and 'memwarden.serve' not in sys.modules\n"
+                "assert {'plan', 'estimate', 'kv', 'serve'} <= set(dir(memwarden))\n")
+    assert r.returncode == 0, r.stderr
