@@ -241,3 +241,16 @@ def test_default_format_is_the_checkpoints_own():
     assert gptq.dtype == "int4" and gptq.bytes == M.describe(TINY, "int4").bytes
     odd = M.describe(dict(TINY, quantization_config={"quant_method": "weird"}))
     assert odd.dtype == "bfloat16" and "'weird', which memwarden does not price" in odd.warnings[0]
+
+
+def test_description_displays_a_summary_by_kind_not_every_tensor():
+    from memwarden import models
+
+    d = models.describe("llama-3.1-8b")
+    assert repr(d) == (f"<ModelDescription llama-3.1-8b (llama): 8.03B parameters, 14.96 GiB in bfloat16, "
+                       f"{len(d.parts)} parts>")
+    title, header, rows, _ = d.table()
+    assert [r[0] for r in rows] == sorted(d.by_kind(), key=lambda k: -d.by_kind()[k]["bytes"])
+    assert sum(r[1] for r in rows) == len(d.parts)
+    html = d._repr_html_()
+    assert html.count("<tr>") == 1 + len(d.by_kind()) and "8.03B parameters" in html

@@ -69,6 +69,28 @@ class ModelDescription:
             d["bytes"] += p.bytes
         return out
 
+    def table(self) -> tuple:
+        """(title, header, rows, footer): the parts summed by kind, not tensor by tensor."""
+        from memwarden._units import format_bytes
+
+        rows = [[kind, d["parts"], f"{d['params'] / 1e9:.3f}B", format_bytes(d["bytes"])]
+                for kind, d in sorted(self.by_kind().items(), key=lambda item: -item[1]["bytes"])]
+        title = (f"{self.spec.name} ({self.spec.model_type}): {self.params / 1e9:.2f}B parameters, "
+                 f"{format_bytes(self.bytes)} in {self.dtype}")
+        footer = ([f"source: {self.source}"] if self.source else []) + self.notes + [f"warning: {w}" for w in self.warnings]
+        return title, ["kind", "parts", "params", "bytes"], rows, footer
+
+    def __repr__(self) -> str:
+        from memwarden._units import format_bytes
+
+        return (f"<ModelDescription {self.spec.name} ({self.spec.model_type}): {self.params / 1e9:.2f}B parameters, "
+                f"{format_bytes(self.bytes)} in {self.dtype}, {len(self.parts)} parts>")
+
+    def _repr_html_(self) -> str:
+        from memwarden._table import html_table
+
+        return html_table(*self.table())
+
 
 def load_config(model: Any) -> dict:
     """The config dict of ``model`` (a GGUF file: the config read from its header)."""
