@@ -138,6 +138,38 @@ class Estimate:
     def _repr_html_(self) -> str:
         return "".join(html_table(*table) for table in self.tables())
 
+    def plot(self, contexts=None):
+        """A matplotlib Figure: this estimate's parts as a stacked bar, and the total as the
+        context grows (``contexts``, default 1/8x to 4x this one: KV and activations
+        re-estimated, weights fixed)."""
+        from memwarden._plot import GIB, figure
+
+        contexts = sorted(contexts or {max(1, self.context * f // 8) for f in (1, 2, 4, 8, 16, 32)})
+        model = getattr(self, "_description", None) or self.model  # the model as described, not only its name
+        grown = [estimate(model, self.dtype, context=c, batch=self.batch, kv_dtype=self.kv_dtype) for c in contexts]
+        fig = figure(9, 3.5)
+        parts = (("weights", "weights", "#3b7dd8"), ("kv_cache", "KV cache", "#e8a33d"),
+                 ("activations", "activations", "#6bbf59"), ("overhead", "fixed buffers", "#999999"))
+        bar, line = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        bottom = 0.0
+        for attr, label, color in parts:
+            value = getattr(self, attr) / GIB
+            bar.bar(["this estimate"], [value], bottom=bottom, label=f"{label} {value:.2f}", color=color)
+            bottom += value
+        bar.set_ylabel("GiB")
+        bar.set_title(f"{self.model}, context {self.context} x {self.batch}", fontsize=10)
+        bar.legend(fontsize=8)
+        below = [0.0] * len(contexts)
+        for attr, label, color in parts:
+            values = [getattr(g, attr) / GIB for g in grown]
+            line.fill_between(contexts, below, [b + v for b, v in zip(below, values)], label=label, color=color)
+            below = [b + v for b, v in zip(below, values)]
+        line.axvline(self.context, color="black", linewidth=0.8)
+        line.set_xscale("log", base=2)
+        line.set_xlabel("context (tokens)")
+        line.set_title("total as the context grows", fontsize=10)
+        return fig
+
 
 def _describe(model: Any, dtype: Any):
     from memwarden.models import describe  # transformers and torch load on first use
@@ -193,6 +225,7 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
                    prefill_chunk=prefill_chunk, weights=desc.bytes, kv_cache=sum(cache_layers),
                    activations=act, overhead=fixed, warnings=warnings, notes=list(desc.notes),
                    block_size=block_size)
+    est._description = desc  # for plot(), which prices other contexts (not a field: to_dict stays small)
     if max_memory is not None:
         if offload == "gpu_layers":
             _place_gpu_layers(est, desc, max_memory, cache_layers, fixed, gpu_layers)

@@ -76,3 +76,21 @@ def test_notebook_displays_of_estimate_plan_and_kv_stats():
     store.add(1, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
     html = store.stats()._repr_html_()
     assert "KV cache: 9 tokens" in html and "<td style=\"text-align:right\">3</td>" in html  # 3 pages resident
+
+
+def test_plots_return_figures_with_the_numbers_drawn():
+    pytest.importorskip("matplotlib")
+    from memwarden import estimate, plan
+
+    p = plan.plan("mixtral-8x7b", max_memory={0: "48GiB", 1: "48GiB"}, reserve="2GiB")
+    fig = p.plot()
+    ax = fig.axes[0]
+    weights = [bar.get_height() for bar in ax.containers[0]]
+    assert weights == pytest.approx([p.load[d] / 2**30 for d in p.devices])
+    assert "imbalance" in ax.get_title()
+    e = estimate.estimate("llama-3.1-8b", context=8192)
+    fig = e.plot()
+    bar, line = fig.axes
+    assert sum(c[0].get_height() for c in bar.containers) == pytest.approx(e.total / 2**30)
+    assert line.get_xscale() == "log"
+    fig.savefig(io.BytesIO(), format="png")  # renders

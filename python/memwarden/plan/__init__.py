@@ -239,6 +239,29 @@ class Plan:
     def _repr_html_(self) -> str:
         return html_table(*self.table())
 
+    def plot(self):
+        """A matplotlib Figure: per device, stacked bars of the weights placed, the reserve
+        and what is left free, against the balanced target; the imbalance in the title."""
+        from memwarden._plot import GIB, figure
+
+        fig = figure(max(5.0, 1.2 * len(self.devices) + 3), 3.5)
+        ax = fig.add_subplot()
+        names = [str(d) for d in self.devices]
+        weights = [self.load[d] / GIB for d in self.devices]
+        reserve = [self.reserve[d] / GIB for d in self.devices]
+        free = [max(0, self.capacity[d] - self.load[d]) / GIB for d in self.devices]
+        ax.bar(names, weights, label="weights", color="#3b7dd8")
+        ax.bar(names, reserve, bottom=weights, label="reserve", color="#e8a33d")
+        ax.bar(names, free, bottom=[w + r for w, r in zip(weights, reserve)], label="free", color="#dddddd")
+        if self.feasible:
+            ax.scatter(names, [self.target[d] / GIB for d in self.devices], marker="_", s=600, color="black",
+                       label="balanced target", zorder=3)
+        ax.set_ylabel("GiB")
+        state = f"imbalance {100 * self.imbalance:.2f}%" if self.feasible else "DOES NOT FIT"
+        ax.set_title(f"plan for {self.model} ({self.dtype}): {state}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
+        return fig
+
 
 def plan(model: Any, max_memory: Any, dtype: Any = None, reserve: Any = None, *,
          balance: str = "bytes", locality: bool = True, context: int | None = None, batch: int = 1,
