@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 
 from memwarden.controller.models import (
-    Adjustment, LoadRequirements, ModelRegistry, ModelSpec, SwapDecision, SystemState, can_load_model,
+    Adjustment, LoadRequirements, ModelRegistry, ServedModel, SwapDecision, SystemState, can_load_model,
     should_swap_models,
 )
 
@@ -30,7 +30,7 @@ class FakeClock:
 
 
 def spec(name="m", weights=8 * GiB, per_token=MiB, context=4096, **kw):
-    return ModelSpec(name=name, weights_bytes=weights, kv_bytes_per_token=per_token, context=context, **kw)
+    return ServedModel(name=name, weights_bytes=weights, kv_bytes_per_token=per_token, context=context, **kw)
 
 
 def load(registry, clock, name, at, uses=0):
@@ -43,7 +43,7 @@ def load(registry, clock, name, at, uses=0):
         registry.end_request(name)
 
 
-# --- ModelSpec -------------------------------------------------------------------------
+# --- ServedModel -------------------------------------------------------------------------
 
 def test_footprint_by_hand():
     s = spec(buffers_bytes=100 * MiB)
@@ -62,7 +62,7 @@ def test_footprint_by_hand():
 def test_spec_validation_names_the_argument(field, value):
     args = dict(name="m", weights_bytes=1, kv_bytes_per_token=1, context=1)
     with pytest.raises(ValueError, match=field):
-        ModelSpec(**{**args, field: value})
+        ServedModel(**{**args, field: value})
 
 
 def test_from_estimate_matches_the_estimator(tmp_path):
@@ -73,7 +73,7 @@ def test_from_estimate_matches_the_estimator(tmp_path):
     from memwarden.models import describe
 
     path = write_llama(str(tmp_path / "tiny.gguf")).path
-    s = ModelSpec.from_estimate("tiny", path, context=256, tier=1, quota_bytes="2GiB")
+    s = ServedModel.from_estimate("tiny", path, context=256, tier=1, quota_bytes="2GiB")
     desc = describe(path)
     est = estimate(path, context=256)
     assert s.weights_bytes == est.weights == desc.bytes

@@ -2,9 +2,9 @@
 swap in and out of a device budget. Pure bookkeeping and arithmetic: nothing is loaded
 here; the caller loads, offloads and unloads, and reports it to the :class:`ModelRegistry`.
 
-* :class:`ModelSpec` -- what a model costs: weights, KV bytes per token at its context,
+* :class:`ServedModel` -- what a model costs: weights, KV bytes per token at its context,
   fixed buffers, its decoder layers (to price offloading some to host memory), its tier.
-  :meth:`ModelSpec.from_estimate` takes the numbers from :func:`memwarden.estimate.estimate`
+  :meth:`ServedModel.from_estimate` takes the numbers from :func:`memwarden.estimate.estimate`
   (called lazily: describing a transformers model imports transformers).
 * :class:`ModelRegistry` -- per-model state (``unloaded``/``loading``/``loaded``/
   ``offloaded``), load time, last use, use count, running requests and a decayed demand;
@@ -52,7 +52,7 @@ from memwarden._checks import integer
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = [
-    "STATUSES", "BOTTLENECKS", "ADJUSTMENTS", "ModelSpec", "ModelState", "ModelRegistry", "SystemState",
+    "STATUSES", "BOTTLENECKS", "ADJUSTMENTS", "ServedModel", "ModelState", "ModelRegistry", "SystemState",
     "LoadRequirements", "Adjustment", "LoadVerdict", "SwapDecision", "can_load_model", "should_swap_models",
 ]
 
@@ -85,7 +85,7 @@ def _head_bytes(kv_dtype: Any, head_dim: int) -> float:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ServedModel:
     """What serving one model costs on the device, and how important it is.
 
     ``kv_bytes_per_token``: KV bytes of one token over all layers in ``kv_dtype`` (heads of
@@ -132,7 +132,7 @@ class ModelSpec:
 
     @classmethod
     def from_estimate(cls, name: str, model: Any, context: int, kv_dtype: Any = "auto", tier: int = 0, *,
-                      dtype: Any = None, batch: int = 1, **options) -> "ModelSpec":
+                      dtype: Any = None, batch: int = 1, **options) -> "ServedModel":
         """The spec of ``model`` (a model id, config, GGUF path or description) served at
         ``context`` tokens x ``batch``, from :func:`memwarden.estimate.estimate`.
 
@@ -140,7 +140,7 @@ class ModelSpec:
         (sliding layers priced as if the context were inside their window, so a shorter
         context is never under-priced); recurrent state, activations and fixed buffers go
         into ``buffers_bytes``. ``layer_bytes`` is the mean decoder layer, rounded up.
-        ``options``: the other :class:`ModelSpec` fields (``quota_bytes``, ``priority``,
+        ``options``: the other :class:`ServedModel` fields (``quota_bytes``, ``priority``,
         ``min_residency_s``)."""
         from memwarden.estimate import estimate
         from memwarden.models import describe  # transformers loads here, for a transformers model
@@ -180,7 +180,7 @@ class ModelState:
     recorded, else the spec's estimate. ``demand``: decayed requests at ``now`` (see the
     module doc)."""
 
-    spec: ModelSpec
+    spec: ServedModel
     status: str
     loaded_at: float | None
     last_used: float | None
@@ -208,7 +208,7 @@ class _Books:
     __slots__ = ("spec", "status", "loaded_at", "last_used", "use_count", "running", "measured", "demand",
                  "demand_at")
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ServedModel):
         self.spec = spec
         self.status = "unloaded"
         self.loaded_at = self.last_used = self.measured = None
@@ -253,9 +253,9 @@ class ModelRegistry:
                           last_used=books.last_used, use_count=books.use_count, running=books.running,
                           measured_bytes=books.measured, demand=self._demand(books, now), now=now)
 
-    def register(self, spec: ModelSpec) -> None:
-        if not isinstance(spec, ModelSpec):
-            raise ValueError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+    def register(self, spec: ServedModel) -> None:
+        if not isinstance(spec, ServedModel):
+            raise ValueError(f"spec must be a ServedModel, got {type(spec).__name__}")
         with self._lock:
             if spec.name in self._models:
                 raise ValueError(f"model {spec.name!r} is already registered")
@@ -355,14 +355,14 @@ class LoadRequirements:
     """A model to load, at ``context`` (default: the spec's) in ``kv_dtype`` (default: the
     spec's), with ``host_layers`` decoder layers in host memory."""
 
-    spec: ModelSpec
+    spec: ServedModel
     context: int | None = None
     kv_dtype: str | None = None
     host_layers: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.spec, ModelSpec):
-            raise ValueError(f"spec must be a ModelSpec, got {type(self.spec).__name__}")
+        if not isinstance(self.spec, ServedModel):
+            raise ValueError(f"spec must be a ServedModel, got {type(self.spec).__name__}")
         object.__setattr__(self, "context", self.spec.context if self.context is None
                            else integer(self.context, "context"))
         object.__setattr__(self, "kv_dtype", F.kv_format(self.kv_dtype or self.spec.kv_dtype).name)
@@ -427,7 +427,7 @@ def _eviction_order(state: ModelState) -> tuple:
     return (state.spec.tier, state.spec.priority, state.score, state.last_used or 0.0, state.name)
 
 
-def can_load_model(system_state: SystemState, requirements: LoadRequirements | ModelSpec) -> LoadVerdict:
+def can_load_model(system_state: SystemState, requirements: LoadRequirements | ServedModel) -> LoadVerdict:
     """Whether the model fits what is free, and if not, what would make it fit.
 
     The room on the device is ``free_device_bytes``, capped by the model's ``quota_bytes``.

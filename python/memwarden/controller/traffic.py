@@ -144,7 +144,7 @@ class TrafficController:
         if sessions is not None:
             sessions.reserve(session_id, self.admission.reservation(request_id)[1])
         if applied.degraded or decision.verdict == "shrink":
-            self.counts["degraded"] += 1
+            self._count("degraded")
         return Ticket(request_id, session_id, prompt_tokens, decision, applied, self._clock())
 
     def _wait(self, request_id: str, decision: Decision) -> Decision:
@@ -172,7 +172,7 @@ class TrafficController:
         if ticket.prompt_tokens + max(generated, 1) > reserved_tokens:
             more = min(_EXTEND_STEP, granted - (reserved_tokens - ticket.prompt_tokens))
             if more <= 0 or not self.admission.extend(ticket.request_id, more):
-                self.counts["cut_short"] += 1
+                self._count("cut_short")
                 return False
             if ticket.session_id is not None:
                 self.sessions.reserve(ticket.session_id, more * self.bytes_per_token)
@@ -187,16 +187,21 @@ class TrafficController:
         if ticket.session_id is not None:
             self.sessions.release(ticket.session_id, min(reserved, self._session_bytes(ticket.session_id)))
             self.sessions.end_request(ticket.session_id, ticket.generated)
-        self.counts["completed"] += 1
+        self._count("completed")
         self._publish(decisions)
 
     def _session_bytes(self, session_id: str) -> int:
         session = self.sessions.get(session_id)
         return session.kv_bytes if session is not None else 0
 
+    def _count(self, name: str) -> None:
+        with self._lock:  # requests run in several threads
+            self.counts[name] += 1
+
     def _count_rejection(self, reason: str) -> None:
-        self.counts["rejected"] += 1
-        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        with self._lock:
+            self.counts["rejected"] += 1
+            self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     # -- what is reported -------------------------------------------------------------------
 

@@ -97,6 +97,16 @@ def paged_states(store: PagedKVCache, layer: int, fresh=None) -> tuple[PagedStat
 _mask_memo = threading.local()
 
 
+def _causal_mask(q_len: int, kv_len: int, device, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bool ``[batch or 1, 1, q_len, kv_len]``: the queries are the last ``q_len`` of
+    ``kv_len`` positions and see the keys up to their own, from ``start`` (per sequence)."""
+    keys = torch.arange(kv_len, device=device)
+    visible = keys[None, :] <= torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    if start is None:
+        return visible[None, None]
+    return (visible[None] & (keys[None, None, :] >= start[:, None, None]))[:, None]
+
+
 def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
     """Per-sequence number of hidden leading keys if ``mask`` (bool ``[batch, 1 or heads,
     q_len, kv_len]``) is exactly causal with left padding, else False; None for no mask."""
@@ -109,10 +119,7 @@ def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
         last_row = mask[:, 0, -1, :]
         # the first visible key of the newest query (all hidden: kv_len)
         start = torch.where(last_row.any(-1), last_row.int().argmax(-1), kv_len)
-        keys = torch.arange(kv_len, device=mask.device)
-        queries = torch.arange(kv_len - q_len, kv_len, device=mask.device)
-        expected = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= queries[None, :, None])
-        if torch.equal(mask, expected[:, None].expand_as(mask)):
+        if torch.equal(mask, _causal_mask(q_len, kv_len, mask.device, start).expand_as(mask)):
             result = start
     _mask_memo.mask, _mask_memo.kv_start = mask, result
     return result
@@ -122,10 +129,7 @@ def _as_eager_mask(mask: Optional[torch.Tensor], query: torch.Tensor, kv_len: in
     """An additive float mask for an eager attention function (which takes None as "see
     everything", not as causal)."""
     if mask is None:
-        q_len = query.shape[2]
-        keys = torch.arange(kv_len, device=query.device)
-        mask = keys[None, :] <= torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        mask = mask[None, None]
+        mask = _causal_mask(query.shape[2], kv_len, query.device)
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
@@ -153,15 +157,22 @@ def _dense_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _in_place(module, key, value, kwargs) -> bool:
+    """Whether the call can attend over the pages: a PagedCache layer's stand-ins, and
+    nothing the paged op lacks (dropout while training, a window, attention weights, a
+    position bias). A prefill into an empty cache has its dense K/V at hand (``fresh``):
+    SDPA's prefill kernels beat reading the pages back."""
+    return (isinstance(key, PagedStates) and isinstance(value, PagedStates) and key.read is value.read
+            and key.read.fresh is None and not (module.training and kwargs.get("dropout", 0.0))
+            and kwargs.get("sliding_window") is None and not kwargs.get("output_attentions")
+            and kwargs.get("position_bias") is None)
+
+
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], **kwargs):
     """The ``"memwarden_paged"`` attention function (transformers' signature: query
     ``[batch, heads, q_len, head_dim]``; returns ``([batch, q_len, heads, head_dim], None)``)."""
-    paged = isinstance(key, PagedStates) and isinstance(value, PagedStates) and key.read is value.read
-    # A prefill into an empty cache has its dense K/V at hand: SDPA's prefill kernels beat
-    # reading the pages back.
-    if paged and key.read.fresh is None and not (module.training and kwargs.get("dropout", 0.0)) and kwargs.get("sliding_window") is None \
-            and not kwargs.get("output_attentions") and kwargs.get("position_bias") is None:
+    if _in_place(module, key, value, kwargs):
         kv_start = _kv_start(attention_mask, query.shape[2], key.shape[2])
         if kv_start is not False:
             sinks = _sinks(module, kwargs)

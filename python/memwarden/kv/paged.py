@@ -427,7 +427,7 @@ class PagedKVCache:
     def _runs(self):
         """Consecutive live pages of one tier and kind, all full but the last: one gather each."""
         if self._runs_cache is None:
-            self._run_tables = {}  # (id(run), device) -> its block table, for attend()
+            self._run_tables = {}  # (id(run), device) -> its block table and seq_lens, for attend()
             runs, current = [], []
             for page in self._pages:
                 if page.evicted:
@@ -446,6 +446,15 @@ class PagedKVCache:
             self._runs_cache = runs
         return self._runs_cache
 
+    def _check_not_evicted(self, runs, method: str) -> None:
+        """KVEvictedError naming the lost positions when a page was evicted and
+        ``missing="raise"``."""
+        if self.missing == "raise" and any(run[0].evicted for run in runs):
+            lost = [p for run in runs if run[0].evicted for p in run[0].positions]
+            raise KVEvictedError(f"PagedKVCache.{method}: positions {lost[0]}..{lost[-1]} ({len(lost)} tokens) were "
+                                 "evicted by the memory policy (offload='evict'); pass missing='skip' to read what "
+                                 "is left")
+
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The live tokens of ``layer`` as ``[batch, kv_heads, tokens, head_dim]`` (``dtype``).
 
@@ -453,10 +462,7 @@ class PagedKVCache:
         layer = self._check_layer(layer)
         total = self._filled[layer]
         runs = self._runs()
-        if self.missing == "raise" and any(run[0].evicted for run in runs):
-            lost = [p for run in runs if run[0].evicted for p in run[0].positions]
-            raise KVEvictedError(f"PagedKVCache.get: positions {lost[0]}..{lost[-1]} ({len(lost)} tokens) were evicted "
-                                 "by the memory policy (offload='evict'); pass missing='skip' to read what is left")
+        self._check_not_evicted(runs, "get")
         live = total - sum(len(run[0].positions) for run in runs if run[0].evicted and run[0].start < total)
         shape = (self.batch_size, self.num_kv_heads, live, self.head_dim)
         key = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -517,11 +523,9 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache.attend: query must be [batch_size={self.batch_size}, a multiple of "
                              f"{self.num_kv_heads} heads, q_len, head_dim={self.head_dim}], got {list(query.shape)}")
         total = self._filled[layer]
-        runs = [run for run in self._runs() if run[0].start < total]
-        if any(run[0].evicted for run in runs):
-            if self.missing == "raise":
-                self.get(layer)  # raises the KVEvictedError with the lost positions
-            runs = [run for run in runs if not run[0].evicted]
+        runs = self._runs()
+        self._check_not_evicted(runs, "attend")
+        runs = [run for run in runs if not run[0].evicted and run[0].start < total]
         if not runs:
             return None
         lengths = [min(sum(len(p.positions) for p in run), total - run[0].start) for run in runs]
@@ -533,10 +537,10 @@ class PagedKVCache:
         results, first = [], 0
         for i, (run, n) in enumerate(zip(runs, lengths)):
             last = i == len(runs) - 1
-            caches, table, kv_cache_dtype = self._attention_pages(run, layer, query.device)
+            caches, table, lens, kv_cache_dtype = self._attention_pages(run, n, layer, query.device)
             starts = None if kv_start is None else (kv_start - first).clamp(0, n)
             results.append(ops.paged_attention(
-                rows, *caches[:2], table, torch.full((batch,), n, dtype=torch.int32, device=query.device), scale,
+                rows, *caches[:2], table, lens, scale,
                 query_start_loc=loc, kv_cache_dtype=kv_cache_dtype, k_scale_cache=caches[2],
                 v_scale_cache=caches[3], softcap=softcap, sinks=sinks if len(runs) == 1 else None,
                 kv_start=starts, causal=last, return_lse=True))
@@ -548,24 +552,23 @@ class PagedKVCache:
         out = results[0][0] if len(results) == 1 else merge_attention(results, sinks)
         return out.view(batch, q_len, heads, head_dim)
 
-    def _attention_pages(self, run: list[_Page], layer: int, device: torch.device):
-        """(key_cache, value_cache, k_scale_cache, v_scale_cache), block table and cache
-        dtype of one run for the attention op on ``device``. A run on another device than
-        the queries (host pages of a CUDA cache) is gathered there and copied over as one
-        page per sequence."""
+    def _attention_pages(self, run: list[_Page], n: int, layer: int, device: torch.device):
+        """(key_cache, value_cache, k_scale_cache, v_scale_cache), block table, seq_lens
+        (``n`` per sequence) and cache dtype of one run for the attention op on ``device``.
+        A run on another device than the queries (host pages of a CUDA cache) is gathered
+        there and copied over as one page per sequence."""
         tier = self._tiers[run[0].tier]
         caches = tier.views(layer, run[0].kind)
         kv_cache_dtype = "auto" if run[0].kind == "fp" else "int8_per_token_head"
         key = (id(run), caches[0].device)
-        table = self._run_tables.get(key)
-        if table is None:
-            table = torch.tensor([[p.ids[b] for p in run] for b in range(self.batch_size)], dtype=torch.int32,
-                                 device=caches[0].device)
-            self._run_tables[key] = table  # every layer reads the same pages: one table per step
+        if key not in self._run_tables:  # every layer reads the same pages: one table per step
+            self._run_tables[key] = (
+                torch.tensor([[p.ids[b] for p in run] for b in range(self.batch_size)], dtype=torch.int32,
+                             device=caches[0].device),
+                torch.full((self.batch_size,), n, dtype=torch.int32, device=caches[0].device))
+        table, lens = self._run_tables[key]
         if caches[0].device == device:
-            return caches, table, kv_cache_dtype
-        n = sum(len(p.positions) for p in run)
-        lens = torch.full((self.batch_size,), n, dtype=torch.int32)
+            return caches, table, lens, kv_cache_dtype
         shape = (self.batch_size * n, self.num_kv_heads, self.head_dim)
         k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
         ops.gather_cache(*caches[:2], table, lens, k, v, kv_cache_dtype, k_scale_cache=caches[2],
@@ -573,7 +576,7 @@ class PagedKVCache:
         dense = [t.to(device, non_blocking=True).view(self.batch_size, n, self.num_kv_heads, self.head_dim)
                  for t in (k, v)]
         one_page_each = torch.arange(self.batch_size, dtype=torch.int32, device=device).view(-1, 1)
-        return (dense[0], dense[1], None, None), one_page_each, "auto"
+        return (dense[0], dense[1], None, None), one_page_each, lens.to(device), "auto"
 
     # ------------------------------------------------------------------ policy
     def _alloc_device(self, kind: str) -> list[int]:

@@ -19,6 +19,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from memwarden.kv import PagedCache, PagedKVCache
+from memwarden.kv.attention import ATTENTION_NAME
+
 __all__ = ["ByteTokenizer", "Engine", "load_engine"]
 
 EMBEDDED_NAME = "memwarden-tiny-random"
@@ -68,11 +71,7 @@ class Engine:
     many may hold memory, this bounds how many compute)."""
 
     def __init__(self, model, tokenizer, name: str, kv_dtype: str = "auto", max_concurrency: int = 4):
-        from memwarden.kv import PagedCache, PagedKVCache
-        from memwarden.kv.attention import ATTENTION_NAME
-
         self.model, self.tokenizer, self.name, self.kv_dtype = model, tokenizer, name, kv_dtype
-        self._cache_class = PagedCache
         model.set_attn_implementation(ATTENTION_NAME)
         config = model.config.get_text_config(decoder=True)
         self.max_context = getattr(config, "max_position_embeddings", None) or 4096
@@ -102,7 +101,7 @@ class Engine:
         held back while it ends inside a multi-byte character, and flushed at the end."""
         generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % (2**63))
         with self._slots, torch.no_grad():
-            cache = self._cache_class(self.model.config, kv_dtype=self.kv_dtype)
+            cache = PagedCache(self.model.config, kv_dtype=self.kv_dtype)
             logits = self.model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
             produced: list[int] = []
             shown = ""
