@@ -284,7 +284,7 @@ def test_threads_keep_the_budget():
 
 BUDGET, PER_TOKEN, QUEUE_LIMIT, TIMEOUT, MIN_OUTPUT, WARMUP, QUANTILE = 2000, 10, 4, 5.0, 8, 3, 0.9
 ROUTE_ABOVE = 150
-TERMINAL = {"finished", "rejected", "routed", "expired", "preempted"}
+TERMINAL = {"finished", "rejected", "routed", "expired"}  # a preempted request may be resumed
 
 
 def model_session_check(session_id, nbytes):
@@ -367,6 +367,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             output_quantile=QUANTILE)
         self.model = Model(self.policy, self.route_above)
         self.state = {}  # request id -> its state in the model
+        self.preempted = {}  # request id -> its running entry when it was preempted
         self.next_id = 0
 
     def set_state(self, request_id, state):
@@ -387,17 +388,18 @@ class AdmissionMachine(RuleBasedStateMachine):
     def drain(self):
         """The decisions the model takes for its queue head (timeouts first, FIFO)."""
         taken = []
+        free = max(0, BUDGET - self.model.reserved_tokens() * PER_TOKEN)
+        for entry in [q for q in self.model.queue if self.clock.now - q[1] >= TIMEOUT]:  # anywhere in the queue
+            request, _, needed = entry
+            self.model.queue.remove(entry)
+            self.set_state(request.request_id, "expired")
+            taken.append((request.request_id, "reject", "queue_timeout", 0, needed, free, 0))
         while self.model.queue:
             request, queued_at, needed = self.model.queue[0]
-            if self.clock.now - queued_at >= TIMEOUT:
-                free = max(0, BUDGET - self.model.reserved_tokens() * PER_TOKEN)
-                outcome, reserved = ("reject", "queue_timeout", 0, needed, free, 0), 0
-                self.set_state(request.request_id, "expired")
-            else:
-                outcome, reserved = self.model.decide(request, at_head=True)
-                if outcome[0] == "queue":
-                    break
-                self.apply(request, outcome, reserved)
+            outcome, reserved = self.model.decide(request, at_head=True)
+            if outcome[0] == "queue":
+                break
+            self.apply(request, outcome, reserved)
             self.model.queue.pop(0)
             taken.append((request.request_id,) + outcome)
         return taken
@@ -465,6 +467,24 @@ class AdmissionMachine(RuleBasedStateMachine):
         newest = self.model.running.pop()
         assert self.admission.preempt() == newest["request"].request_id
         self.set_state(newest["request"].request_id, "preempted")
+        self.preempted[newest["request"].request_id] = newest
+
+    @precondition(lambda self: any(state == "preempted" for state in self.state.values()))
+    @rule(data=st.data())
+    def resume(self, data):
+        """A preempted request comes back with what it generated as prompt, ahead of the queue."""
+        request_id = data.draw(st.sampled_from(sorted(r for r, state in self.state.items() if state == "preempted")))
+        before = self.preempted[request_id]
+        generated = data.draw(st.integers(0, max(0, before["granted"] - 1)))
+        request = Request(request_id, before["request"].prompt_tokens + generated, before["granted"] - generated,
+                          session_id=before["request"].session_id)
+        expected, reserved = self.model.decide(request, at_head=True)
+        decision = self.admission.resume(request)
+        assert numbers(decision) == expected
+        if decision.verdict == "queue":
+            self.model.queue.insert(0, (request, self.clock.now, decision.needed_bytes))
+        self.state[request_id] = "resuming"  # leaves "preempted" (not terminal) for apply
+        self.apply(request, expected, reserved)
 
     @rule(seconds=st.sampled_from([0.5, 2.0, 6.0]))
     def wait(self, seconds):

@@ -59,15 +59,17 @@ def get(url):
         return r.read().decode()
 
 
-def greedy_reference(server, prompt_ids, new):
-    """transformers' own greedy generate with DynamicCache and SDPA on the same model."""
+def greedy_reference(server, prompt_ids, new, suppress_eos=False):
+    """transformers' own greedy generate with DynamicCache and SDPA on the same model
+    (``suppress_eos``: the end-of-sequence token never chosen)."""
     model = server.engine.model
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     try:
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt_ids]), past_key_values=DynamicCache(config=model.config),
-                                 max_new_tokens=new, do_sample=False, pad_token_id=server.engine.tokenizer.pad_token_id)
+                                 max_new_tokens=new, do_sample=False, pad_token_id=server.engine.tokenizer.pad_token_id,
+                                 suppress_tokens=[server.engine.eos] if suppress_eos else None)
     finally:
         model.set_attn_implementation(previous)
     ids = out[0, len(prompt_ids):].tolist()
@@ -126,6 +128,9 @@ def test_sessions_are_tracked_and_released(served):
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "logit_bias": {"eos": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"3": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
 ])
 def test_bad_input_is_400_naming_the_field(served, body, field):
     _, base = served
@@ -264,3 +269,41 @@ def test_requests_that_do_not_fit_together_wait_their_turn():
         assert server.controller.admission.reserved_bytes == 0
     finally:
         server.stop(thread)
+
+
+def test_preempted_requests_recompute_and_answer_as_if_never_preempted():
+    # optimistic, 512 B a token: a 64 KiB pool holds 128 tokens; two 31-token prompts that
+    # each grow by 60 tokens outgrow it together, so the newer is preempted, recomputed
+    # when the older finishes, and both answers equal transformers' greedy generate.
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, thread = start(**{"server.max_memory": "64KiB", "admission.policy": "optimistic"})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        c = client(base)
+        prompts = [f"{i:030d}" for i in range(2)]
+        eos = str(server.engine.eos)
+
+        def ask(prompt):
+            return c.completions.create(model=server.engine.name, prompt=prompt, max_tokens=60, temperature=0,
+                                        logit_bias={eos: -100})
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, prompts))
+        for prompt, answer in zip(prompts, answers):
+            ids = greedy_reference(server, server.engine.encode_prompt(prompt), 60, suppress_eos=True)
+            assert answer.choices[0].text == server.engine.tokenizer.decode(ids)
+            assert answer.usage.completion_tokens == 60 and answer.choices[0].finish_reason == "length"
+        stats = json.loads(get(base + "/memory_stats"))
+        assert stats["preempted_count"] >= 1 and stats["cut_short_count"] == 0
+        assert stats["kv_reserved_mb"] == 0
+        assert re.search(r"^memwarden:preemptions_total [1-9]", get(base + "/metrics"), re.M)
+    finally:
+        server.stop(thread)
+
+
+def test_logit_bias_steers_the_tokens(served):
+    server, base = served
+    r = client(base).completions.create(model=server.engine.name, prompt="z", max_tokens=5, temperature=0,
+                                        logit_bias={str(ord("q")): 100})
+    assert r.choices[0].text == "qqqqq"

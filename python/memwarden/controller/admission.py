@@ -19,7 +19,7 @@ Lifecycle of a request (every request ends in exactly one terminal state)::
              +- route -------------------------------------------------> routed
 
 A preempted request's bytes are released; the caller recomputes or swaps it and may
-``admit()`` it again under the same id.
+``resume()`` it (admitted ahead of the queue) or ``admit()`` it again under the same id.
 
 Policies (``policy=``):
 
@@ -289,6 +289,23 @@ class AdmissionController:
             self._counts[decision.verdict, decision.reason] += 1
             return decision
 
+    def resume(self, request: Request) -> Decision:
+        """Admit a preempted request again, ahead of the queue: it runs now if it fits,
+        else it waits at the queue's head (never behind newcomers, never refused for a full
+        queue). Its prompt should hold what it generated before it was preempted."""
+        self._check_request(request)
+        with self._lock:
+            if request.request_id in self._running or request.request_id in self._queue:
+                raise ValueError(f"request_id {request.request_id!r} is already running or queued")
+            decision, reserved_tokens = self._decide(request, at_queue_head=True)
+            if decision.admitted:
+                self._start(request, decision.granted_max_tokens, reserved_tokens)
+            elif decision.verdict == "queue":
+                self._queue[request.request_id] = (request, self._clock(), decision.needed_bytes)
+                self._queue.move_to_end(request.request_id, last=False)
+            self._counts[decision.verdict, decision.reason] += 1
+            return decision
+
     def on_tokens(self, request_id: Hashable, generated: int) -> None:
         """Report that a running request has generated ``generated`` tokens in all.
 
@@ -468,17 +485,20 @@ class AdmissionController:
 
     def _drain(self, now: float) -> list[Decision]:
         decisions = []
+        # a resumed request waits at the head though it queued last, so every entry is checked
+        expired = [rid for rid, (_, queued_at, _) in self._queue.items() if now - queued_at >= self._queue_timeout]
+        for request_id in expired:
+            request, _, needed = self._queue.pop(request_id)
+            decision = self._refuse(request, "reject", "queue_timeout", needed, self.free_bytes, self._retry_hint())[0]
+            self._counts[decision.verdict, decision.reason] += 1
+            decisions.append(decision)
         while self._queue:
-            request, queued_at, needed = next(iter(self._queue.values()))
-            if now - queued_at >= self._queue_timeout:  # the head is the oldest: clock is monotonic
-                decision = self._refuse(request, "reject", "queue_timeout", needed, self.free_bytes,
-                                        self._retry_hint())[0]
-            else:
-                decision, reserved_tokens = self._decide(request, at_queue_head=True)
-                if decision.verdict == "queue":
-                    break  # FIFO: nobody overtakes the head
-                if decision.admitted:
-                    self._start(request, decision.granted_max_tokens, reserved_tokens)
+            request, _, needed = next(iter(self._queue.values()))
+            decision, reserved_tokens = self._decide(request, at_queue_head=True)
+            if decision.verdict == "queue":
+                break  # FIFO: nobody overtakes the head
+            if decision.admitted:
+                self._start(request, decision.granted_max_tokens, reserved_tokens)
             self._queue.popitem(last=False)
             self._counts[decision.verdict, decision.reason] += 1
             decisions.append(decision)

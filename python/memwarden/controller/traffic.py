@@ -27,12 +27,15 @@ from memwarden.controller.config import MemwardenConfig
 from memwarden.controller.degradation import DEFAULT_POLICIES, Applied, Degradation, Level
 from memwarden.controller.sessions import SessionTable
 
-__all__ = ["Rejected", "Ticket", "TrafficController"]
+__all__ = ["CONTINUE", "PREEMPTED", "STOP", "Rejected", "Ticket", "TrafficController"]
 
 log = logging.getLogger("memwarden.controller")  # one JSON object per line: decisions, levels, evictions
 
 _SESSION_REASONS = ("session_limit", "global_limit")
 _EXTEND_STEP = 16  # output tokens asked for at a time when a reservation runs out
+
+# what progress() tells the generating request
+CONTINUE, STOP, PREEMPTED = "continue", "stop", "preempted"
 
 
 class Rejected(Exception):
@@ -56,10 +59,14 @@ class Ticket:
     started: float
     generated: int = 0
     cut_short: bool = False  # stopped when the pool had no room for more output
+    preempted: bool = False  # set (from any thread) when its memory was taken back; cleared by resume()
+    preemptions: int = 0
+    resumed_from: int = 0  # output tokens generated before the current admission
 
     @property
     def max_tokens(self) -> int:
-        return self.decision.granted_max_tokens
+        """Output tokens the request may generate in all."""
+        return self.resumed_from + self.decision.granted_max_tokens
 
 
 class TrafficController:
@@ -88,13 +95,15 @@ class TrafficController:
                                               pressure=round(pressure, 4)))
         self.sessions.on_evict.append(lambda session, freed: _event("session_evicted", session=session,
                                                                      freed_bytes=freed))
-        self.counts = {"rejected": 0, "routed": 0, "degraded": 0, "completed": 0, "cut_short": 0}
+        self.counts = {"rejected": 0, "routed": 0, "degraded": 0, "completed": 0, "cut_short": 0, "preempted": 0}
         self.rejections: dict[str, int] = {}
         self._clock = clock
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._ready: dict[str, threading.Event] = {}  # queued request -> set when decided
         self._decided: dict[str, Decision] = {}
+        self._running: dict[str, Ticket] = {}  # admitted tickets, for preemption by id
+        self._flow = threading.Lock()  # one request at a time grows, preempts or finishes
 
     # -- the request's way ----------------------------------------------------------------
 
@@ -145,7 +154,10 @@ class TrafficController:
             sessions.reserve(session_id, self.admission.reservation(request_id)[1])
         if applied.degraded or decision.verdict == "shrink":
             self._count("degraded")
-        return Ticket(request_id, session_id, prompt_tokens, decision, applied, self._clock())
+        ticket = Ticket(request_id, session_id, prompt_tokens, decision, applied, self._clock())
+        with self._lock:
+            self._running[request_id] = ticket
+        return ticket
 
     def _wait(self, request_id: str, decision: Decision) -> Decision:
         event = self._ready[request_id]
@@ -164,26 +176,101 @@ class TrafficController:
                     self._decided[d.request_id] = d
                     self._ready[d.request_id].set()
 
-    def progress(self, ticket: Ticket, generated: int) -> bool:
-        """Report ``generated`` output tokens; False when the request must stop there (its
-        reservation is spent and the pool has no room for more)."""
+    def progress(self, ticket: Ticket, generated: int) -> str:
+        """Report ``generated`` output tokens in all: :data:`CONTINUE`; :data:`STOP` when the
+        request must end there (it alone outgrows the pool); :data:`PREEMPTED` when its
+        memory was taken back -- drop its cache and call :meth:`resume`.
+
+        When the pool runs out (a reservation that cannot grow, or under ``optimistic`` the
+        pool's use past the budget) the newest running request is preempted, vLLM-style;
+        that may be this one."""
+        with self._flow:
+            return self._progress(ticket, generated)
+
+    def _progress(self, ticket: Ticket, generated: int) -> str:
+        if ticket.preempted:
+            return PREEMPTED
+        output = generated - ticket.resumed_from  # what the current admission has generated
+        prompt = ticket.prompt_tokens + ticket.resumed_from
         granted, reserved, _ = self.admission.reservation(ticket.request_id)
         reserved_tokens = reserved // self.bytes_per_token
-        if ticket.prompt_tokens + max(generated, 1) > reserved_tokens:
-            more = min(_EXTEND_STEP, granted - (reserved_tokens - ticket.prompt_tokens))
-            if more <= 0 or not self.admission.extend(ticket.request_id, more):
-                self._count("cut_short")
-                return False
+        if self.admission.policy in ("reserve", "memwarden") and prompt + max(output, 1) > reserved_tokens:
+            while True:  # a step of output tokens, or what the pool has left, else make room
+                room = self.admission.free_bytes // self.bytes_per_token
+                more = min(_EXTEND_STEP, granted - (reserved_tokens - prompt), max(room, 1))
+                if self.admission.extend(ticket.request_id, more):
+                    break
+                verdict = self._preempt_newest(ticket)
+                if verdict is not CONTINUE:
+                    return verdict
             if ticket.session_id is not None:
                 self.sessions.reserve(ticket.session_id, more * self.bytes_per_token)
-        self.admission.on_tokens(ticket.request_id, generated)
+        self.admission.on_tokens(ticket.request_id, output)
         ticket.generated = generated
+        while self.admission.policy == "optimistic" and self.admission.reserved_bytes > self.budget_bytes:
+            verdict = self._preempt_newest(ticket)
+            if verdict is not CONTINUE:
+                return verdict
+        return CONTINUE
+
+    def _stop(self, ticket: Ticket) -> str:
+        self._count("cut_short")
+        ticket.cut_short = True
+        return STOP
+
+    def _preempt_newest(self, ticket: Ticket) -> str:
+        """Preempt the newest running request to make room for ``ticket``: CONTINUE when it
+        was another, PREEMPTED when it was ``ticket``, STOP when ``ticket`` runs alone."""
+        with self._lock:  # a request admitted but not yet handed its ticket cannot be preempted yet
+            candidates = [rid for rid in self.admission.running_ids() if rid in self._running]
+        if candidates == [ticket.request_id]:
+            return self._stop(ticket)
+        victim_id = candidates[-1]
+        reserved = self.admission.reservation(victim_id)[1]
+        self.admission.preempt(victim_id)
+        with self._lock:
+            victim = self._running.pop(victim_id)
+            victim.preempted = True
+            victim.preemptions += 1
+            self.counts["preempted"] += 1
+        if victim.session_id is not None:
+            self.sessions.release(victim.session_id, min(reserved, self._session_bytes(victim.session_id)))
+        _event("preemption", request=victim_id, session=victim.session_id, freed_bytes=reserved,
+               generated=victim.generated, for_request=ticket.request_id)
+        return PREEMPTED if victim is ticket else CONTINUE
+
+    def resume(self, ticket: Ticket, generated: int) -> bool:
+        """Admit a preempted request again, ahead of the queue, to recompute its prompt and
+        the ``generated`` tokens it had and go on (blocking: it may wait). False when it
+        cannot (queue timeout, or it no longer fits at all): it ends with what it has."""
+        request = Request(ticket.request_id, ticket.prompt_tokens + generated, ticket.max_tokens - generated,
+                          session_id=ticket.session_id)
+        with self._lock:
+            ticket.preempted = False
+            decision = self.admission.resume(request)
+            if decision.verdict == "queue":
+                self._ready[ticket.request_id] = threading.Event()
+        if decision.verdict == "queue":
+            decision = self._wait(ticket.request_id, decision)
+        _event("resume", request=ticket.request_id, decision=decision.verdict, reason=decision.reason,
+               generated=generated, max_tokens=decision.granted_max_tokens)
+        if not decision.admitted:
+            self._stop(ticket)
+            return False
+        ticket.decision, ticket.resumed_from, ticket.generated = decision, generated, generated
+        if ticket.session_id is not None:
+            self.sessions.reserve(ticket.session_id, decision.reserved_bytes)
+        with self._lock:
+            self._running[ticket.request_id] = ticket
         return True
 
     def release(self, ticket: Ticket) -> None:
-        """End an admitted request: its bytes go back and the queue's head may start."""
-        reserved = self.admission.reservation(ticket.request_id)[1]
-        decisions = self.admission.finish(ticket.request_id)
+        """End a request: its bytes go back (when it holds any) and the queue's head may start."""
+        with self._flow:
+            with self._lock:
+                held = self._running.pop(ticket.request_id, None) is not None
+            reserved = self.admission.reservation(ticket.request_id)[1] if held else 0
+            decisions = self.admission.finish(ticket.request_id) if held else []
         if ticket.session_id is not None:
             self.sessions.release(ticket.session_id, min(reserved, self._session_bytes(ticket.session_id)))
             self.sessions.end_request(ticket.session_id, ticket.generated)
@@ -223,6 +310,8 @@ class TrafficController:
             "routed_count": self.counts["routed"],
             "degraded_count": self.counts["degraded"],
             "completed_count": self.counts["completed"],
+            "preempted_count": self.counts["preempted"],
+            "cut_short_count": self.counts["cut_short"],
             "admission_policy": self.admission.policy,
         }
 

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from memwarden.controller.traffic import Rejected, Ticket, TrafficController
+from memwarden.controller.traffic import PREEMPTED, STOP, Rejected, Ticket, TrafficController
 from memwarden.serve.engine import Engine
 from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from memwarden.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -117,6 +117,11 @@ def create_app(engine: Engine, controller: TrafficController, on_response: Optio
         if body.model is not None and body.model != engine.name:
             return _error(404, f"model {body.model!r} is not served here; /v1/models lists {engine.name!r}",
                           param="model", code="model_not_found")
+        biases = body.token_biases()
+        unknown = [token for token in biases if token >= engine.vocab_size]
+        if unknown:
+            return _error(400, f"logit_bias: token {unknown[0]} is not in the vocabulary of {engine.vocab_size}",
+                          param="logit_bias")
         room = engine.max_context - len(prompt)
         if room < 1:
             return _error(400, f"the prompt has {len(prompt)} tokens; the model's context is {engine.max_context}",
@@ -128,7 +133,7 @@ def create_app(engine: Engine, controller: TrafficController, on_response: Optio
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))} if e.retry_after is not None else None
             return _error(e.status, e.message, kind="server_overloaded" if e.status == 503 else "rate_limit_exceeded",
                           code=e.reason, headers=headers)
-        steps = _Steps(engine, controller, ticket, prompt, body.seed)  # releases the ticket when closed
+        steps = _Steps(engine, controller, ticket, prompt, body.seed, biases)  # releases the ticket when closed
         try:
             return _respond(body, steps, ticket, prompt, chat)
         except BaseException:
@@ -175,9 +180,10 @@ class _Steps:
     """The request's text pieces; its reservation goes back however they end (done, client
     gone, an error), and on :meth:`close` even if they never started."""
 
-    def __init__(self, engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed):
+    def __init__(self, engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed,
+                 logit_bias: dict[int, float]):
         self._controller, self._ticket, self._released = controller, ticket, False
-        self._pieces = _pieces(engine, controller, ticket, prompt, seed)
+        self._pieces = _pieces(engine, controller, ticket, prompt, seed, logit_bias)
 
     def __iter__(self):
         try:
@@ -192,16 +198,32 @@ class _Steps:
             self._controller.release(self._ticket)
 
 
-def _pieces(engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed):
+def _pieces(engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed, logit_bias):
+    """The request's text; a preempted request drops its cache, waits to be admitted again
+    and recomputes what it had generated (vLLM's recompute), so its text goes on."""
     applied = ticket.applied
-    generated = 0
-    for step in engine.generate(prompt, ticket.max_tokens, applied.temperature, applied.top_p, seed):
-        if step.token is not None:
-            generated += 1
-            if not controller.progress(ticket, generated):  # no room for more output: stop here
-                ticket.cut_short = True
+    produced: list[int] = []
+    shown = 0  # characters yielded
+    while True:
+        steps = engine.generate(prompt, ticket.max_tokens, applied.temperature, applied.top_p, seed, logit_bias,
+                                output=produced, shown=shown)
+        try:
+            for step in steps:
+                if step.token is not None:
+                    produced.append(step.token)
+                    verdict = controller.progress(ticket, len(produced))
+                    if verdict == STOP:  # no room for more output: stop here
+                        return
+                    if verdict == PREEMPTED:
+                        break
+                shown += len(step.text)
+                yield step.text
+            else:
                 return
-        yield step.text
+        finally:
+            steps.close()  # frees its cache before the request waits
+        if len(produced) >= ticket.max_tokens or not controller.resume(ticket, len(produced)):
+            return
 
 
 def _sse(steps, ticket: Ticket, response_id: str, created: int, model: str, chat: bool, info: dict, on_response):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -75,6 +75,7 @@ class Engine:
         model.set_attn_implementation(ATTENTION_NAME)
         config = model.config.get_text_config(decoder=True)
         self.max_context = getattr(config, "max_position_embeddings", None) or 4096
+        self.vocab_size = config.vocab_size
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         dtype = next(model.parameters()).dtype
@@ -95,18 +96,32 @@ class Engine:
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: Optional[int] = None) -> Iterator[Step]:
+                 seed: Optional[int] = None, logit_bias: Optional[dict[int, float]] = None,
+                 output: Sequence[int] = (), shown: int = 0) -> Iterator[Step]:
         """Tokens one by one (greedy at temperature 0, else nucleus sampling), until
-        ``max_tokens`` or the end-of-sequence token, which is not yielded; the text is
-        held back while it ends inside a multi-byte character, and flushed at the end."""
-        generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % (2**63))
+        ``max_tokens`` in all or the end-of-sequence token, which is not yielded; the text
+        is held back while it ends inside a multi-byte character, and flushed at the end.
+
+        ``logit_bias`` (token id -> bias) is added to the logits before sampling.
+        ``output``: tokens this request generated before it was preempted, of whose text
+        ``shown`` characters were yielded; they are recomputed with the prompt and the text
+        continues from there."""
+        generator = torch.Generator().manual_seed(
+            (seed if seed is not None else time.time_ns()) % (2**63) + len(output))
+        bias = None
+        if logit_bias:
+            bias = torch.zeros(self.vocab_size)
+            bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()))
         with self._slots, torch.no_grad():
             cache = PagedCache(self.model.config, kv_dtype=self.kv_dtype)
-            logits = self.model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
-            produced: list[int] = []
-            shown = ""
-            for _ in range(max_tokens):
-                token = _sample(logits.float(), temperature, top_p, generator)
+            context = list(prompt) + list(output)
+            logits = self.model(torch.tensor([context]), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[0, -1]  # not the whole prompt's logits
+            produced = list(output)
+            done = self.tokenizer.decode(produced)[:shown] if produced else ""  # the text yielded so far
+            for _ in range(max_tokens - len(produced)):
+                scores = logits.float() if bias is None else logits.float() + bias
+                token = _sample(scores, temperature, top_p, generator)
                 if token == self.eos:
                     break
                 produced.append(token)
@@ -114,10 +129,10 @@ class Engine:
                 if text.endswith("\ufffd"):  # maybe the start of a multi-byte character: wait
                     yield Step(token, "")
                 else:
-                    yield Step(token, text[len(shown):])
-                    shown = text
+                    yield Step(token, text[len(done):])
+                    done = text
                 logits = self.model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
-            rest = self.tokenizer.decode(produced)[len(shown):]
+            rest = self.tokenizer.decode(produced)[len(done):]
             if rest:  # bytes that never became a character
                 yield Step(None, rest)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "MAX_TOKENS_LIMIT"]
 
@@ -28,6 +28,21 @@ class _Sampling(_Strict):
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
     n: Literal[1] = 1
     user: Optional[str] = Field(None, max_length=256)
+    # OpenAI's: token id (as a string) -> a bias in [-100, 100] added to its logit
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value):
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias of token {token} must be in [-100, 100], got {bias}")
+        return value
+
+    def token_biases(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
 
 
 class CompletionRequest(_Sampling):
