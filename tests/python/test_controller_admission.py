@@ -497,6 +497,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert self.admission.running_ids() == [r["request"].request_id for r in self.model.running]
         assert self.admission.queued_ids() == [q[0].request_id for q in self.model.queue]  # FIFO
         assert self.admission.reserved_bytes == self.model.reserved_tokens() * PER_TOKEN
+        held = sum(r["request"].prompt_tokens + r["generated"] for r in self.model.running)
+        assert self.admission.used_bytes == held * PER_TOKEN
         assert self.admission.output_estimate == self.model.estimate()
 
     @invariant()

@@ -182,13 +182,15 @@ def test_refusals_429_and_503_with_retry_after():
 
 
 def test_degradation_under_pressure_shrinks_max_tokens(caplog):
-    # Hand-computed: 100 B a token, budget 10000 B; a running request reserving 75 tokens
-    # puts the pool at 0.75 (level "medium", max_tokens x 0.9): 20 -> 18 tokens.
+    # Hand-computed: 100 B a token, budget 10000 B; a running request holding 25 prompt + 50
+    # generated tokens puts the pool at 0.75 (level "medium", max_tokens x 0.9): 20 -> 18 tokens.
     config = MemwardenConfig.load(env={}, overrides={"admission.policy": "reserve"})
     controller = TrafficController(config, 10_000, 100)
     caplog.set_level("INFO", logger="memwarden.controller")
     first = controller.acquire(None, 25, 50)
     assert first.max_tokens == 50 and not first.applied.degraded
+    assert controller.pressure() == 0.25  # what it holds, not the 75 tokens it reserved
+    assert controller.progress(first, 50) == "continue"
     second = controller.acquire(None, 5, 20)
     assert second.applied.level == "medium" and second.applied.degraded and second.max_tokens == 18
     controller.release(first)

@@ -210,6 +210,7 @@ class AdmissionController:
         self._running: dict[Hashable, _Running] = {}  # insertion order = admission order
         self._queue: collections.OrderedDict[Hashable, tuple[Request, float, int]] = collections.OrderedDict()
         self._reserved_tokens = 0
+        self._used_tokens = 0
         self._outputs = collections.deque(maxlen=_SAMPLE_WINDOW)  # arrival order, for eviction
         self._outputs_sorted: list[int] = []  # the same, sorted, for the quantile
         self._estimate: int | None = None
@@ -232,6 +233,12 @@ class AdmissionController:
         """The sum of the running requests' reservations (may exceed the budget only under
         ``admit_all`` and ``optimistic``)."""
         return self._reserved_tokens * self._bytes_per_token
+
+    @property
+    def used_bytes(self) -> int:
+        """What the running requests hold now: their prompts and the tokens generated so
+        far (at most their reservations)."""
+        return self._used_tokens * self._bytes_per_token
 
     @property
     def free_bytes(self) -> int:
@@ -324,6 +331,7 @@ class AdmissionController:
             if self._policy == "optimistic":
                 self._reserved_tokens += used - run.reserved_tokens
                 run.reserved_tokens = used
+            self._used_tokens += generated - run.generated
             run.generated = generated
 
     def extend(self, request_id: Hashable, tokens: int) -> bool:
@@ -467,10 +475,12 @@ class AdmissionController:
     def _start(self, request: Request, granted: int, reserved_tokens: int) -> None:
         self._running[request.request_id] = _Running(request, granted, reserved_tokens, self._clock())
         self._reserved_tokens += reserved_tokens
+        self._used_tokens += request.prompt_tokens
 
     def _release(self, request_id: Hashable) -> _Running:
         run = self._running.pop(request_id)
         self._reserved_tokens -= run.reserved_tokens
+        self._used_tokens -= run.request.prompt_tokens + run.generated
         return run
 
     def _record_output(self, generated: int) -> None:

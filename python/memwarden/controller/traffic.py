@@ -2,7 +2,7 @@
 degradation, and the counters ``/memory_stats`` and the metrics read.
 
 :meth:`TrafficController.acquire` (blocking: call it from a worker thread) degrades the
-request by the KV pressure of the pool (reserved / budget), asks the session table and
+request by the KV pressure of the pool (held / budget), asks the session table and
 admission, waits in admission's FIFO queue when told to, and returns a :class:`Ticket`
 or raises :class:`Rejected` (HTTP 429 for session limits, 503 for a full pool, with the
 reason and ``Retry-After``). While generating, :meth:`~TrafficController.progress` reports
@@ -112,16 +112,22 @@ class TrafficController:
 
     def _session_check(self, session_id, nbytes: int):
         verdict = self.sessions.can_reserve(session_id, nbytes)
+        limit = self.sessions.per_session_limit if verdict.reason == "session_limit" else self.sessions.global_limit
+        if not verdict.ok and limit >= self.budget_bytes:
+            return True, ""  # a limit as large as the pool is the pool's: admission queues instead of refusing
         return verdict.ok, verdict.reason
 
     def pressure(self) -> float:
-        return self.admission.reserved_bytes / self.budget_bytes
+        """The KV the running requests hold (prompts and tokens so far) over the budget:
+        what degradation reacts to; reservations that may never be used do not count."""
+        return self.admission.used_bytes / self.budget_bytes
 
     def acquire(self, session_id: Optional[str], prompt_tokens: int, max_tokens: int, temperature: Optional[float] = None,
                 top_p: Optional[float] = None) -> Ticket:
         """Admit one request or raise :class:`Rejected`; may wait in the queue. Without a
         ``session_id`` the request counts against no session."""
-        level = self.degradation.update(min(self.pressure(), 1.0))
+        # admit_all is the uncontrolled baseline: it never degrades or refuses either
+        level = self.degradation.update(0.0 if self.admission.policy == "admit_all" else min(self.pressure(), 1.0))
         sessions = self.sessions if session_id is not None else None
         new_session = sessions is None or sessions.get(session_id) is None
         if new_session and self.degradation.policy.refuse_new_sessions:

@@ -84,6 +84,9 @@ class Engine:
         self.bytes_per_token = store.page_bytes("q" if kv_dtype != "auto" else "fp") // store.page_size
         self.eos = getattr(tokenizer, "eos_token_id", None)
         self._slots = threading.BoundedSemaphore(max_concurrency)
+        # one prefill at a time, as engines bound the tokens of a step: its activations (the
+        # prompt's attention scores) are then those of one prompt, however many requests run
+        self._prefill = threading.Lock()
         self.created = int(time.time())
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -113,10 +116,13 @@ class Engine:
             bias = torch.zeros(self.vocab_size)
             bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()))
         with self._slots, torch.no_grad():
-            cache = PagedCache(self.model.config, kv_dtype=self.kv_dtype)
+            # no budget of its own (admission keeps the pool's), so never compressed under pressure
+            cache = PagedCache(self.model.config, kv_dtype=self.kv_dtype,
+                               compress="never" if self.kv_dtype == "auto" else "always")
             context = list(prompt) + list(output)
-            logits = self.model(torch.tensor([context]), past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[0, -1]  # not the whole prompt's logits
+            with self._prefill:
+                logits = self.model(torch.tensor([context]), past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1).logits[0, -1]  # not the whole prompt's logits
             produced = list(output)
             done = self.tokenizer.decode(produced)[:shown] if produced else ""  # the text yielded so far
             for _ in range(max_tokens - len(produced)):

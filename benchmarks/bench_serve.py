@@ -1,0 +1,218 @@
+"""Overload: one trace replayed against the live ``memwarden serve`` on loopback under each
+admission policy -- admit-all, ``reserve`` (TGI-style), ``optimistic`` (vLLM-style, with
+preemption by recompute) and memwarden's default -- in one run, each policy in its own
+process, the memory budget enforced for real.
+
+    python benchmarks/bench_serve.py [--quick] [--requests N --rate R --seed S] [--json PATH] [--plot PATH]
+
+The trace (:mod:`memwarden.serve.trace`): Poisson arrivals, log-normal prompt (median 120
+tokens, up to 900) and output lengths (median 40; clients ask for 128 or 256), 8 sessions
+of Zipf popularity; the embedded tiny model (512 KV bytes a token) at temperature 1,
+output lengths steered by a logit bias on EOS. The server's KV budget is ``--budget``
+(default 1 MiB = 2048 tokens), and memwarden's host allocator is torch's CPU allocator in
+the server process with a memory limit of what is allocated at start + 2 x the KV budget
+(a request's pages grow by doubling) + the activations of the longest prompt's prefill
+(the engine runs one prefill at a time) + ``max_concurrency`` (8) x those of a decode
+step, both measured there -- so running out is a real OutOfMemoryError.
+
+Per policy: completed, lost (5xx other than 503, timeouts), rejected by reason, OOMs
+(memwarden's allocator), preemptions, goodput (completion tokens of completed requests
+per second of the replay), p50/p99 latency of completed requests, peak memory. Ratios:
+goodput against the better of reserve/optimistic, p99 against optimistic. Goals (issue):
+admit-all OOMs; memwarden 0 OOMs and 0 lost, goodput >= the better of reserve and
+optimistic, p99 below optimistic's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+POLICIES = ("admit_all", "reserve", "optimistic", "memwarden")
+MAX_CONCURRENCY = 8
+SEGMENT = 2 << 20  # the allocator reserves small tensors in segments of 2 MiB
+TRACE = dict(prompt_median=150, prompt_max=600, output_median=100, max_tokens=(256, 512))
+
+
+def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float) -> dict:
+    """In this process: the server under ``policy`` with the allocator limit, the trace replayed."""
+    import torch
+
+    import memwarden.alloc as alloc
+    from memwarden._units import parse_bytes
+    from memwarden.controller.config import MemwardenConfig
+    from memwarden.kv import PagedCache
+    from memwarden.serve.server import Server
+    from memwarden.serve.trace import TraceRequest, replay, summarize
+
+    torch.set_num_threads(1)  # requests run in threads; intra-op threads would oversubscribe
+    with open(trace_path) as f:
+        trace = [TraceRequest(**r) for r in json.load(f)]
+    config = MemwardenConfig.load(env={}, overrides={
+        "server.port": 0, "server.max_memory": budget, "server.max_concurrency": MAX_CONCURRENCY,
+        "admission.policy": policy, "admission.queue_timeout": queue_timeout})
+    server = Server(config)
+    engine = server.engine
+    alloc.install("cpu")
+    start_bytes = alloc.memory_allocated("cpu")
+    longest = max(r.prompt_tokens for r in trace)
+    with torch.no_grad():  # the activations of the longest prefill (one runs at a time) and of a decode step
+        cache = PagedCache(engine.model.config, compress="never")
+        alloc.reset_peak_memory_stats("cpu")
+        engine.model(torch.zeros(1, longest, dtype=torch.long), past_key_values=cache, use_cache=True,
+                     logits_to_keep=1)
+        prefill = alloc.max_memory_allocated("cpu") - start_bytes - cache.store.nbytes
+        before = alloc.memory_allocated("cpu")
+        alloc.reset_peak_memory_stats("cpu")
+        engine.model(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+        decode = alloc.max_memory_allocated("cpu") - before
+        del cache
+    need = alloc.memory_reserved("cpu") + 2 * parse_bytes(budget) + prefill + MAX_CONCURRENCY * decode
+    limit = (-(-need // SEGMENT) + 1) * SEGMENT  # whole segments, and one for fragmentation
+    alloc.set_memory_limit("cpu", limit)
+    alloc.reset_peak_memory_stats("cpu")
+    ooms_before = alloc.memory_stats("cpu")["num_ooms"]
+    thread = server.start()
+    try:
+        outcomes, wall = replay(f"http://127.0.0.1:{server.port}", engine.name, trace, eos_token=engine.eos,
+                                vocab_size=engine.vocab_size, timeout=120.0)
+        stats = server.controller.memory_stats()
+    finally:
+        server.stop(thread)
+    summary = summarize(outcomes, wall)
+    summary.update(policy=policy, ooms=alloc.memory_stats("cpu")["num_ooms"] - ooms_before,
+                   preemptions=stats["preempted_count"], cut_short=stats["cut_short_count"],
+                   server_rejections=stats["rejections_by_reason"],
+                   peak_bytes=alloc.max_memory_allocated("cpu") - start_bytes, limit_bytes=limit,
+                   peak_reserved_bytes=alloc.max_memory_reserved("cpu"),
+                   outcomes=[o.to_dict() for o in outcomes])
+    return summary
+
+
+def table(results: dict) -> str:
+    best_other = max((results[p]["goodput_tok_s"] for p in ("reserve", "optimistic") if p in results), default=None)
+    optimistic_p99 = results.get("optimistic", {}).get("latency_p99_s")
+    head = (f"{'policy':<11} {'done':>5} {'lost':>5} {'rej':>4} {'OOMs':>5} {'preempt':>7} {'goodput':>8} "
+            f"{'x best':>6} {'p50 s':>6} {'p99 s':>6} {'x opt':>6} {'peak MiB':>8}  rejections")
+    lines = [head, "-" * len(head)]
+    for policy, r in results.items():
+        ratio = f"{r['goodput_tok_s'] / best_other:.2f}" if best_other else "-"
+        p99 = r["latency_p99_s"]
+        p99_ratio = f"{p99 / optimistic_p99:.2f}" if p99 is not None and optimistic_p99 else "-"
+        fmt = (lambda v: f"{v:.2f}" if v is not None else "-")
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected_by_reason"].items())) or "-"
+        lines.append(f"{policy:<11} {r['completed']:>5} {r['lost']:>5} {r['rejected']:>4} {r['ooms']:>5} "
+                     f"{r['preemptions']:>7} {r['goodput_tok_s']:>8.1f} {ratio:>6} {fmt(r['latency_p50_s']):>6} "
+                     f"{fmt(p99):>6} {p99_ratio:>6} {r['peak_bytes'] / 2**20:>8.2f}  {reasons}")
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> dict:
+    mw = results.get("memwarden")
+    if mw is None or not {"reserve", "optimistic", "admit_all"} <= results.keys():
+        return {}
+    best = max(results["reserve"]["goodput_tok_s"], results["optimistic"]["goodput_tok_s"])
+    opt_p99 = results["optimistic"]["latency_p99_s"]
+    return {
+        "admit_all_runs_out": results["admit_all"]["ooms"] > 0,
+        "memwarden_no_ooms": mw["ooms"] == 0,
+        "memwarden_none_lost": mw["lost"] == 0,
+        "memwarden_goodput_at_least_the_best": mw["goodput_tok_s"] >= best,
+        "memwarden_p99_below_optimistic": opt_p99 is not None and mw["latency_p99_s"] is not None
+        and mw["latency_p99_s"] < opt_p99,
+    }
+
+
+def plot(results: dict, path: str) -> None:
+    from memwarden._plot import figure
+
+    fig = figure(10, 3.6)
+    latency, outcome = fig.subplots(1, 2)
+    for policy, r in results.items():
+        done = sorted(o["latency"] for o in r["outcomes"] if o["status"] == "completed")
+        if done:
+            latency.step(done, [(i + 1) / r["requests"] for i in range(len(done))], where="post", label=policy)
+    latency.set(xlabel="latency of completed requests (s)", ylabel="fraction of all requests",
+                title="completed by latency")
+    latency.legend()
+    names = list(results)
+    bottom = [0] * len(names)
+    for status, color in (("completed", "tab:green"), ("rejected", "tab:orange"), ("lost", "tab:red")):
+        counts = [sum(o["status"] == status for o in results[p]["outcomes"]) for p in names]
+        outcome.bar(names, counts, bottom=bottom, color=color, label=status)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    outcome.set(ylabel="requests", title="outcomes (OOMs: " + ", ".join(
+        f"{p} {results[p]['ooms']}" for p in names) + ")")
+    outcome.legend()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short trace (CI smoke run)")
+    parser.add_argument("--requests", type=int, help="requests in the trace (default 120, --quick 16)")
+    parser.add_argument("--rate", type=float, default=4.0, help="arrivals a second")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", default="1MiB", help="the server's KV budget")
+    parser.add_argument("--queue-timeout", type=float, default=60.0)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--json", default="benchmarks/results/bench_serve.json")
+    parser.add_argument("--plot", default="benchmarks/results/bench_serve.png")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child: serve one policy
+    parser.add_argument("--trace", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        with open(args.out, "w") as f:
+            json.dump(serve_one(args.one, args.trace, args.budget, args.queue_timeout), f)
+        return 0
+
+    from memwarden.serve.trace import make_trace
+
+    count = args.requests or (16 if args.quick else 120)
+    trace = make_trace(count, args.rate, args.seed, **TRACE)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_path = os.path.join(tmp, "trace.json")
+        with open(trace_path, "w") as f:
+            json.dump([r.to_dict() for r in trace], f)
+        for policy in args.policies.split(","):
+            out = os.path.join(tmp, f"{policy}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", policy, "--trace", trace_path, "--out", out,
+                   "--budget", args.budget, "--queue-timeout", str(args.queue_timeout)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+            if proc.returncode != 0:
+                print(proc.stdout, proc.stderr, file=sys.stderr)
+                raise SystemExit(f"bench_serve: the {policy} run failed")
+            with open(out) as f:
+                results[policy] = json.load(f)
+            print(f"  {policy}: {results[policy]['completed']}/{count} completed in {results[policy]['wall_s']:.1f} s",
+                  flush=True)
+    print(f"trace: {count} requests at {args.rate}/s (seed {args.seed}), KV budget {args.budget}, "
+          f"max_concurrency {MAX_CONCURRENCY}")
+    print(table(results))
+    reached = goals(results)
+    for goal, ok in reached.items():
+        print(f"  {'met ' if ok else 'MISS'} {goal}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"trace": {"requests": count, "rate": args.rate, "seed": args.seed, "budget": args.budget},
+                   "results": results, "goals": reached}, f, indent=1)
+    if args.plot:
+        try:
+            plot(results, args.plot)
+            print(f"plot: {args.plot}")
+        except ImportError as e:
+            print(f"no plot: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
