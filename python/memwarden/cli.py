@@ -7,6 +7,7 @@ should each piece go?
     memwarden fit MODEL --gpus 2x24GiB [--batch 1] [--gpu-layers N --cpu 64GiB]
     memwarden serve [MODEL] [--max-memory 2GiB] [--host 127.0.0.1 --port 8000] [--config FILE]
                     [--policy memwarden] [--max-requests N] [--print-config]
+    memwarden top [--url http://127.0.0.1:8000] [--interval 1] [--sessions 5] [--once]
 
 MODEL is an embedded name (``memwarden models``), a ``config.json`` (or a folder holding
 one), a GGUF file or a Hugging Face hub id (only its config.json is read). Sizes need a
@@ -22,6 +23,7 @@ import os
 import sys
 from typing import Sequence
 
+from memwarden import top
 from memwarden._table import render
 from memwarden._units import parse_bytes
 from memwarden._version import __version__
@@ -191,6 +193,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the effective settings and their sources")
     p.set_defaults(fn=_cmd_serve)
 
+    p = sub.add_parser("top", help="live view of device, allocator and server memory (q quits)")
+    p.add_argument("--url", type=top.server_url, default=None,
+                   help="a running memwarden serve, e.g. http://127.0.0.1:8000: its sessions, KV and admission")
+    p.add_argument("--interval", type=top.refresh_interval, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--sessions", type=top.session_count, default=5, metavar="N",
+                   help="sessions listed, largest KV first (default 5)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (also when stdout is not a tty)")
+    p.set_defaults(fn=_cmd_top)
+
     p = sub.add_parser("fit", help="largest context that fits")
     common(p, gpus_required=True)
     placement(p)
@@ -225,6 +237,10 @@ def _cmd_serve(args) -> int:
     except KeyboardInterrupt:
         server.stop(thread)
     return 0
+
+
+def _cmd_top(args) -> int:
+    return top.run(args.url, args.interval, args.once, args.sessions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
