@@ -1,8 +1,9 @@
 """memwarden top: ``--once`` against a real ``memwarden serve`` on loopback (the frame shows
 the numbers of its /memory_stats), without a URL (the allocator figures are those of
 memwarden.alloc.memory_stats), with an unreachable URL, argparse errors for a bad --url or
---interval, the tables and the rich frame of a hand-made reading, and the key loop: q
-from a pipe or a pseudo-terminal ends it, the terminal's settings come back (Ctrl-C too).
+--interval, the tables and the rich frame of a hand-made reading, the key loop (q from a
+pipe or a pseudo-terminal ends it, the terminal's settings come back, Ctrl-C too), and the
+live view itself in a pseudo-terminal.
 """
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import io
 import json
 import os
 import re
+import select
+import signal
 import socket
+import subprocess
+import sys
 import termios
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -281,5 +287,41 @@ def test_a_terminal_is_in_cbreak_mode_while_watched_and_restored_after(ending):
         assert [type(e) for e in errors] == ([KeyboardInterrupt] if ending == "ctrl-c" else [])
         assert termios.tcgetattr(slave) == before
     finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.parametrize("ending", ["q", "ctrl-c"])
+def test_the_live_view_in_a_pseudo_terminal_quits_cleanly(ending):
+    pytest.importorskip("rich")
+    master, slave = os.openpty()
+    before = termios.tcgetattr(slave)
+    # the child imports the memwarden these tests import (installed or the source tree)
+    source = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
+    env = dict(os.environ, TERM="xterm", COLUMNS="120", LINES="50",
+               PYTHONPATH=os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
+    child = subprocess.Popen([sys.executable, "-m", "memwarden.cli", "top", "--interval", "0.2"],
+                             stdin=slave, stdout=slave, stderr=slave, env=env)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 120
+        while shown.count(b"memwarden top,") < 2 and time.monotonic() < deadline:  # two frames: it refreshes
+            if select.select([master], [], [], 0.2)[0]:
+                shown += os.read(master, 65536)
+        assert shown.count(b"memwarden top,") >= 2, shown.decode(errors="replace")
+        if ending == "q":
+            os.write(master, b"q")
+        else:
+            child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while child.poll() is None and time.monotonic() < deadline:  # keep reading: a full pty blocks the child
+            if select.select([master], [], [], 0.2)[0]:
+                os.read(master, 65536)
+        assert child.wait(1) == 0
+        assert termios.tcgetattr(slave) == before
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
         os.close(master)
         os.close(slave)
