@@ -51,8 +51,68 @@ def test_export_and_plot(tmp_path):
     assert "analysis" in j and j["analysis"]["metric"] == "host_rss"
     rows = list(csv.reader(tr.to_csv(tmp_path / "t.csv").open()))
     assert rows[0][:2] == ["t", "allocated"] and len(rows) == len(tr.samples) + 1
-    png = tr.plot(tmp_path / "t.png")
+    png = tr.plot(tmp_path / "t.png")  # with a path: saved, and the path returned (the plugin's call)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _tracked_run():
+    with MemoryTracker("cpu", interval=0.002) as tr:
+        with tr.phase("prefill"):
+            x = torch.ones(16 * 2**20, dtype=torch.uint8)
+            tr.step()
+        with tr.phase("decode"):
+            del x
+            tr.step()
+        tr.step()
+    return tr
+
+
+def test_plot_returns_the_timeline_with_phases_and_thresholds():
+    pytest.importorskip("matplotlib")
+    import io
+
+    from matplotlib.figure import Figure
+
+    tr = _tracked_run()
+    data = tr.to_dict()
+    an = data["analysis"]
+    fig = tr.plot(data=data, limit="2 GiB")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    rss = lines["host_rss"]
+    assert list(rss.get_xdata()) == [s["t"] for s in data["samples"]]
+    assert list(rss.get_ydata()) == pytest.approx([s["host_rss"] / 2**20 for s in data["samples"]])
+    assert lines["host_rss spike threshold"].get_ydata()[0] == pytest.approx(an["spike_threshold"] / 2**20)
+    assert lines["limit 2.00 GiB"].get_ydata()[0] == 2048
+    assert len(ax.patches) == len(data["phases"]) == 2  # one shaded span per phase
+    assert "phase prefill" in lines and "phase decode" in lines
+    vertical = [line.get_xdata()[0] for line in ax.get_lines()
+                if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]]
+    assert vertical == [s["t"] for s in data["steps"]]  # a tick per step
+    assert any(f"peak {format_bytes(an['peak'], digits=1)}" == t.get_text() for t in ax.texts)
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_tracker_and_analysis_show_their_figures():
+    tr = _tracked_run()
+    an = tr.analyze()
+    peak = max(s.host_rss for s in tr.samples)
+    assert an.peak == peak and an.spike_threshold >= an.baseline
+    text = repr(tr)
+    assert text.startswith("<MemoryTracker cpu, stopped: host_rss peak ") and len(text) < 200
+    assert format_bytes(peak, digits=1) in text and f"{len(tr.samples)} samples" in text
+    assert "3 steps, 2 phases>" in text
+    html = tr._repr_html_()
+    assert html.count("<table>") == 1 and f"peak {format_bytes(peak, digits=1)}" in html
+    for name, phase in an.phases.items():  # one row per phase: its peak, its sample count
+        assert (f'<td style="text-align:left">{name}</td><td style="text-align:right">'
+                f'{format_bytes(phase["peak"], digits=1)}</td><td style="text-align:right">{phase["samples"]}</td>'
+                ) in html
+    assert f"final {format_bytes(an.final, digits=1)}" in html
+    assert repr(an) == f"<Analysis {an}>" and an._repr_html_().count("<tr>") == 1 + len(an.phases)
+    assert repr(MemoryTracker("cpu")) == "<MemoryTracker cpu, stopped: no samples>"
+    assert "no samples" in MemoryTracker("cpu")._repr_html_()
 
 
 def test_import_is_light():

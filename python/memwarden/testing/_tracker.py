@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import _sources as src
+from memwarden._table import html_table
 from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["MemoryTracker", "Sample", "Analysis", "Trend", "plot_series"]
@@ -51,6 +52,7 @@ class Analysis:
     trend: Trend | None
     spikes: list[dict] = field(default_factory=list)
     phases: dict[str, dict] = field(default_factory=dict)
+    spike_threshold: int | None = None  # a sample above it is a spike
 
     def __str__(self) -> str:
         s = (f"{self.metric}: peak {format_bytes(self.peak, digits=1)} at {self.peak_t:.3f}s"
@@ -63,6 +65,28 @@ class Analysis:
         if self.spikes:
             s += f"; {len(self.spikes)} spike(s)"
         return s
+
+    def __repr__(self) -> str:
+        return f"<Analysis {self}>"
+
+    def table(self) -> tuple:
+        """(title, header, rows, footer): the peak in the title, the peak of each phase in
+        the rows, baseline, final, trend and spikes below."""
+        title = (f"{self.metric}: peak {format_bytes(self.peak, digits=1)} at {self.peak_t:.3f}s"
+                 + (f" in {self.peak_phase}" if self.peak_phase else ""))
+        rows = [[name, format_bytes(p["peak"], digits=1), p["samples"]] for name, p in self.phases.items()]
+        footer = [f"baseline {format_bytes(self.baseline, digits=1)}, final {format_bytes(self.final, digits=1)} "
+                  f"({format_bytes(self.final - self.baseline, signed=True, digits=1)})"]
+        if self.trend:
+            footer.append(f"trend {format_bytes(self.trend.slope, signed=True, digits=1)}/iteration over "
+                          f"{self.trend.iterations} iterations"
+                          + (", LEAK SUSPECTED" if self.trend.leak_suspected else ""))
+        if self.spikes:
+            footer.append(f"{len(self.spikes)} spike(s) above {format_bytes(self.spike_threshold, digits=1)}")
+        return title, ["phase", "peak", "samples"] if rows else [], rows, footer
+
+    def _repr_html_(self) -> str:
+        return html_table(*self.table())
 
 
 def _theil_sen(ys: list[int]) -> float:
@@ -244,7 +268,7 @@ class MemoryTracker:
                 p["peak"] = max(p["peak"], v)
                 p["samples"] += 1
         return Analysis(metric, vals[ipeak], samples[ipeak].t, samples[ipeak].phase, vals[0],
-                        vals[-1], trend, spikes, phases)
+                        vals[-1], trend, spikes, phases, int(thr))
 
     # export -----------------------------------------------------------------------
     def to_dict(self, analysis: Analysis | None = None) -> dict:
@@ -283,25 +307,44 @@ class MemoryTracker:
                             s.phase or "", s.step])
         return path
 
-    def plot(self, path: str | Path, title: str | None = None, data: dict | None = None) -> Path:
-        """Save a timeline (MiB over seconds) with phases shaded, steps ticked and the peak
-        of :meth:`analyze` marked, drawn from :meth:`to_dict` (or ``data``, one taken before:
-        see :func:`plot_series`). Needs matplotlib (``pip install memwarden[plot]``); uses
-        the Agg backend."""
+    # display ----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        with self._lock:
+            samples, steps = list(self.samples), len(self.steps)
+        state = "running" if self.running else "stopped"
+        if not samples:
+            return f"<MemoryTracker {self.device}, {state}: no samples>"
+        metric = self.metric()
+        peak = max((getattr(s, metric) for s in samples if getattr(s, metric) is not None), default=None)
+        return (f"<MemoryTracker {self.device}, {state}: {metric} peak {format_bytes(peak, digits=1)}, "
+                f"{len(samples)} samples over {samples[-1].t:.2f}s, {steps} steps, "
+                f"{len({name for name, _, _ in self.phase_spans})} phases>")
+
+    def _repr_html_(self) -> str:
+        """The table of :meth:`analyze`, under the tracker's state."""
         try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            from matplotlib.figure import Figure
-        except ImportError as e:  # pragma: no cover
-            raise ImportError("MemoryTracker.plot needs matplotlib: pip install 'memwarden[plot]'") from e
+            analysis = self.analyze()
+        except ValueError:  # nothing sampled yet
+            return html_table(repr(self), [], [])
+        title, header, rows, footer = analysis.table()
+        return html_table(f"memory on {self.device}, {title}", header, rows,
+                          [f"{len(self.samples)} samples every {self.interval}s, {len(self.steps)} steps", *footer])
+
+    def plot(self, path: str | Path | None = None, title: str | None = None, data: dict | None = None, *,
+             limit: Any = None):
+        """A matplotlib Figure of the timeline (MiB over seconds): phases shaded, steps
+        ticked, the peak of :meth:`analyze` marked and its spike threshold drawn, and
+        ``limit`` (a size, e.g. a budget) as a line.
+        Drawn from :meth:`to_dict` (or ``data``, one taken before: see :func:`plot_series`).
+        With ``path`` the figure is saved there and the path returned instead (what the
+        pytest plugin does). Needs matplotlib (``pip install 'memwarden[plot]'``)."""
+        from memwarden._plot import figure
+
         data = self.to_dict() if data is None else data
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig = Figure(figsize=(10, 4.5))
-        ax = fig.add_subplot(1, 1, 1)
-        series = plot_series(data)
-        for k, (ts, vs) in series.items():
-            ax.plot(ts, [v / 2**20 for v in vs], label=k, linewidth=1.2)
+        fig = figure(10, 4.5)
+        ax = fig.add_subplot()
+        for name, (ts, vs) in plot_series(data).items():
+            ax.plot(ts, [v / 2**20 for v in vs], label=name, linewidth=1.2)
         colors = ["#e8f0fe", "#fde8e8", "#e8fde9", "#fdf6e8", "#f0e8fd"]
         spans = [(p["name"], p["start"], p["end"]) for p in data["phases"]]
         names = sorted({n for n, _, _ in spans})
@@ -315,14 +358,25 @@ class MemoryTracker:
             ax.axvline(s["t"], color="grey", linewidth=0.4, alpha=0.5, zorder=0)
         an = data.get("analysis")
         if an is not None:
+            right_half = an["peak_t"] > end_t / 2  # the label on the side with room
             ax.annotate(f"peak {format_bytes(an['peak'], digits=1)}", (an["peak_t"], an["peak"] / 2**20),
-                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+                        textcoords="offset points", xytext=(-5 if right_half else 5, 5), fontsize=8,
+                        ha="right" if right_half else "left")
+            if an.get("spike_threshold") is not None:  # JSON of older versions has none
+                ax.axhline(an["spike_threshold"] / 2**20, color="#e8a33d", linestyle="--", linewidth=0.8,
+                           label=f"{an['metric']} spike threshold")
+        if limit is not None:
+            limit = parse_bytes(limit, "limit")
+            ax.axhline(limit / 2**20, color="#d62728", linestyle="--", linewidth=1, label=f"limit {format_bytes(limit)}")
         ax.set_xlabel("seconds")
         ax.set_ylabel("MiB")
         ax.set_title(title or f"memory on {self.device}")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(1.0, 1.0))  # beside the lines, not on them
         ax.grid(alpha=0.3)
-        fig.tight_layout()
+        if path is None:
+            return fig
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
         return path
 
