@@ -242,8 +242,57 @@ def test_plot_writes_the_history(tmp_path):
         mon.plot(tmp_path / "empty.png")
     for used in (10, 80, 90):
         sample_at(mon, source, used)
-    path = mon.plot(tmp_path / "memory.png")
+    path = mon.plot(tmp_path / "memory.png")  # with a path: saved, and the path returned
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_returns_the_history_against_the_thresholds():
+    pytest.importorskip("matplotlib")
+    import io
+
+    from matplotlib.figure import Figure
+
+    source = FakeSource(total=8 * GIB)
+    mon = MemoryMonitor(budget_bytes="4GiB", sources={"cpu": source, "cuda:0": FakeSource(GIB, 2 * GIB)},
+                        thresholds=(0.5, 0.7, 0.9))
+    for used in (1, 2, 3, 4):  # GiB: pressure 25%, 50%, 75%, 100% of the budget
+        sample_at(mon, source, used * GIB)
+    fig = mon.plot()
+    assert isinstance(fig, Figure)
+    pressure_axes, bytes_axes = fig.axes
+    lines = {line.get_label(): line for line in pressure_axes.get_lines()}
+    assert list(lines["cpu pressure"].get_ydata()) == [s.pressure for s in mon.history] == [0.25, 0.5, 0.75, 1.0]
+    seconds = [s.time - mon.history[0].time for s in mon.history]
+    assert list(lines["cpu pressure"].get_xdata()) == pytest.approx(seconds)
+    for name, threshold in (("warning", 0.5), ("critical", 0.7), ("emergency", 0.9)):
+        assert list(lines[f"{name} {threshold:.0%}"].get_ydata()) == [threshold, threshold]
+    assert "emergency at 100.0%" in pressure_axes.get_title()
+    lines = {line.get_label(): line for line in bytes_axes.get_lines()}
+    assert list(lines["cpu used"].get_ydata()) == [1, 2, 3, 4]
+    assert list(lines["cuda:0 used"].get_ydata()) == [1, 1, 1, 1]
+    assert list(lines["budget 4.00 GiB"].get_ydata()) == [4, 4]
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_repr_and_html_show_the_latest_pressure_first():
+    source = FakeSource(total=8 * GIB)
+    mon = MemoryMonitor(budget_bytes="4GiB", sources={"cpu": source, "cuda:0": FakeSource(GIB, 2 * GIB)})
+    assert repr(mon) == "<MemoryMonitor cpu, budget 4.00 GiB, stopped: no samples>"
+    assert "no samples" in mon._repr_html_() and "warning at 75%, critical at 85%, emergency at 95%" in mon._repr_html_()
+    sample_at(mon, source, 3 * GIB + GIB // 2)
+    sample_at(mon, source, 3 * GIB)
+    assert repr(mon) == "<MemoryMonitor cpu: pressure 75.0% (warning), 3.00 GiB of 4.00 GiB budget in use, 2 samples, stopped>"
+    html = mon._repr_html_()
+    assert html.index("pressure 75.0% (warning)") < html.index("<table>") and html.count("<table>") == 1
+    cell = '<td style="text-align:right">{}</td>'.format
+    # cpu: 3 GiB used of 8, 5 free; a source's reading is all the process holds; no allocator figures
+    assert ('<td style="text-align:left">cpu</td>' + cell("3.00 GiB") + cell("8.00 GiB") + cell("5.00 GiB")
+            + cell("3.00 GiB") + cell("n/a") + cell("n/a")) in html
+    assert '<td style="text-align:left">cuda:0</td>' + cell("1.00 GiB") + cell("2.00 GiB") + cell("1.00 GiB") in html
+    assert "peak pressure 87.5% over the kept samples" in html and "2 samples kept, every 1s (stopped)" in html
+    no_budget = MemoryMonitor(sources=FakeSource(30, 120))
+    no_budget.sample()
+    assert "30 B of 120 B total in use" in repr(no_budget)
 
 
 # ---- arguments -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Monitor: samples memory from torch (``torch.cuda.memory_allocated`` / ``mem_get_info``),
 NVML when ``pynvml`` is present, memwarden's allocator (:mod:`memwarden.alloc`) and the
-host; keeps a bounded history, compares against thresholds, raises alerts, and draws plots
-(matplotlib imported lazily). Optional dependencies are imported inside the functions that
+host; keeps a bounded history, compares against thresholds, raises alerts, shows its state
+(``repr``, a table in notebooks) and plots its history (matplotlib imported lazily). Optional dependencies are imported inside the functions that
 need them: psutil for the host, pynvml for NVML, the extension (through
 :mod:`memwarden.alloc`) for the allocator's figures; a missing one only leaves its figures
 out of the samples.
@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from memwarden._devices import memory_device
-from memwarden._units import parse_bytes
+from memwarden._plot import GIB, figure
+from memwarden._table import html_table
+from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["DeviceMemory", "MemorySample", "MemoryMonitor", "LEVELS"]
 
@@ -54,6 +56,7 @@ _ACTIONS = {
     "critical": ("compress KV to INT8",),
     "emergency": ("reject new sessions",),
 }
+_LEVEL_COLORS = {"warning": "#e8a33d", "critical": "#d62728", "emergency": "#7b0000"}
 
 Source = Callable[[], "tuple[int, int]"]
 AlertCallback = Callable[[str, "MemorySample"], Any]
@@ -469,31 +472,76 @@ class MemoryMonitor:
                              f"got {model!r}")
         return model
 
-    # ---- plots ----------------------------------------------------------------------------
+    # ---- displays -------------------------------------------------------------------------
 
-    def plot(self, path: str | os.PathLike) -> Path:
-        """Draw the history to ``path`` (any format matplotlib writes): the watched device's
-        pressure against the thresholds, and every device's used bytes. Needs matplotlib."""
+    def _state(self) -> str:
+        return "running" if self.running else "stopped"
+
+    def _limit_name(self) -> str:
+        return "budget" if self.budget_bytes else "total"
+
+    def __repr__(self) -> str:
+        samples = self.history
+        if not samples:
+            budget = f"budget {format_bytes(self.budget_bytes)}" if self.budget_bytes else "no budget"
+            return f"<MemoryMonitor {self.device}, {budget}, {self._state()}: no samples>"
+        last = samples[-1]
+        return (f"<MemoryMonitor {self.device}: pressure {last.pressure:.1%} ({last.level}), "
+                f"{format_bytes(last.in_use)} of {format_bytes(last.limit)} {self._limit_name()} in use, "
+                f"{len(samples)} samples, {self._state()}>")
+
+    def _repr_html_(self) -> str:
+        """The latest sample as one table: its pressure first, then every device's figures."""
+        samples = self.history
+        footer = [", ".join(f"{name} at {t:.0%}" for name, t in zip(LEVELS[1:], self.thresholds)),
+                  f"{len(samples)} samples kept, every {self.interval:g}s ({self._state()})"]
+        if not samples:
+            return html_table(f"memory monitor on {self.device}: no samples", [], [], footer)
+        last = samples[-1]
+        title = (f"memory on {self.device}: pressure {last.pressure:.1%} ({last.level}), "
+                 f"{format_bytes(last.in_use)} of {format_bytes(last.limit)} {self._limit_name()} in use")
+        rows = [[key, format_bytes(d.used), format_bytes(d.total), format_bytes(d.free), format_bytes(d.process_used),
+                 format_bytes(d.allocated), format_bytes(d.reserved)] for key, d in last.devices.items()]
+        footer.insert(1, f"peak pressure {max(s.pressure for s in samples):.1%} over the kept samples")
+        return html_table(title, ["device", "used", "total", "free", "this process", "allocated", "reserved"],
+                          rows, footer)
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """A matplotlib Figure of the history: the watched device's pressure against the
+        warning/critical/emergency thresholds, and every device's used bytes (with a
+        budget, also what pressure counts as in use, and the budget). With ``path`` (any
+        format matplotlib writes) the figure is saved there and the path returned instead.
+        Needs matplotlib."""
         samples = self.history
         if not samples:
             raise ValueError("no samples to plot: call sample() or start() first")
-        from matplotlib.figure import Figure  # a bare Figure draws with Agg, no pyplot state
+        fig = figure(8, 6)
+        from matplotlib.ticker import PercentFormatter  # after figure(), which says what to install without it
 
         start = samples[0].time
         seconds = [s.time - start for s in samples]
-        figure = Figure(figsize=(8, 6))
-        pressure_axes, bytes_axes = figure.subplots(2, 1, sharex=True)
-        pressure_axes.plot(seconds, [s.pressure for s in samples], label=f"{self.device} pressure")
+        pressure_axes, bytes_axes = fig.subplots(2, 1, sharex=True)
+        pressure_axes.plot(seconds, [s.pressure for s in samples], label=f"{self.device} pressure", color="black")
         for name, threshold in zip(LEVELS[1:], self.thresholds):
-            pressure_axes.axhline(threshold, linestyle="--", linewidth=0.8, label=name)
+            pressure_axes.axhline(threshold, linestyle="--", linewidth=0.8, color=_LEVEL_COLORS[name],
+                                  label=f"{name} {threshold:.0%}")
+        pressure_axes.yaxis.set_major_formatter(PercentFormatter(1.0))
         pressure_axes.set_ylabel("in use / limit")
-        pressure_axes.legend(loc="upper left", fontsize="small")
+        pressure_axes.set_title(f"memory on {self.device}: {samples[-1].level} at {samples[-1].pressure:.1%}",
+                                fontsize=10)
         for key in sorted({key for s in samples for key in s.devices}):
-            points = [(t, s.devices[key].used / 2**30) for t, s in zip(seconds, samples) if key in s.devices]
-            bytes_axes.plot(*zip(*points), label=key)
-        bytes_axes.set_ylabel("used (GiB)")
+            points = [(t, s.devices[key].used / GIB) for t, s in zip(seconds, samples) if key in s.devices]
+            bytes_axes.plot(*zip(*points), label=f"{key} used")
+        if self.budget_bytes:
+            bytes_axes.plot(seconds, [s.in_use / GIB for s in samples], label=f"{self.device} in use (this process)")
+            bytes_axes.axhline(self.budget_bytes / GIB, linestyle="--", linewidth=0.8, color="black",
+                               label=f"budget {format_bytes(self.budget_bytes)}")
+        bytes_axes.set_ylabel("GiB")
         bytes_axes.set_xlabel("seconds")
-        bytes_axes.legend(loc="upper left", fontsize="small")
+        for axes in (pressure_axes, bytes_axes):
+            axes.legend(loc="upper left", fontsize="small", bbox_to_anchor=(1.0, 1.0))  # beside, not on the lines
+        if path is None:
+            return fig
         path = Path(path)
-        figure.savefig(path)
+        fig.savefig(path)
         return path
