@@ -80,3 +80,28 @@ def test_manager_is_still_the_native_class():
     assert m2.stats()["num_free_blocks"] == 3 and type(m2).__module__ == "memwarden.kv"
     with pytest.raises(AttributeError):
         m.not_an_attribute = 1  # no __dict__, like the native class
+
+
+# ---- displays -----------------------------------------------------------------------------
+
+def _cells(*cells):
+    return "".join(f'<td style="text-align:{"left" if i == 0 else "right"}">{c}</td>' for i, c in enumerate(cells))
+
+
+def test_pool_and_manager_show_their_usage_first():
+    m = kv.KVCacheManager(16, 4, num_host_blocks=4)
+    m.add_sequence(1, list(range(10)))  # 3 blocks
+    m.add_sequence(2, list(range(9)))   # its 2 full blocks are seq 1's (8 of the 19 tokens asked hit), 1 more
+    assert repr(m) == ("<KVCacheManager: 25.0% of 16 blocks of 4 tokens in use, 2 sequences, prefix hit rate 42.1%, "
+                       "host 0 of 4 blocks in use>")
+    html = m._repr_html_()
+    assert html.startswith("<div><b>KVCacheManager: 25.0% of 16 blocks in use, 2 sequences") and html.count("<table>") == 1
+    assert _cells("device", "25.0%", 4, 12, 16) in html and _cells("host", "0.0%", 0, 4, 0) in html
+    assert "prefix hits 8 of 19 tokens (42.1%)" in html and "2 prefix-cached blocks" in html
+    pool = m.device_pool
+    assert repr(pool) == "BlockPool(num_blocks=16, num_free=12, num_cached=2)"  # the binding's
+    html = pool._repr_html_()
+    assert "BlockPool: 25.0% in use (4 of 16 blocks)" in html
+    assert _cells("in use", 4) in html and _cells("free", 12) in html and _cells("prefix-cached", 2) in html
+    assert "BlockPool: n/a in use (0 of 0 blocks)" in kv.BlockPool(0)._repr_html_()
+    assert "host" not in repr(kv.KVCacheManager(4, 4)) and "host" not in kv.KVCacheManager(4, 4)._repr_html_()

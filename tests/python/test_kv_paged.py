@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from memwarden._units import format_bytes
 from memwarden.kv import KVEvictedError, PagedKVCache
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -570,3 +571,19 @@ def test_the_budget_pool_is_allocated_at_the_first_page():
     cache.add(0, x, x)
     slots = 64 * 1024 // cache.slot_bytes
     assert cache.nbytes == slots * cache.slot_bytes  # the whole budget's pool, scales included
+
+
+def test_repr_and_html_show_the_tokens_and_the_budget_first():
+    store = PagedKVCache(L, H, D, page_size=P, dtype=torch.float32, max_memory="64KiB")
+    slots = 65536 // store.slot_bytes
+    assert repr(store) == (f"<PagedKVCache 0 tokens: 0 pages resident, 0 compressed, 0 offloaded, 0 evicted; "
+                           f"device 0 B; budget 64.00 KiB (0% used); {L} layers, pages of {P} tokens, float32 on cpu>")
+    for layer in range(L):
+        store.add(layer, torch.randn(1, H, 9, D), torch.randn(1, H, 9, D))
+    page = 2 * L * P * H * D * 4  # one page of every layer, K and V, float32
+    text = repr(store)
+    assert text.startswith("<PagedKVCache 9 tokens: 3 pages resident") and len(text) < 250
+    assert f"device {format_bytes(3 * page)}" in text and f"budget 64.00 KiB ({3 / slots:.0%} used)" in text
+    html = store._repr_html_()
+    assert html.startswith(f"<div><b>KV cache: 9 tokens, {3 / slots:.0%} of the 64.00 KiB budget used</b>")
+    assert f"device: {format_bytes(3 * page)}" in html and html.count("<table>") == 1

@@ -29,6 +29,7 @@ import inspect
 
 from memwarden import _native
 from memwarden._checks import INT32_MAX, integer
+from memwarden._table import html_table
 from memwarden.kv import ops
 from memwarden.kv.ops import copy_blocks, gather_cache, gather_kv, reshape_and_cache, reshape_and_cache_flash, swap_blocks
 from memwarden.kv.paged import KVCacheStats, KVEvictedError, PagedKVCache
@@ -50,8 +51,44 @@ class KVCacheManager(_C.kv.KVCacheManager):
 
     __slots__ = ()
 
+    def __repr__(self) -> str:
+        s = self.stats()
+        host = (f", host {s['num_host_blocks'] - s['num_free_host_blocks']} of {s['num_host_blocks']} blocks in use"
+                if s["num_host_blocks"] else "")
+        return (f"<KVCacheManager: {s['usage']:.1%} of {s['num_blocks']} blocks of {self.block_size} tokens in use, "
+                f"{len(self.sequence_ids())} sequences, prefix hit rate {s['prefix_hit_rate']:.1%}{host}>")
+
+    def _repr_html_(self) -> str:
+        s = self.stats()
+        pools = [("device", s["num_blocks"], s["num_free_blocks"])]
+        if s["num_host_blocks"]:
+            pools.append(("host", s["num_host_blocks"], s["num_free_host_blocks"]))
+        rows = [[name, _share(total - free, total), total - free, free, (total - free) * self.block_size]
+                for name, total, free in pools]
+        footer = [f"{s['num_cached_blocks']} prefix-cached blocks; prefix hits {s['prefix_hit_tokens']} of "
+                  f"{s['prefix_query_tokens']} tokens ({s['prefix_hit_rate']:.1%}), {s['num_evictions']} evictions",
+                  f"{s['num_cow_copies']} copy-on-write copies, {s['num_swapped_out']} swapped out, "
+                  f"{s['num_swapped_in']} swapped in"]
+        return html_table(f"KVCacheManager: {s['usage']:.1%} of {s['num_blocks']} blocks in use, "
+                          f"{len(self.sequence_ids())} sequences, blocks of {self.block_size} tokens",
+                          ["pool", "usage", "blocks in use", "blocks free", "token slots in use"], rows, footer)
+
 
 KVCacheManager.__module__ = __name__
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"  # a pool may have no blocks
+
+
+def _block_pool_html(pool) -> str:
+    used = pool.num_blocks - pool.num_free
+    return html_table(f"BlockPool: {_share(used, pool.num_blocks)} in use ({used} of {pool.num_blocks} blocks)",
+                      ["blocks", "count"], [["in use", used], ["free", pool.num_free], ["prefix-cached", pool.num_cached]],
+                      [f"{pool.num_evictions} cached blocks evicted for reuse"])
+
+
+BlockPool._repr_html_ = _block_pool_html  # its repr is the binding's
 
 
 # ---- argument checks -------------------------------------------------------------------

@@ -93,18 +93,19 @@ class KVCacheStats:
         states = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.bytes_by_state.items())
         budget = "no budget" if self.budget_bytes is None else (
             f"budget {format_bytes(self.budget_bytes)} ({self.budget_used:.0%} used)")
-        return (f"{self.tokens} tokens: {self.pages_resident} pages resident, {self.pages_compressed} compressed, "
-                f"{self.pages_offloaded} offloaded, {self.pages_evicted} evicted; {states}; {budget}")
+        pages = (f"{self.tokens} tokens: {self.pages_resident} pages resident, {self.pages_compressed} compressed, "
+                 f"{self.pages_offloaded} offloaded, {self.pages_evicted} evicted")
+        return "; ".join(part for part in (pages, states, budget) if part)  # no bytes before the first page
 
     def _repr_html_(self) -> str:
         rows = [["resident (full precision)", self.pages_resident], ["compressed (INT8)", self.pages_compressed],
                 ["offloaded", self.pages_offloaded], ["evicted", self.pages_evicted]]
         footer = [f"{tier}: {format_bytes(n)}" for tier, n in self.bytes_by_state.items()]
-        if self.budget_bytes is not None:
-            footer.append(f"budget {format_bytes(self.budget_bytes)}, {self.budget_used:.0%} used")
         footer.append(f"page reads {self.reads}, {self.offload_hit_rate:.0%} from host or disk; "
                       f"largest INT8 error {self.compression_error:.2%} of absmax; {self.tokens_removed} tokens pruned")
-        return html_table(f"KV cache: {self.tokens} tokens", ["pages", "count"], rows, footer)
+        budget = "" if self.budget_bytes is None else (
+            f", {self.budget_used:.0%} of the {format_bytes(self.budget_bytes)} budget used")
+        return html_table(f"KV cache: {self.tokens} tokens{budget}", ["pages", "count"], rows, footer)
 
 
 def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -847,3 +848,10 @@ class PagedKVCache:
         """Bytes of storage held on the device: under a budget the pool, allocated in full at
         the first page (0 before)."""
         return self._tiers[_DEVICE].nbytes
+
+    def __repr__(self) -> str:
+        return (f"<PagedKVCache {self.stats()}; {self.num_layers} layers, pages of {self.page_size} tokens, "
+                f"{str(self.dtype).removeprefix('torch.')} on {self.device}>")
+
+    def _repr_html_(self) -> str:
+        return self.stats()._repr_html_()
