@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
+from memwarden._units import format_bytes  # noqa: E402
 from memwarden.kv import PagedCache, PagedKVCache  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -427,6 +428,76 @@ def test_stats_before_first_forward_reports_bytes():
     assert PagedCache(model.config, max_memory="64KiB").stats().budget_bytes == 65536
 
 
+# ---------------------------------------------------------------- displays and the budget's history
+def test_history_shows_pages_compressed_then_offloaded_under_the_budget():
+    model = tiny_model("llama")
+    ids = prompt(1, 16, seed=7)  # 2 pages of 8
+    budget = 5 * slot_bytes(model, 8)  # 5 fp pages: 128 tokens (16 pages) need INT8 pages, then the host
+    cache = PagedCache(model.config, page_size=8, max_memory=budget, offload="host", history=100)
+    generate(model, cache, ids, new=112)
+    steps = cache.history
+    assert len(steps) == 100 and [s.step for s in steps] == list(range(12, 112))  # the 112 forwards' last 100
+    assert [s.tokens for s in steps] == list(range(28, 128))  # the prompt's 16, then one a step
+    final, stats = steps[-1], cache.stats()
+    assert (final.pages_resident, final.pages_compressed, final.pages_offloaded, final.pages_evicted) == (
+        stats.pages_resident, stats.pages_compressed, stats.pages_offloaded, stats.pages_evicted)
+    store = cache.store
+    assert final.bytes_resident == stats.pages_resident * store.page_bytes("fp")
+    assert final.bytes_compressed == stats.pages_compressed * store.page_bytes("q")
+    assert final.bytes_offloaded == stats.bytes_by_state["host"]
+    first_compressed = next(s.step for s in steps if s.pages_compressed)
+    first_offloaded = next(s.step for s in steps if s.pages_offloaded)
+    assert first_compressed < first_offloaded  # INT8 first, then the host
+    assert all(s.bytes_resident + s.bytes_compressed <= budget for s in steps)
+    assert steps[0].pages_offloaded == 0 < final.pages_offloaded
+
+    fresh = PagedCache(model.config, page_size=8, max_memory=budget, offload="host")
+    generate(model, fresh, ids, new=4)
+    assert [s.step for s in fresh.history] == [0, 1, 2, 3] and fresh.history[0].tokens == 16
+    fresh.reset()
+    assert fresh.history == []
+
+
+def test_plot_stacks_the_page_bytes_under_the_budget_line():
+    pytest.importorskip("matplotlib")
+    import io
+
+    model = tiny_model("llama")
+    budget = 5 * slot_bytes(model, 8)
+    cache = PagedCache(model.config, page_size=8, max_memory=budget, offload="host")
+    generate(model, cache, prompt(1, 16, seed=7), new=112)
+    steps = cache.history
+    fig = cache.plot()
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "KiB"
+    resident, compressed, offloaded = ax.collections  # the stacked areas, bottom up
+    tops = {"resident": [], "compressed": [], "offloaded": []}
+    for s in steps:
+        tops["resident"].append(s.bytes_resident / 1024)
+        tops["compressed"].append(tops["resident"][-1] + s.bytes_compressed / 1024)
+        tops["offloaded"].append(tops["compressed"][-1] + s.bytes_offloaded / 1024)
+    for area, name in ((resident, "resident"), (compressed, "compressed"), (offloaded, "offloaded")):
+        edge = {(round(x, 6), round(y, 6)) for x, y in area.get_paths()[0].vertices}
+        assert {(s.step, round(top, 6)) for s, top in zip(steps, tops[name])} <= edge, name
+    (line,) = ax.get_lines()
+    assert line.get_label() == f"budget {format_bytes(budget)}" and list(line.get_ydata()) == [budget / 1024] * 2
+    assert f"{steps[-1].tokens} tokens at step {steps[-1].step}" in ax.get_title()
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_repr_and_html_show_the_stats():
+    model = tiny_model("llama")
+    cache = PagedCache(model.config, page_size=8, max_memory=5 * slot_bytes(model, 8), offload="host")
+    assert repr(cache).startswith("<PagedCache 0 tokens: 0 pages resident") and "(0% used)" in repr(cache)
+    generate(model, cache, prompt(1, 16, seed=7), new=40)
+    stats = cache.stats()
+    assert repr(cache) == f"<PagedCache {stats}; 2 of 2 layers paged, kv_dtype 'auto', offload 'host'>"
+    html = cache._repr_html_()
+    assert html == stats._repr_html_() and html.count("<table>") == 1
+    assert f"KV cache: {stats.tokens} tokens, {stats.budget_used:.0%} of the" in html
+    assert f"device: {format_bytes(stats.bytes_by_state['device'])}" in html
+
+
 # ---------------------------------------------------------------- bad arguments
 def test_bad_arguments():
     model = tiny_model("llama")
@@ -444,3 +515,5 @@ def test_bad_arguments():
         with pytest.raises(TypeError, match="config"):
             PagedCache(bad)
     assert PagedCache(model.config).stats().tokens == 0
+    with pytest.raises(ValueError, match="PagedCache: history must be a positive integer"):
+        PagedCache(model.config, history=0)

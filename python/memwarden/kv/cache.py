@@ -20,20 +20,23 @@ give memory back.
 May import: transformers (here and in :mod:`memwarden.kv.attention`, nowhere else in
 memwarden, and only when these modules are imported), torch, :mod:`memwarden.kv.attention`, :mod:`memwarden.kv.ops`, :mod:`memwarden.alloc`,
 :mod:`memwarden.quant`, and the bottom layers (``_native``, ``_units``, ``_devices``,
-``_table``). Never controller, serve, testing or cli.
+``_table``, ``_checks``, ``_plot``). Never controller, serve, testing or cli.
 """
 from __future__ import annotations
 
+import collections
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from memwarden._units import parse_bytes
+from memwarden._checks import integer
+from memwarden._units import format_bytes, parse_bytes
 from memwarden.kv.attention import ATTENTION_NAME, paged_states
 from memwarden.kv.paged import KV_DTYPES, KVCacheStats, PagedKVCache
 
-__all__ = ["PagedCache", "PagedLayer", "PRUNE_MODES"]
+__all__ = ["CacheStep", "PagedCache", "PagedLayer", "PRUNE_MODES"]
 
 PRUNE_MODES = (None, "streaming")
 
@@ -135,6 +138,24 @@ class PagedLayer(CacheLayerMixin):
         pass
 
 
+@dataclass(frozen=True)
+class CacheStep:
+    """A :class:`PagedCache`'s pages at the end of one forward step (after pruning and the
+    budget): counts as :class:`~memwarden.kv.paged.KVCacheStats` has them, and the bytes
+    the pages of each state take (every layer and sequence, K and V, INT8 scales included;
+    offloaded: on host memory or disk)."""
+
+    step: int                 # 0 is the first forward (the prompt)
+    tokens: int
+    pages_resident: int
+    pages_compressed: int
+    pages_offloaded: int
+    pages_evicted: int
+    bytes_resident: int
+    bytes_compressed: int
+    bytes_offloaded: int
+
+
 class PagedCache(Cache):
     """A transformers ``Cache`` whose full-attention layers keep their K/V in pages
     inside ``max_memory`` (see :class:`~memwarden.kv.paged.PagedKVCache` for the policy)::
@@ -150,12 +171,14 @@ class PagedCache(Cache):
     ``"never"``/``"host"``/``"host+disk"``/``"evict"`` (an evicting cache lets the model
     attend to what is left, like StreamingLLM, instead of raising); ``prune`` ``None`` or
     ``"streaming"`` (keep ``sinks`` first and ``window`` newest tokens after each step).
+    :attr:`history` keeps the pages of the last ``history`` steps (:class:`CacheStep`),
+    which :meth:`plot` draws against the budget.
     """
 
     def __init__(self, config, *, max_memory=None, kv_dtype: str = "auto", compress: str = "pressure",
                  residual_length: int = 0, offload: str = "never", prune: Optional[str] = None, sinks: int = 4,
                  window: int = 1024, page_size: int = 16, threshold: float = 0.9, host_memory=None,
-                 disk_dir: Optional[str] = None):
+                 disk_dir: Optional[str] = None, history: int = 1024):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"PagedCache: config must be a transformers PretrainedConfig (model.config), "
                             f"got {type(config).__name__}")
@@ -185,6 +208,9 @@ class PagedCache(Cache):
         self.prune, self.sinks, self.window = prune, sinks, window
         self.store: Optional[PagedKVCache] = None
         self._step_pending = False
+        self._history: collections.deque[CacheStep] = collections.deque(
+            maxlen=integer(history, "history", where="PagedCache: "))
+        self._steps_ended = 0
         if not self._paged:
             return
         # Check the options now (a bad budget or mode fails here, not in the first forward);
@@ -213,18 +239,72 @@ class PagedCache(Cache):
         if self.prune == "streaming":
             self.store.prune_streaming(self.sinks, self.window)
         self.store.enforce_budget()
+        self._record_step()
+
+    def _record_step(self) -> None:
+        """Append the pages as the step leaves them (the store's stats) to :attr:`history`."""
+        store, stats = self.store, self.store.stats()
+        self._history.append(CacheStep(
+            self._steps_ended, stats.tokens, stats.pages_resident, stats.pages_compressed, stats.pages_offloaded,
+            stats.pages_evicted, stats.pages_resident * store.page_bytes("fp") * store.batch_size,
+            stats.pages_compressed * store.page_bytes("q") * store.batch_size,
+            sum(n for tier, n in stats.bytes_by_state.items() if tier != "device")))
+        self._steps_ended += 1
 
     def stats(self) -> KVCacheStats:
         """The paged store's statistics (all zeros before the first forward)."""
         self._end_step()
         if self.store is None:
-            return KVCacheStats(0, 0, 0, 0, 0, budget_bytes=self._options["max_memory"])
+            budget = self._options["max_memory"]
+            return KVCacheStats(0, 0, 0, 0, 0, budget_bytes=budget, budget_used=None if budget is None else 0.0)
         return self.store.stats()
+
+    @property
+    def history(self) -> list[CacheStep]:
+        """The pages at the end of each of the last ``history`` steps, oldest first."""
+        self._end_step()
+        return list(self._history)
+
+    def __repr__(self) -> str:
+        return (f"<PagedCache {self.stats()}; {len(self._paged)} of {len(self.layers)} layers paged, "
+                f"kv_dtype {self._options['kv_dtype']!r}, offload {self._options['offload']!r}>")
+
+    def _repr_html_(self) -> str:
+        return self.stats()._repr_html_()
+
+    def plot(self):
+        """A matplotlib Figure of :attr:`history`: the bytes of the resident, compressed
+        (INT8) and offloaded pages at each step as stacked areas, and the budget."""
+        from memwarden._plot import figure
+
+        steps = self.history
+        budget = self._options["max_memory"]
+        # one unit for the axis, the one format_bytes picks for the largest figure drawn
+        unit = format_bytes(max([budget or 0] + [s.bytes_resident + s.bytes_compressed + s.bytes_offloaded
+                                                 for s in steps])).split()[-1]
+        scale = parse_bytes(f"1 {unit}")
+        fig = figure(8, 3.5)
+        ax = fig.add_subplot()
+        x = [s.step for s in steps]
+        ax.stackplot(x, *([getattr(s, f"bytes_{state}") / scale for s in steps]
+                          for state in ("resident", "compressed", "offloaded")),
+                     labels=["resident (full precision)", "compressed (INT8)", "offloaded (host or disk)"],
+                     colors=["#3b7dd8", "#6bbf59", "#e8a33d"])
+        if budget is not None:
+            ax.axhline(budget / scale, color="black", linestyle="--", linewidth=1, label=f"budget {format_bytes(budget)}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(unit)
+        last = f"{steps[-1].tokens} tokens at step {steps[-1].step}" if steps else "no steps yet"
+        ax.set_title(f"KV cache pages over the generation: {last}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the areas, not on them
+        return fig
 
     # The shared store first, then transformers' own layers.
     def reset(self) -> None:
         self.store = None  # built again at the next update, for that batch
         self._step_pending = False
+        self._history.clear()  # a new batch: a new generation
+        self._steps_ended = 0
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
