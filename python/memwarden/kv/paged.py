@@ -36,6 +36,7 @@ May import: torch, :mod:`memwarden.kv.ops` and the bottom layers. Never transfor
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import tempfile
@@ -825,19 +826,19 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> KVCacheStats:
-        counts = {"fp": 0, "q": 0, "off": 0}
-        for page in self._pages:
-            if not page.evicted:
-                counts["off" if page.tier != _DEVICE else page.kind] += 1
+        """The pages and their bytes now: one pass over the pages, cheap enough to take at
+        every step (:class:`~memwarden.kv.cache.PagedCache` keeps a history of them)."""
+        census = collections.Counter((p.tier, p.kind) for p in self._pages if not p.evicted)
         by_state = {}
         for name, where in zip(_TIER_NAMES, (_DEVICE, _HOST, _DISK)):
-            pages = [p for p in self._pages if p.tier == where and not p.evicted]
-            if pages or where == _DEVICE:
-                by_state[name] = sum(self.page_bytes(p.kind) * self.batch_size for p in pages)
+            kinds = {kind: n for (tier, kind), n in census.items() if tier == where}
+            if kinds or where == _DEVICE:
+                by_state[name] = sum(n * self.page_bytes(kind) * self.batch_size for kind, n in kinds.items())
         device = self._tiers[_DEVICE]
         return KVCacheStats(
-            tokens=len(self), pages_resident=counts["fp"], pages_compressed=counts["q"],
-            pages_offloaded=counts["off"], pages_evicted=self._evicted, bytes_by_state=by_state,
+            tokens=len(self), pages_resident=census[_DEVICE, "fp"], pages_compressed=census[_DEVICE, "q"],
+            pages_offloaded=sum(n for (tier, _), n in census.items() if tier != _DEVICE),
+            pages_evicted=self._evicted, bytes_by_state=by_state,
             budget_bytes=self.max_memory,
             budget_used=None if self.max_memory is None else device.used_slots / max(device.slots, 1),
             offloaded_reads=self._offloaded_reads, reads=self._reads, compression_error=self._compression_error,
