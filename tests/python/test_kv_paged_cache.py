@@ -456,6 +456,9 @@ def test_history_shows_pages_compressed_then_offloaded_under_the_budget():
     assert [s.step for s in fresh.history] == [0, 1, 2, 3] and fresh.history[0].tokens == 16
     fresh.reset()
     assert fresh.history == []
+    untracked = PagedCache(model.config, page_size=8, history=0)
+    generate(model, untracked, ids, new=2)
+    assert untracked.history == [] and untracked.stats().tokens == 16 + 2 - 1
 
 
 def test_plot_stacks_the_page_bytes_under_the_budget_line():
@@ -515,5 +518,5 @@ def test_bad_arguments():
         with pytest.raises(TypeError, match="config"):
             PagedCache(bad)
     assert PagedCache(model.config).stats().tokens == 0
-    with pytest.raises(ValueError, match="PagedCache: history must be a positive integer"):
-        PagedCache(model.config, history=0)
+    with pytest.raises(ValueError, match="PagedCache: history must be"):
+        PagedCache(model.config, history=-1)

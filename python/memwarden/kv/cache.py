@@ -172,7 +172,7 @@ class PagedCache(Cache):
     attend to what is left, like StreamingLLM, instead of raising); ``prune`` ``None`` or
     ``"streaming"`` (keep ``sinks`` first and ``window`` newest tokens after each step).
     :attr:`history` keeps the pages of the last ``history`` steps (:class:`CacheStep`),
-    which :meth:`plot` draws against the budget.
+    which :meth:`plot` draws against the budget (0: none kept, nothing spent on it).
     """
 
     def __init__(self, config, *, max_memory=None, kv_dtype: str = "auto", compress: str = "pressure",
@@ -209,7 +209,7 @@ class PagedCache(Cache):
         self.store: Optional[PagedKVCache] = None
         self._step_pending = False
         self._history: collections.deque[CacheStep] = collections.deque(
-            maxlen=integer(history, "history", where="PagedCache: "))
+            maxlen=integer(history, "history", minimum=0, where="PagedCache: "))
         self._steps_ended = 0
         if not self._paged:
             return
@@ -243,13 +243,15 @@ class PagedCache(Cache):
 
     def _record_step(self) -> None:
         """Append the pages as the step leaves them (the store's stats) to :attr:`history`."""
+        self._steps_ended += 1
+        if not self._history.maxlen:  # history=0: not even the stats pass
+            return
         store, stats = self.store, self.store.stats()
         self._history.append(CacheStep(
-            self._steps_ended, stats.tokens, stats.pages_resident, stats.pages_compressed, stats.pages_offloaded,
+            self._steps_ended - 1, stats.tokens, stats.pages_resident, stats.pages_compressed, stats.pages_offloaded,
             stats.pages_evicted, stats.pages_resident * store.page_bytes("fp") * store.batch_size,
             stats.pages_compressed * store.page_bytes("q") * store.batch_size,
             sum(n for tier, n in stats.bytes_by_state.items() if tier != "device")))
-        self._steps_ended += 1
 
     def stats(self) -> KVCacheStats:
         """The paged store's statistics (all zeros before the first forward)."""

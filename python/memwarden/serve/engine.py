@@ -117,7 +117,7 @@ class Engine:
             bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()))
         with self._slots, torch.no_grad():
             # no budget of its own (admission keeps the pool's), so never compressed under pressure
-            cache = PagedCache(self.model.config, kv_dtype=self.kv_dtype,
+            cache = PagedCache(self.model.config, kv_dtype=self.kv_dtype, history=0,
                                compress="never" if self.kv_dtype == "auto" else "always")
             context = list(prompt) + list(output)
             with self._prefill:
