@@ -230,3 +230,17 @@ def test_threads_attend_at_once():
             t.join()
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_the_mask_memo_keeps_no_mask_alive():
+    # a server's idle threads would otherwise each hold their last prompt's mask
+    import weakref
+
+    from memwarden.kv import attention
+
+    mask = attention._causal_mask(6, 6, "cpu")
+    assert attention._kv_start(mask, 6, 6) is not False
+    assert attention._kv_start(mask, 6, 6) is attention._mask_memo.kv_start  # memoised while alive
+    ref = weakref.ref(mask)
+    del mask
+    assert ref() is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -93,7 +94,8 @@ def paged_states(store: PagedKVCache, layer: int, fresh=None) -> tuple[PagedStat
 
 
 # (mask, kv_start) of this thread's last call: a model passes every layer the same mask.
-# Per thread, since models may run in several threads at once (a server's requests).
+# Per thread, since models may run in several threads at once (a server's requests); the
+# mask only weakly, or each idle thread would keep its last prompt's mask alive.
 _mask_memo = threading.local()
 
 
@@ -112,7 +114,7 @@ def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
     q_len, kv_len]``) is exactly causal with left padding, else False; None for no mask."""
     if mask is None:
         return None
-    if getattr(_mask_memo, "mask", None) is mask:
+    if getattr(_mask_memo, "mask", lambda: None)() is mask:
         return _mask_memo.kv_start
     result = False
     if mask.dtype == torch.bool and mask.dim() == 4 and tuple(mask.shape[-2:]) == (q_len, kv_len):
@@ -121,7 +123,7 @@ def _kv_start(mask: Optional[torch.Tensor], q_len: int, kv_len: int):
         start = torch.where(last_row.any(-1), last_row.int().argmax(-1), kv_len)
         if torch.equal(mask, _causal_mask(q_len, kv_len, mask.device, start).expand_as(mask)):
             result = start
-    _mask_memo.mask, _mask_memo.kv_start = mask, result
+    _mask_memo.mask, _mask_memo.kv_start = weakref.ref(mask), result
     return result
 
 
