@@ -520,3 +520,25 @@ def test_bad_arguments():
     assert PagedCache(model.config).stats().tokens == 0
     with pytest.raises(ValueError, match="PagedCache: history must be"):
         PagedCache(model.config, history=-1)
+
+
+@pytest.mark.parametrize("offload", ["never", "host"])
+def test_a_dropped_cache_frees_its_pages_at_once(offload):
+    # no reference cycle: its pages go back when the last reference goes, not at the next
+    # garbage collection (a server under a memory limit cannot wait for that)
+    import gc
+
+    import memwarden.alloc as alloc
+
+    model = tiny_model("llama")
+    with alloc.use("cpu"):
+        before = alloc.memory_allocated("cpu")
+        gc.disable()
+        try:
+            cache = PagedCache(model.config, page_size=8, max_memory="48KiB", offload=offload)
+            generate(model, cache, prompt(), new=40)
+            assert cache.stats().tokens > 40 and alloc.memory_allocated("cpu") > before
+            del cache
+            assert alloc.memory_allocated("cpu") == before
+        finally:
+            gc.enable()

@@ -25,6 +25,7 @@ memwarden, and only when these modules are imported), torch, :mod:`memwarden.kv.
 from __future__ import annotations
 
 import collections
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,7 +65,8 @@ class PagedLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, cache: "PagedCache", store_index: int):
-        self._cache, self.store_index = cache, store_index
+        # weakly: the cache owns its layers, and a cycle would keep its pages until gc runs
+        self._cache, self.store_index = weakref.proxy(cache), store_index
         super().__init__()
 
     # Read from the pages on access (CacheLayerMixin.__init__ assigns None).

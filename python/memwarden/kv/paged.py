@@ -40,6 +40,7 @@ import collections
 import math
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -129,7 +130,7 @@ class _Tier:
     each also seen as ``per_slot`` INT8 pages with float32 scales."""
 
     def __init__(self, cache: "PagedKVCache", where: int, slots: int):
-        self.cache, self.where = cache, where
+        self.cache, self.where = weakref.proxy(cache), where  # the cache owns its tiers: no cycle to wait for gc
         self.per_slot = cache.dtype.itemsize  # INT8 pages per full-precision slot
         self.fp = self.q = self.scale = None  # allocated at the first page: a configured cache costs nothing
         self.slots = slots
