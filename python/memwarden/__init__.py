@@ -21,7 +21,7 @@ __all__ = ["__version__", "load_ops"]
 
 # Submodules imported on first attribute access (PEP 562).
 _LAZY_SUBMODULES = frozenset({"alloc", "controller", "estimate", "footprint", "kv", "models", "plan", "quant",
-                              "serve", "testing"})
+                              "serve", "testing", "top"})
 
 
 def __getattr__(name: str) -> Any:

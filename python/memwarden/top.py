@@ -45,10 +45,10 @@ MiB = 2**20
 HTTP_TIMEOUT = 2.0  # seconds: a server slower than this shows as unreachable instead of freezing the view
 QUIT_KEYS = (b"q", b"Q")
 # the /memory_stats keys the server panel shows; a reply without them is not memwarden's
-SERVER_KEYS = ("active_sessions", "total_kv_mb", "kv_budget_mb", "kv_reserved_mb", "kv_cache_usage_perc",
-               "pressure_level", "num_requests_running", "num_requests_waiting", "session_details",
-               "rejected_count", "rejections_by_reason", "routed_count", "degraded_count", "completed_count",
-               "admission_policy")
+SERVER_KEYS = ("active_sessions", "total_kv_mb", "kv_budget_mb", "kv_used_mb", "kv_reserved_mb",
+               "kv_cache_usage_perc", "pressure_level", "num_requests_running", "num_requests_waiting",
+               "session_details", "rejected_count", "rejections_by_reason", "routed_count", "degraded_count",
+               "completed_count", "preempted_count", "cut_short_count", "admission_policy")
 
 Section = tuple  # (title, header, rows, footer): the arguments of memwarden._table.format_table
 
@@ -198,8 +198,9 @@ def _server_sections(server, url: str, session_limit: int) -> list[Section]:
         return [(title, (), [], [server])]
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(server["rejections_by_reason"].items()))
     summary = [
-        ["KV reserved / budget", f"{_mib(server['kv_reserved_mb'])} / {_mib(server['kv_budget_mb'])} "
-                                 f"({_percent(server['kv_cache_usage_perc'])})"],
+        ["KV in use / budget", f"{_mib(server['kv_used_mb'])} / {_mib(server['kv_budget_mb'])} "
+                               f"({_percent(server['kv_cache_usage_perc'])})"],
+        ["KV reserved", _mib(server["kv_reserved_mb"])],
         ["KV held by sessions", _mib(server["total_kv_mb"])],
         ["pressure level", server["pressure_level"]],
         ["requests running / waiting", f"{server['num_requests_running']} / {server['num_requests_waiting']}"],
@@ -208,6 +209,8 @@ def _server_sections(server, url: str, session_limit: int) -> list[Section]:
         ["rejected", str(server["rejected_count"])],
         ["routed", str(server["routed_count"])],
         ["degraded", str(server["degraded_count"])],
+        ["preempted", str(server["preempted_count"])],
+        ["cut short", str(server["cut_short_count"])],
         ["rejections by reason", reasons or "none"],
         ["active sessions", str(server["active_sessions"])],
     ]

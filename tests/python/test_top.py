@@ -84,9 +84,10 @@ def test_once_shows_the_numbers_of_memory_stats(capsys):
 
     assert stats["completed_count"] == 2 and stats["rejected_count"] == 1
     served = section(out, f"memwarden serve at {base}")
-    assert value(served, "KV reserved / budget") == (f"{megabytes(stats['kv_reserved_mb'])} / "
-                                                     f"{megabytes(stats['kv_budget_mb'])} "
-                                                     f"({stats['kv_cache_usage_perc']:.1%})")
+    assert value(served, "KV in use / budget") == (f"{megabytes(stats['kv_used_mb'])} / "
+                                                   f"{megabytes(stats['kv_budget_mb'])} "
+                                                   f"({stats['kv_cache_usage_perc']:.1%})")
+    assert value(served, "KV reserved") == megabytes(stats["kv_reserved_mb"])
     assert value(served, "KV held by sessions") == megabytes(stats["total_kv_mb"])
     assert value(served, "pressure level") == stats["pressure_level"]
     assert value(served, "requests running / waiting") == (f"{stats['num_requests_running']} / "
@@ -94,6 +95,7 @@ def test_once_shows_the_numbers_of_memory_stats(capsys):
     assert value(served, "admission policy") == stats["admission_policy"] == "reserve"
     for label, key in [("completed", "completed_count"), ("rejected", "rejected_count"),
                        ("routed", "routed_count"), ("degraded", "degraded_count"),
+                       ("preempted", "preempted_count"), ("cut short", "cut_short_count"),
                        ("active sessions", "active_sessions")]:
         assert value(served, label) == str(stats[key]), label
     assert value(served, "rejections by reason") == "session_limit 1" and stats["rejections_by_reason"] == {
@@ -167,11 +169,12 @@ def hand_made_reading(**server_fields) -> top.Reading:
         return {"kv_bytes": kv_bytes, "kv_mb": kv_bytes / MiB, "requests": 1, "tokens_in": 4, "tokens_out": 2,
                 "in_flight": 1, "created": 0.0, "last_used": 0.0, "idle_seconds": idle}
 
-    server = {"active_sessions": 4, "total_kv_mb": 0.5, "kv_budget_mb": 2.0, "kv_reserved_mb": 1.0,
+    server = {"active_sessions": 4, "total_kv_mb": 0.5, "kv_budget_mb": 2.0, "kv_used_mb": 1.0, "kv_reserved_mb": 1.5,
               "kv_cache_usage_perc": 0.5, "pressure_level": "warning", "num_requests_running": 3,
               "num_requests_waiting": 1, "rejected_count": 2, "rejections_by_reason": {"pool_full": 1,
                                                                                         "global_limit": 1},
-              "routed_count": 0, "degraded_count": 5, "completed_count": 9, "admission_policy": "memwarden",
+              "routed_count": 0, "degraded_count": 5, "completed_count": 9, "preempted_count": 2,
+              "cut_short_count": 0, "admission_policy": "memwarden",
               "session_details": {"small": session(1024, 1), "big": session(4096, 9),
                                   "tie-old": session(2048, 30), "tie-new": session(2048, 2)},
               **server_fields}
@@ -190,7 +193,8 @@ def test_sections_rank_sessions_by_kv_and_keep_gpus_first():
     assert devices[2][0][1:] == ["1.00 MiB", "8.00 MiB", "12.5%", "1.00 MiB", "512.00 KiB", "1.00 MiB", "25.0%"]
     assert devices[2][1][5:] == ["n/a", "n/a", "n/a"]
     assert pools[2] == [["cpu", "no", "0 B", "0 B", "512 B", "none", "0", "0.000"]]
-    assert dict(summary[2])["KV reserved / budget"] == "1.00 MiB / 2.00 MiB (50.0%)"
+    assert dict(summary[2])["KV in use / budget"] == "1.00 MiB / 2.00 MiB (50.0%)"
+    assert dict(summary[2])["KV reserved"] == "1.50 MiB"
     assert dict(summary[2])["rejections by reason"] == "global_limit 1, pool_full 1"
     assert sessions[0] == "sessions (top 3 by KV)"
     assert [row[0] for row in sessions[2]] == ["big", "tie-new", "tie-old"]  # equal KV: most recent first

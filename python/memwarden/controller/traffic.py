@@ -305,6 +305,7 @@ class TrafficController:
             "active_sessions": sessions["active_sessions"],
             "total_kv_mb": sessions["total_kv_mb"],
             "kv_budget_mb": self.budget_bytes / 2**20,
+            "kv_used_mb": self.admission.used_bytes / 2**20,
             "kv_reserved_mb": self.admission.reserved_bytes / 2**20,
             "kv_cache_usage_perc": self.pressure(),
             "pressure_level": self.degradation.level.label,
