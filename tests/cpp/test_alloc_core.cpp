@@ -605,6 +605,127 @@ TEST(AllocContext, RecorderAttachesToLiveBlocks) {
   a.deallocate(q);
 }
 
+TEST(AllocTraceRing, GrowsThenOverwritesTheOldest) {
+  auto entry = [](std::uintptr_t addr) {
+    TraceEntry e;
+    e.addr = addr;
+    return e;
+  };
+  TraceRing ring(3);
+  for (std::uintptr_t addr = 1; addr <= 5; ++addr) ring.push(entry(addr));
+  ASSERT_EQ(ring.size(), 3u);
+  std::vector<std::uintptr_t> kept;
+  for (const auto& e : ring.entries()) kept.push_back(e.addr);
+  EXPECT_EQ(kept, (std::vector<std::uintptr_t>{3, 4, 5}));  // the newest, oldest first
+  ring.set_max_entries(2);                                    // shrinking keeps the newest
+  kept.clear();
+  for (const auto& e : ring.entries()) kept.push_back(e.addr);
+  EXPECT_EQ(kept, (std::vector<std::uintptr_t>{4, 5}));
+  ring.push(entry(6));
+  EXPECT_EQ(ring.entries().front().addr, 5u);
+  EXPECT_EQ(ring.entries().back().addr, 6u);
+  EXPECT_THROW(ring.set_max_entries(0), std::invalid_argument);
+  EXPECT_THROW(TraceRing{0}, std::invalid_argument);
+  ring.clear();
+  EXPECT_TRUE(ring.entries().empty());
+  EXPECT_EQ(std::string(action_name(TraceAction::kFreeRequested)), "free_requested");
+  EXPECT_EQ(std::string(action_name(TraceAction::kSegmentFree)), "segment_free");
+}
+
+// "action addr size" of each trace entry, addresses as offsets from base.
+std::vector<std::string> trace_lines(const CachingAllocator& a, void* base) {
+  std::vector<std::string> lines;
+  for (const auto& e : a.trace()) {
+    const std::string addr = e.action == TraceAction::kOom ? "-" : std::to_string(e.addr - U(base));
+    lines.push_back(std::string(action_name(e.action)) + " " + addr + " " + std::to_string(e.size));
+  }
+  return lines;
+}
+
+TEST(AllocTrace, NothingRecordedWhileDisabled) {
+  CachingAllocator a(std::make_shared<TestBackend>());
+  a.deallocate(a.allocate(100));
+  a.empty_cache();
+  EXPECT_TRUE(a.trace().empty());
+  a.record_trace(true);
+  a.record_trace(false);  // disabled again before anything happened
+  a.deallocate(a.allocate(100));
+  EXPECT_TRUE(a.trace().empty());
+}
+
+TEST(AllocTrace, ActionsInOrderWithSizesAndStacks) {
+  CachingAllocator a(std::make_shared<TestBackend>());
+  a.set_context_recorder([] { return Context(std::make_shared<std::vector<Frame>>(1, Frame{"f.py", "fn", 7})); });
+  a.record_trace(true);
+  void* p = a.allocate(100);   // a new small segment, then the block at its start
+  void* q = a.allocate(5000);  // right after p's 512 B
+  a.deallocate(p);
+  a.deallocate(q);
+  a.empty_cache();
+  a.record_trace(false);
+  a.allocate(100);  // not recorded
+  EXPECT_EQ(trace_lines(a, p),
+            (std::vector<std::string>{"segment_alloc 0 " + std::to_string(2 * MiB), "alloc 0 100", "alloc 512 5000",
+                                      "free_requested 0 100", "free_completed 0 100", "free_requested 512 5000",
+                                      "free_completed 512 5000", "segment_free 0 " + std::to_string(2 * MiB)}));
+  const auto entries = a.trace();
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    if (i > 0) {
+      EXPECT_GE(entries[i].time_us, entries[i - 1].time_us);
+    }
+    const bool has_stack = entries[i].action != TraceAction::kSegmentFree;  // frees carry the allocating stack
+    ASSERT_EQ(bool(entries[i].context), has_stack) << i;
+    if (has_stack) {
+      EXPECT_EQ(entries[i].context->at(0).line, 7);
+    }
+  }
+  a.record_trace(true, TraceRing::kUnbounded, /*clear=*/true);
+  EXPECT_TRUE(a.trace().empty());
+  a.record_trace(false);
+}
+
+TEST(AllocTrace, RingKeepsTheNewestEntries) {
+  CachingAllocator a(std::make_shared<TestBackend>());
+  void* warm = a.allocate(100);  // the segment exists before the trace starts
+  a.record_trace(true, 4);
+  std::vector<void*> blocks;
+  for (int i = 0; i < 5; ++i) blocks.push_back(a.allocate(100));
+  EXPECT_EQ(trace_lines(a, warm), (std::vector<std::string>{"alloc 1024 100", "alloc 1536 100", "alloc 2048 100",
+                                                            "alloc 2560 100"}));
+  for (void* b : blocks) a.deallocate(b);
+  a.deallocate(warm);
+  const auto entries = a.trace();
+  ASSERT_EQ(entries.size(), 4u);
+  EXPECT_EQ(entries.back().action, TraceAction::kFreeCompleted);
+  EXPECT_EQ(entries.back().addr, U(warm));
+  EXPECT_THROW(a.record_trace(true, 0), std::invalid_argument);
+  a.record_trace(false);
+}
+
+TEST(AllocTrace, PendingFreeCompletesAfterTheEventAndOomIsRecorded) {
+  auto be = std::make_shared<TestBackend>(SIZE_MAX, /*events=*/true);
+  Options o;
+  o.memory_limit = 4 * MiB;
+  CachingAllocator a(be, o);
+  a.record_trace(true);
+  void* p = a.allocate(4 * KiB, 1);
+  a.record_stream(p, 2);
+  a.deallocate(p);  // free requested; completes once stream 2's event has
+  be->complete_all();
+  void* q = a.allocate(4 * KiB, 1);  // processes the completed event first
+  EXPECT_THROW(a.allocate(8 * MiB, 1), OutOfMemory);
+  a.deallocate(q);
+  a.record_trace(false);
+  const auto lines = trace_lines(a, p);
+  EXPECT_EQ(lines, (std::vector<std::string>{"segment_alloc 0 " + std::to_string(2 * MiB), "alloc 0 4096",
+                                             "free_requested 0 4096", "free_completed 0 4096", "alloc 0 4096",
+                                             "oom - " + std::to_string(8 * MiB), "free_requested 0 4096",
+                                             "free_completed 0 4096"}));
+  const auto entries = a.trace();
+  EXPECT_EQ(entries[5].device_free, 2 * MiB);  // the limit less the reserved small segment
+  EXPECT_EQ(entries[5].stream, 1u);
+}
+
 TEST(AllocHost, RegistryInstanceIsUsable) {
   CachingAllocator& h = host_allocator();
   EXPECT_EQ(&h, &host_allocator());

@@ -1,6 +1,7 @@
 #include "core/alloc/caching_allocator.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <limits>
 #include <sstream>
@@ -26,6 +27,11 @@ std::string format_bytes(std::size_t b) {
 }
 
 std::size_t round_up(std::size_t v, std::size_t m) { return (v + m - 1) / m * m; }
+
+int64_t now_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
 
 }  // namespace
 
@@ -239,7 +245,8 @@ CachingAllocator::Block* CachingAllocator::find_free_block(Pool& pool, std::size
   return b;
 }
 
-CachingAllocator::Block* CachingAllocator::new_segment_locked(std::size_t size, bool small, StreamId stream) {
+CachingAllocator::Block* CachingAllocator::new_segment_locked(std::size_t size, bool small, StreamId stream,
+                                                              const Context& context) {
   const std::size_t limit = options_.memory_limit;
   if (limit != 0 && (size > limit || reserved_locked() > limit - size)) return nullptr;
   void* p = backend_->allocate(size);
@@ -254,6 +261,7 @@ CachingAllocator::Block* CachingAllocator::new_segment_locked(std::size_t size, 
   update_stat(stats_.reserved_bytes, small, static_cast<int64_t>(size));
   if (size >= options_.max_split_size) stats_.oversize_segments.update(1);
   ++stats_.num_device_alloc;
+  record_locked(TraceAction::kSegmentAlloc, b->ptr, size, stream, context);
   return b;
 }
 
@@ -265,6 +273,7 @@ void CachingAllocator::release_segment_locked(Block* b) {
   update_stat(stats_.reserved_bytes, b->small, -static_cast<int64_t>(b->size));
   if (b->size >= options_.max_split_size) stats_.oversize_segments.update(-1);
   ++stats_.num_device_free;
+  record_locked(TraceAction::kSegmentFree, b->ptr, b->size, b->stream, nullptr);
   recycle_block(b);
 }
 
@@ -282,6 +291,7 @@ bool CachingAllocator::release_cached_locked(std::size_t until_reserved) {
 }
 
 void CachingAllocator::free_block_locked(Block* b) {
+  record_locked(TraceAction::kFreeCompleted, b->ptr, b->requested, b->stream, b->context);
   update_stat(stats_.active, b->small, -1);
   update_stat(stats_.active_bytes, b->small, -static_cast<int64_t>(b->size));
   b->stream_uses.clear();
@@ -333,7 +343,8 @@ void CachingAllocator::synchronize_and_drain_events_locked() {
 }
 
 CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size, std::size_t requested,
-                                                               StreamId stream, bool& released) {
+                                                               StreamId stream, const Context& context,
+                                                               bool& released) {
   if (!pending_events_.empty()) process_events_locked();
   const bool small = size <= options_.small_size;
   Pool& pool = small ? small_pool_ : large_pool_;
@@ -345,7 +356,7 @@ CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size,
       const auto threshold = static_cast<std::size_t>(options_.gc_threshold * static_cast<double>(limit));
       if (reserved_locked() + seg > threshold) release_cached_locked(threshold > seg ? threshold - seg : 0);
     }
-    b = new_segment_locked(seg, small, stream);
+    b = new_segment_locked(seg, small, stream, context);
     if (b == nullptr) {
       // Free everything cached (including blocks other streams were waiting on) and retry.
       synchronize_and_drain_events_locked();
@@ -353,11 +364,11 @@ CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size,
       if (b == nullptr && release_cached_locked(0)) {
         released = true;
         ++stats_.num_alloc_retries;
-        b = new_segment_locked(seg, small, stream);
+        b = new_segment_locked(seg, small, stream, context);
       }
       // Under a tight limit, a segment just big enough for this request may still fit.
       const std::size_t tight = small ? options_.small_segment : round_up(size, options_.round_large);
-      if (b == nullptr && tight < seg) b = new_segment_locked(tight, small, stream);
+      if (b == nullptr && tight < seg) b = new_segment_locked(tight, small, stream, context);
       if (b == nullptr) return nullptr;
     }
   }
@@ -379,6 +390,7 @@ CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size,
   }
   b->allocated = true;
   b->requested = requested;
+  b->context = context;
   allocated_.insert(b->ptr, b);
   update_stat(stats_.allocation, b->small, 1);
   update_stat(stats_.allocated_bytes, b->small, static_cast<int64_t>(b->size));
@@ -386,16 +398,18 @@ CachingAllocator::Block* CachingAllocator::try_allocate_locked(std::size_t size,
   update_stat(stats_.active, b->small, 1);
   update_stat(stats_.active_bytes, b->small, static_cast<int64_t>(b->size));
   if (b->size >= options_.max_split_size) stats_.oversize_allocations.update(1);
+  record_locked(TraceAction::kAlloc, b->ptr, requested, stream, context);
   return b;
 }
 
-void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t rounded) {
+void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t rounded, StreamId stream) {
   ++stats_.num_ooms;
   const std::size_t reserved = reserved_locked();
   const auto allocated = static_cast<std::size_t>(stats_.allocated_bytes[kAll].current);
   const std::size_t limit = options_.memory_limit;
   std::size_t free = backend_->free_memory();
   if (limit != 0) free = std::min(free, reserved >= limit ? 0 : limit - reserved);
+  record_locked(TraceAction::kOom, 0, requested, stream, nullptr, free);
   std::ostringstream os;
   os << "memwarden: out of memory on " << device_ << ": tried to allocate " << format_bytes(requested);
   if (rounded != requested) os << " (" << format_bytes(rounded) << " rounded)";
@@ -411,7 +425,7 @@ void* CachingAllocator::allocate(std::size_t bytes, StreamId stream) {
   if (bytes == 0) return nullptr;
   if (bytes > std::numeric_limits<std::size_t>::max() / 4) {
     std::lock_guard<std::mutex> lock(mutex_);
-    throw_oom_locked(bytes, bytes);
+    throw_oom_locked(bytes, bytes, stream);
   }
   const std::size_t size = round_size(bytes);
   Context ctx;
@@ -426,10 +440,7 @@ void* CachingAllocator::allocate(std::size_t bytes, StreamId stream) {
   bool released = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (Block* b = try_allocate_locked(size, bytes, stream, released)) {
-      b->context = std::move(ctx);
-      return reinterpret_cast<void*>(b->ptr);
-    }
+    if (Block* b = try_allocate_locked(size, bytes, stream, ctx, released)) return reinterpret_cast<void*>(b->ptr);
   }
   // The cache did not help: ask the application, one callback at a time, lock released
   // (a callback may free memory through this allocator).
@@ -446,13 +457,10 @@ void* CachingAllocator::allocate(std::size_t bytes, StreamId stream) {
     if (!(*cb)(size)) continue;
     std::lock_guard<std::mutex> lock(mutex_);
     ++stats_.num_alloc_retries;
-    if (Block* b = try_allocate_locked(size, bytes, stream, released)) {
-      b->context = std::move(ctx);
-      return reinterpret_cast<void*>(b->ptr);
-    }
+    if (Block* b = try_allocate_locked(size, bytes, stream, ctx, released)) return reinterpret_cast<void*>(b->ptr);
   }
   std::lock_guard<std::mutex> lock(mutex_);
-  throw_oom_locked(bytes, size);
+  throw_oom_locked(bytes, size, stream);
 }
 
 void CachingAllocator::deallocate(void* ptr) {
@@ -462,6 +470,7 @@ void CachingAllocator::deallocate(void* ptr) {
   if (b == nullptr)
     throw std::invalid_argument("memwarden allocator (" + device_ + "): pointer was not allocated here or was already freed");
   b->allocated = false;
+  record_locked(TraceAction::kFreeRequested, b->ptr, b->requested, b->stream, b->context);
   update_stat(stats_.allocation, b->small, -1);
   update_stat(stats_.allocated_bytes, b->small, -static_cast<int64_t>(b->size));
   update_stat(stats_.requested_bytes, b->small, -static_cast<int64_t>(b->requested));
@@ -539,9 +548,10 @@ void CachingAllocator::reset_accumulated_stats() {
   stats_.num_sync_all_streams = stats_.num_oom_callbacks = 0;
 }
 
-Snapshot CachingAllocator::snapshot() const {
+Snapshot CachingAllocator::snapshot(bool include_trace) const {
   std::lock_guard<std::mutex> lock(mutex_);
   Snapshot snap;
+  if (include_trace) snap.trace = trace_.entries();
   for (const auto& kv : segments_) {
     SegmentInfo seg;
     seg.address = kv.first;
@@ -621,6 +631,23 @@ bool CachingAllocator::remove_oom_callback(int id) {
 void CachingAllocator::clear_oom_callbacks() {
   std::lock_guard<std::mutex> lock(callbacks_mutex_);
   callbacks_.clear();
+}
+
+void CachingAllocator::record_locked(TraceAction action, std::uintptr_t addr, std::size_t size, StreamId stream,
+                                     const Context& context, std::size_t device_free) {
+  if (tracing_) trace_.push(TraceEntry{action, addr, size, stream, now_us(), device_free, context});
+}
+
+void CachingAllocator::record_trace(bool enabled, std::size_t max_entries, bool clear) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  trace_.set_max_entries(max_entries);
+  if (clear) trace_.clear();
+  tracing_ = enabled;
+}
+
+std::vector<TraceEntry> CachingAllocator::trace() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return trace_.entries();
 }
 
 void CachingAllocator::set_context_recorder(ContextRecorder recorder) {

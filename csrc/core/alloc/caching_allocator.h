@@ -15,7 +15,9 @@
 //  * a hard memory limit, and an out-of-memory chain: free the cache and retry, call the
 //    registered callbacks one by one (without the lock held) and retry after each, then
 //    throw OutOfMemory naming requested, reserved, allocated and free bytes;
-//  * statistics under the key names of torch.cuda.memory_stats(), and a snapshot.
+//  * statistics under the key names of torch.cuda.memory_stats(), and a snapshot;
+//  * while a trace is on, each action (alloc, free_requested, free_completed, segment_alloc,
+//    segment_free, oom) is recorded into a bounded ring (history.h), with the allocating stack.
 #pragma once
 
 #include <atomic>
@@ -31,6 +33,7 @@
 #include <vector>
 
 #include "core/alloc/backend.h"
+#include "core/alloc/history.h"
 #include "core/alloc/size_class_lists.h"
 #include "core/common/flat_index.h"
 
@@ -80,14 +83,6 @@ struct Stats {
   std::map<std::string, int64_t> to_map() const;
 };
 
-struct Frame {
-  std::string filename, name;
-  int line = 0;
-};
-using Context = std::shared_ptr<const std::vector<Frame>>;
-// Called (without the allocator's lock) on each allocation while set; may return null.
-using ContextRecorder = std::function<Context()>;
-
 struct BlockInfo {
   std::uintptr_t address = 0;
   std::size_t size = 0, requested_size = 0;
@@ -108,6 +103,7 @@ struct Snapshot {
   std::vector<SegmentInfo> segments;
   std::size_t free_bytes = 0, largest_free = 0;
   double fragmentation = 0.0;  // 1 - largest free block / free bytes (0 when nothing is free)
+  std::vector<TraceEntry> trace;  // oldest first, when asked for: taken under the same lock as the segments
 };
 
 class OutOfMemory : public std::runtime_error {
@@ -142,7 +138,7 @@ class CachingAllocator {
   Stats stats() const;
   void reset_peak_stats();
   void reset_accumulated_stats();
-  Snapshot snapshot() const;
+  Snapshot snapshot(bool include_trace = false) const;
 
   void set_memory_limit(std::size_t bytes);  // 0: unlimited
   std::size_t memory_limit() const;
@@ -156,6 +152,10 @@ class CachingAllocator {
   bool remove_oom_callback(int id);
   void clear_oom_callbacks();
   void set_context_recorder(ContextRecorder recorder);
+  // Records each action into a ring of the newest max_entries while enabled. Disabling stops
+  // recording and keeps what was recorded; clear drops it. Throws for max_entries 0.
+  void record_trace(bool enabled, std::size_t max_entries = TraceRing::kUnbounded, bool clear = false);
+  std::vector<TraceEntry> trace() const;  // oldest first
 
   const std::string& device() const { return device_; }
   Backend& backend() { return *backend_; }
@@ -184,11 +184,12 @@ class CachingAllocator {
     std::size_t cap = 0;  // largest size kept in the lists; set from the options
   };
 
-  Block* try_allocate_locked(std::size_t size, std::size_t requested, StreamId stream, bool& released);
+  Block* try_allocate_locked(std::size_t size, std::size_t requested, StreamId stream, const Context& context,
+                             bool& released);
   Block* find_free_block(Pool& pool, std::size_t size, StreamId stream);
   SizeClassLists<Block>* size_class_lists(Pool& pool, StreamId stream, bool create);
   void size_pools();  // sets each pool's cap from options_ (while both pools are empty)
-  Block* new_segment_locked(std::size_t size, bool small, StreamId stream);
+  Block* new_segment_locked(std::size_t size, bool small, StreamId stream, const Context& context);
   void insert_free(Block* b);
   void erase_free(Block* b);
   void free_block_locked(Block* b);
@@ -196,7 +197,9 @@ class CachingAllocator {
   bool release_cached_locked(std::size_t until_reserved);  // releases whole free segments
   void process_events_locked();
   void synchronize_and_drain_events_locked();
-  [[noreturn]] void throw_oom_locked(std::size_t requested, std::size_t rounded);
+  [[noreturn]] void throw_oom_locked(std::size_t requested, std::size_t rounded, StreamId stream);
+  void record_locked(TraceAction action, std::uintptr_t addr, std::size_t size, StreamId stream,
+                     const Context& context, std::size_t device_free = 0);
   std::size_t reserved_locked() const { return static_cast<std::size_t>(stats_.reserved_bytes[kAll].current); }
   static void update_stat(Stat* arr, bool small, int64_t delta) {
     arr[kAll].update(delta);
@@ -215,6 +218,8 @@ class CachingAllocator {
   std::map<std::uintptr_t, Block*> segments_;             // first block of each segment
   std::vector<std::pair<EventId, Block*>> pending_events_;
   Stats stats_;
+  TraceRing trace_;
+  bool tracing_ = false;
 
   std::mutex callbacks_mutex_;
   std::vector<std::pair<int, std::shared_ptr<OomCallback>>> callbacks_;
