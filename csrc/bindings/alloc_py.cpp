@@ -90,23 +90,47 @@ ma::ContextRecorder make_recorder(bool acquire_gil) {
   };
 }
 
-py::dict block_dict(const ma::BlockInfo& b) {
-  py::dict d;
-  d["address"] = b.address;
-  d["size"] = b.size;
-  d["requested_size"] = b.requested_size;
-  d["state"] = b.allocated ? "active_allocated" : (b.active ? "active_pending_free" : "inactive");
+py::list frames_list(const ma::Context& context) {
   py::list frames;
-  if (b.context)
-    for (const auto& f : *b.context) {
+  if (context)
+    for (const auto& f : *context) {
       py::dict fd;
       fd["filename"] = f.filename;
       fd["name"] = f.name;
       fd["line"] = f.line;
       frames.append(fd);
     }
-  d["frames"] = frames;
+  return frames;
+}
+
+py::dict block_dict(const ma::BlockInfo& b) {
+  py::dict d;
+  d["address"] = b.address;
+  d["size"] = b.size;
+  d["requested_size"] = b.requested_size;
+  d["state"] = b.allocated ? "active_allocated" : (b.active ? "active_pending_free" : "inactive");
+  d["frames"] = frames_list(b.context);
   return d;
+}
+
+// Trace entries as torch's snapshot lists them (its keys; an oom has device_free instead of addr).
+py::list trace_list(const std::vector<ma::TraceEntry>& trace) {
+  py::list entries;
+  for (const auto& e : trace) {
+    py::dict d;
+    d["action"] = ma::action_name(e.action);
+    // An unknown device_free is -1: torch's viewer reads numbers that fit a double.
+    if (e.action == ma::TraceAction::kOom)
+      d["device_free"] = e.device_free == SIZE_MAX ? py::int_(-1) : py::int_(e.device_free);
+    else
+      d["addr"] = e.addr;
+    d["size"] = e.size;
+    d["stream"] = e.stream;
+    d["time_us"] = e.time_us;
+    d["frames"] = frames_list(e.context);
+    entries.append(d);
+  }
+  return entries;
 }
 
 // A benchmark trace: op >= 0 allocates sizes[op], op < 0 frees slot -op - 1; every slot
@@ -132,14 +156,17 @@ py::dict segment_dict(const ma::SegmentInfo& s) {
   sd["requested_size"] = s.requested_size;
   sd["stream"] = s.stream;
   sd["segment_type"] = s.small ? "small" : "large";
+  sd["segment_pool_id"] = py::make_tuple(0, 0);  // torch's id of the default pool
+  sd["is_expandable"] = false;
+  sd["frames"] = py::list();
   py::list blocks;
   for (const auto& b : s.blocks) blocks.append(block_dict(b));
   sd["blocks"] = blocks;
   return sd;
 }
 
-py::dict snapshot_dict(const std::string& device) {
-  ma::Snapshot snap = allocator_for(device).snapshot();
+py::dict snapshot_dict(const std::string& device, bool include_trace) {
+  ma::Snapshot snap = allocator_for(device).snapshot(include_trace);
   py::list segments;
   const int dev_index = device == "cpu" ? -1 : std::stoi(device.substr(device.find(':') + 1));
   for (const auto& s : snap.segments) {
@@ -152,6 +179,7 @@ py::dict snapshot_dict(const std::string& device) {
   out["free_bytes"] = snap.free_bytes;
   out["largest_free_block"] = snap.largest_free;
   out["fragmentation"] = snap.fragmentation;
+  if (include_trace) out["trace"] = trace_list(snap.trace);
   return out;
 }
 
@@ -206,7 +234,9 @@ MEMWARDEN_PYBIND(alloc) {
         a.empty_cache();
       },
       py::arg("device"));
-  module.def("snapshot", &snapshot_dict, py::arg("device"));
+  module.def("snapshot", &snapshot_dict, py::arg("device"), py::arg("include_trace") = false,
+             "Segments and blocks; with include_trace also 'trace', the recorded entries (oldest first) with the "
+             "keys of torch's device_traces, taken at the same instant");
   module.def(
       "set_memory_limit",
       [](const std::string& device, int64_t bytes) {
@@ -284,10 +314,15 @@ MEMWARDEN_PYBIND(alloc) {
       py::arg("device"), py::arg("id"));
   module.def(
       "record_history",
-      [](const std::string& device, bool enabled, bool acquire_gil) {
-        allocator_for(device).set_context_recorder(enabled ? make_recorder(acquire_gil) : ma::ContextRecorder{});
+      [](const std::string& device, bool enabled, bool acquire_gil, std::size_t max_entries, bool clear_history) {
+        auto& a = allocator_for(device);
+        a.record_trace(enabled, max_entries, clear_history);
+        a.set_context_recorder(enabled ? make_recorder(acquire_gil) : ma::ContextRecorder{});
       },
-      py::arg("device"), py::arg("enabled") = true, py::arg("acquire_gil") = false);
+      py::arg("device"), py::arg("enabled") = true, py::arg("acquire_gil") = false,
+      py::arg("max_entries") = ma::TraceRing::kUnbounded, py::arg("clear_history") = false,
+      "Stacks on live blocks and a trace of the newest max_entries actions while enabled; disabling keeps the "
+      "trace, clear_history drops it");
 
   // Raw blocks, for tests and non-tensor users. OutOfMemory surfaces as MemoryError.
   module.def(

@@ -17,6 +17,11 @@ Host::
 
 or scoped: ``with ma.use("cpu", memory_limit="2 GiB"): ...``.
 
+History and PyTorch's viewer: with ``record_history("cpu")`` on, the core keeps a ring of the
+allocator's actions; ``dump_snapshot("snap.pickle")`` writes what
+``torch.cuda.memory._dump_snapshot`` writes (``snapshot(format="torch")``), which
+``torch.cuda._memory_viz`` renders.
+
 CUDA: ``install("cuda")`` swaps PyTorch's CUDA allocator for memwarden's through
 ``torch.cuda.memory.CUDAPluggableAllocator`` (before the first CUDA allocation; PyTorch
 cannot switch back), and ``use("cuda")`` routes the allocations of a block of code to a
@@ -25,6 +30,8 @@ cannot switch back), and ``use("cuda")`` routes the allocations of a block of co
 from __future__ import annotations
 
 import contextlib
+import pickle
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -38,7 +45,7 @@ from memwarden._units import format_bytes, parse_bytes
 __all__ = [
     "install", "uninstall", "is_installed", "use", "pool", "memory_stats", "memory_allocated",
     "memory_reserved", "max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats",
-    "reset_accumulated_memory_stats", "snapshot", "empty_cache", "set_memory_limit",
+    "reset_accumulated_memory_stats", "snapshot", "dump_snapshot", "empty_cache", "set_memory_limit",
     "get_memory_limit", "set_gc_threshold", "configure", "on_oom", "OomCallbackHandle",
     "record_history", "memory_summary", "cuda_built",
 ]
@@ -195,16 +202,48 @@ def reset_accumulated_memory_stats(device: Any = "cpu") -> None:
     _core.reset_accumulated_stats(_device(device))
 
 
-def snapshot(device: Any = "cpu") -> dict:
-    """``{"segments": [...], "fragmentation": f, ...}`` shaped like ``torch.cuda.memory_snapshot()``.
+def snapshot(device: Any = "cpu", format: str = "memwarden") -> dict:
+    """The allocator's segments and blocks, as a plain dict.
 
-    Each segment has device, address, total_size, allocated_size, active_size,
-    requested_size, stream, segment_type ("small"/"large") and blocks; each block has
+    ``format="memwarden"``: ``{"segments": [...], "fragmentation": f, "free_bytes": n,
+    "largest_free_block": n}``. Each segment has device (-1 for the host), address,
+    total_size, allocated_size, active_size, requested_size, stream, segment_type
+    ("small"/"large"), segment_pool_id, is_expandable, frames and blocks; each block has
     address, size, requested_size, state ("active_allocated", "active_pending_free",
     "inactive") and frames (the allocating Python stack when :func:`record_history` is on).
     fragmentation = 1 - largest free block / free bytes.
+
+    ``format="torch"``: what ``torch.cuda.memory._snapshot()`` returns, ``{"segments": [...],
+    "device_traces": [[...], ...]}``, taken at one instant: the same segments, with device
+    the index of the trace list that belongs to them (0 for the host, N for cuda:N), and the
+    recorded trace entries (action, addr, size, stream, time_us, frames; an "oom" has
+    device_free instead of addr), oldest first. ``torch.cuda._memory_viz`` reads it.
     """
-    return _core.snapshot(_device(device))
+    dev = _device(device)
+    if format == "memwarden":
+        return _core.snapshot(dev)
+    if format != "torch":
+        raise ValueError(f"format must be 'memwarden' or 'torch', got {format!r}")
+    snap = _core.snapshot(dev, include_trace=True)
+    index = _trace_index(dev)
+    for segment in snap["segments"]:
+        segment["device"] = index
+    return {"segments": snap["segments"], "device_traces": [[] for _ in range(index)] + [snap["trace"]]}
+
+
+def _trace_index(device: str) -> int:
+    """Where ``device``'s trace goes in device_traces: torch's viewer offers the devices
+    0..len(device_traces)-1, so the host is 0 there (-1 in memwarden's own format)."""
+    return 0 if device == "cpu" else int(device.split(":")[1])
+
+
+def dump_snapshot(path: str = "dump_snapshot.pickle", device: Any = "cpu") -> None:
+    """Pickle :func:`snapshot` ``(device, format="torch")`` to ``path``, as
+    ``torch.cuda.memory._dump_snapshot`` does; ``torch.cuda._memory_viz`` (``segment_plot``,
+    ``trace_plot``, ``segsum``, ``trace``) and pytorch.org/memory_viz read the file."""
+    data = snapshot(device, format="torch")
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
 
 
 def empty_cache(device: Any = "cpu") -> None:
@@ -271,8 +310,16 @@ def on_oom(callback: Callable[[int], Any], device: Any = "cpu") -> OomCallbackHa
     return OomCallbackHandle(dev, int(_core.add_oom_callback(dev, callback)), callback)
 
 
-def record_history(device: Any = "cpu", enabled: bool = True, *, acquire_gil: bool = False) -> None:
-    """Record the allocating Python stack of each live block (see :func:`snapshot` frames).
+def record_history(device: Any = "cpu", enabled: bool = True, *, acquire_gil: bool = False,
+                   max_entries: int = sys.maxsize, clear_history: bool = False) -> None:
+    """Record the allocating Python stack of each live block (see :func:`snapshot` frames)
+    and a trace of the allocator's actions, as ``torch.cuda.memory._record_memory_history``.
+
+    The trace keeps the newest ``max_entries`` entries (torch's default: no bound): alloc,
+    free_requested, free_completed, segment_alloc, segment_free and oom, each with addr,
+    size, stream, time_us and the allocating stack; ``snapshot(format="torch")`` and
+    :func:`dump_snapshot` export it. Turning recording off keeps the trace (unlike torch,
+    so a ``use(record=True)`` block can be dumped after it); ``clear_history`` drops it.
 
     By default the stack is taken only when the allocating thread holds the GIL (never
     blocks). PyTorch's ops release the GIL before allocating, so to see the stacks of
@@ -280,8 +327,10 @@ def record_history(device: Any = "cpu", enabled: bool = True, *, acquire_gil: bo
     back for the capture, as PyTorch's own CUDA allocator does (threads without a Python
     thread state are never captured).
     """
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+        raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
     dev = _device(device)
-    _core.record_history(dev, bool(enabled), bool(acquire_gil))
+    _core.record_history(dev, bool(enabled), bool(acquire_gil), max_entries, bool(clear_history))
     _history[dev] = (bool(enabled), bool(acquire_gil))
 
 
