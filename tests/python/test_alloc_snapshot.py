@@ -1,5 +1,6 @@
 """memwarden.alloc's history and snapshots in torch's format, read back by PyTorch's own
-viewer code (torch.cuda._memory_viz), checked against memwarden's own snapshot and stats."""
+viewer code (torch.cuda._memory_viz), checked against memwarden's own snapshot and stats;
+and the plots and notebook display of the allocator's state."""
 from __future__ import annotations
 
 import base64
@@ -162,7 +163,8 @@ def test_trace_lists_a_known_sequence_in_order(recorded):
     for e in trace:
         if e["action"] != "segment_alloc":
             continue
-        inside = [i for i, b in enumerate(trace) if b["action"] == "alloc" and e["addr"] <= b["addr"] < e["addr"] + e["size"]]
+        inside = [i for i, b in enumerate(trace)
+                  if b["action"] == "alloc" and e["addr"] <= b["addr"] < e["addr"] + e["size"]]
         assert all(i > index[("segment_alloc", e["addr"])] for i in inside)
         assert index[("segment_free", e["addr"])] > max(inside, default=-1)
     oom = trace[-1]
@@ -241,3 +243,70 @@ def test_ring_size_and_recording_switch():
     finally:
         ma.record_history("cpu", False, clear_history=True)
         ma.empty_cache("cpu")
+
+
+def test_plot_segments_draws_one_bar_per_block(recorded):
+    pytest.importorskip("matplotlib")
+    from memwarden.alloc._viz import STATE_COLORS
+    from matplotlib.colors import to_rgba
+
+    live = [torch.empty(n, dtype=torch.uint8) for n in (4000, 4000, 4000, 3 * MiB)]
+    hole = live.pop(1)
+    hole_addr = hole.data_ptr()
+    del hole
+    snap = ma.snapshot("cpu")
+    fig = ma.plot_segments("cpu")
+    ax = fig.axes[0]
+    blocks = [(s, b) for s in sorted(snap["segments"], key=lambda s: s["address"]) for b in s["blocks"]]
+    assert len(ax.patches) == len(blocks)
+    bars = sorted(ax.patches, key=lambda r: (r.get_y(), r.get_x()))
+    rows = {s["address"]: row for row, s in enumerate(sorted(snap["segments"], key=lambda s: s["address"]))}
+    expected = sorted(blocks, key=lambda sb: (rows[sb[0]["address"]], sb[1]["address"]))
+    for bar, (seg, block) in zip(bars, expected):
+        assert bar.get_x() == pytest.approx((block["address"] - seg["address"]) / MiB)
+        assert bar.get_width() == pytest.approx(block["size"] / MiB)
+        assert bar.get_facecolor() == pytest.approx(to_rgba(STATE_COLORS[block["state"]]))
+    free_bar = next(bar for bar, (seg, block) in zip(bars, expected) if block["address"] == hole_addr)
+    assert free_bar.get_facecolor() == pytest.approx(to_rgba(STATE_COLORS["inactive"]))
+    assert f"fragmentation {snap['fragmentation']:.3f}" in ax.get_title()
+    assert len(ax.get_yticklabels()) == len(snap["segments"])
+    del live
+
+
+def test_plot_history_ends_at_the_current_state(recorded):
+    pytest.importorskip("matplotlib")
+    x = torch.empty(2 * MiB, dtype=torch.uint8)
+    y = torch.empty(5000, dtype=torch.uint8)
+    del x
+    trace = ma.snapshot("cpu", format="torch")["device_traces"][0]
+    fig = ma.plot_history("cpu")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    allocated, reserved = lines["allocated (requested bytes)"], lines["reserved"]
+    unit = {"MiB": MiB, "GiB": 1024 * MiB}[ax.get_ylabel()]
+    assert len(allocated.get_ydata()) == len(trace) + 1
+    stats = ma.memory_stats("cpu")
+    assert allocated.get_ydata()[-1] * unit == pytest.approx(stats["requested_bytes.all.current"])
+    assert reserved.get_ydata()[-1] * unit == pytest.approx(stats["reserved_bytes.all.current"])
+    steps = [round((after - before) * unit) for before, after in zip(allocated.get_ydata(), allocated.get_ydata()[1:])]
+    sizes = [e["size"] * {"alloc": 1, "free_requested": -1}.get(e["action"], 0) for e in trace]
+    assert steps == sizes
+    assert 2 * MiB in steps and 5000 in steps and -2 * MiB in steps
+    assert str(len(trace)) in ax.get_title()
+    del y
+
+
+def test_summary_displays_in_notebooks(recorded):
+    t = torch.empty(5000, dtype=torch.uint8)
+    s = ma.summary("cpu")
+    assert isinstance(s, ma.MemorySummary)
+    assert str(s) == ma.memory_summary("cpu")
+    html = s._repr_html_()
+    assert html.count("<table>") == 2
+    assert "Allocated memory" in html and "from small pool" in html
+    segment = next(seg for seg in ma.snapshot("cpu")["segments"]
+                   if seg["address"] <= t.data_ptr() < seg["address"] + seg["total_size"])
+    assert f"{segment['address']:#x}" in html
+    assert "MemorySummary cpu" in repr(s) and "fragmentation" in repr(s)
+    assert len(ma.summary("cpu", abbreviated=True)._repr_html_()) < len(html)
+    del t

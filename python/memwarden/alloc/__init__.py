@@ -20,7 +20,8 @@ or scoped: ``with ma.use("cpu", memory_limit="2 GiB"): ...``.
 History and PyTorch's viewer: with ``record_history("cpu")`` on, the core keeps a ring of the
 allocator's actions; ``dump_snapshot("snap.pickle")`` writes what
 ``torch.cuda.memory._dump_snapshot`` writes (``snapshot(format="torch")``), which
-``torch.cuda._memory_viz`` renders.
+``torch.cuda._memory_viz`` renders. ``plot_segments()`` and ``plot_history()`` draw
+matplotlib figures; ``summary()`` displays as a table in notebooks.
 
 CUDA: ``install("cuda")`` swaps PyTorch's CUDA allocator for memwarden's through
 ``torch.cuda.memory.CUDAPluggableAllocator`` (before the first CUDA allocation; PyTorch
@@ -39,16 +40,19 @@ import torch
 
 from memwarden import _native
 from memwarden._devices import memory_device
-from memwarden._table import format_table
-from memwarden._units import format_bytes, parse_bytes
+from memwarden._units import parse_bytes
+from memwarden.alloc import _viz
 
 __all__ = [
     "install", "uninstall", "is_installed", "use", "pool", "memory_stats", "memory_allocated",
     "memory_reserved", "max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats",
     "reset_accumulated_memory_stats", "snapshot", "dump_snapshot", "empty_cache", "set_memory_limit",
     "get_memory_limit", "set_gc_threshold", "configure", "on_oom", "OomCallbackHandle",
-    "record_history", "memory_summary", "cuda_built",
+    "record_history", "memory_summary", "summary", "MemorySummary", "plot_segments", "plot_history",
+    "cuda_built",
 ]
+
+MemorySummary = _viz.MemorySummary
 
 _C = _native.load()
 _core = _C.alloc
@@ -334,34 +338,31 @@ def record_history(device: Any = "cpu", enabled: bool = True, *, acquire_gil: bo
     _history[dev] = (bool(enabled), bool(acquire_gil))
 
 
-# ---- summary ------------------------------------------------------------------------------
+# ---- summary and plots --------------------------------------------------------------------
+
+def summary(device: Any = "cpu", abbreviated: bool = False) -> MemorySummary:
+    """The statistics table of :func:`memory_summary` as an object: ``str()`` is the text,
+    and a notebook shows it as HTML followed by one row per segment."""
+    dev = _device(device)
+    return MemorySummary(dev, memory_stats(dev), snapshot(dev), is_installed(dev), abbreviated)
+
 
 def memory_summary(device: Any = "cpu", abbreviated: bool = False) -> str:
     """A readable table of :func:`memory_stats`, in the style of ``torch.cuda.memory_summary()``."""
+    return str(summary(device, abbreviated))
+
+
+def plot_segments(device: Any = "cpu"):
+    """A matplotlib Figure mapping fragmentation: one row per segment, each block a bar at
+    its offset coloured by state (allocated, awaiting other streams, free), and the
+    fragmentation of :func:`snapshot` in the title. Needs matplotlib (the ``plot`` extra)."""
     dev = _device(device)
-    st = memory_stats(dev)
-    snap = snapshot(dev)
-    metrics = [("Allocated memory", "allocated_bytes", True), ("Active memory", "active_bytes", True),
-               ("Requested memory", "requested_bytes", True), ("Reserved memory", "reserved_bytes", True),
-               ("Non-releasable memory", "inactive_split_bytes", True), ("Allocations", "allocation", False),
-               ("Active allocs", "active", False), ("Reserved segments", "segment", False),
-               ("Non-releasable allocs", "inactive_split", False)]
-    pools = [("all", "")] if abbreviated else [("all", ""), ("large_pool", "  from large pool"),
-                                               ("small_pool", "  from small pool")]
-    rows: list[list[str]] = []
-    for title, key, is_bytes in metrics:
-        if rows and not abbreviated:
-            rows.append([])  # a blank line between metrics
-        for pool_key, label in pools:
-            values = [st[f"{key}.{pool_key}.{m}"] for m in ("current", "peak", "allocated", "freed")]
-            rows.append([title if pool_key == "all" else label,
-                         *(format_bytes(v) if is_bytes else str(v) for v in values)])
-    limit = st.get("memory_limit", 0)
-    footer = [f"Memory limit: {format_bytes(limit) if limit else 'none'}",
-              f"Fragmentation (1 - largest free / free): {snap['fragmentation']:.3f} "
-              f"(free {format_bytes(snap['free_bytes'])}, largest {format_bytes(snap['largest_free_block'])})",
-              f"Allocation retries: {st['num_alloc_retries']}   OOMs: {st['num_ooms']}   "
-              f"OOM callbacks run: {st['num_oom_callbacks']}",
-              f"Segment allocs/frees: {st['num_device_alloc']}/{st['num_device_free']}"]
-    return format_table(f"memwarden allocator summary, device {dev}, installed: {is_installed(dev)}",
-                        ["Metric", "Cur Usage", "Peak Usage", "Tot Alloc", "Tot Freed"], rows, footer)
+    return _viz.segments_figure(snapshot(dev), dev)
+
+
+def plot_history(device: Any = "cpu"):
+    """A matplotlib Figure of the bytes allocated (as requested) and reserved after each
+    entry of the trace :func:`record_history` recorded, ending at the current state;
+    out-of-memory errors as red lines. Needs matplotlib (the ``plot`` extra)."""
+    dev = _device(device)
+    return _viz.history_figure(snapshot(dev, format="torch"), _trace_index(dev), dev)
