@@ -48,7 +48,8 @@ std::vector<TraceEntry> TraceRing::entries() const {
 void TraceRing::set_max_entries(std::size_t max_entries) {
   check_max_entries(max_entries);
   std::vector<TraceEntry> ordered = entries();
-  if (ordered.size() > max_entries) ordered.erase(ordered.begin(), ordered.end() - static_cast<std::ptrdiff_t>(max_entries));
+  if (ordered.size() > max_entries)
+    ordered.erase(ordered.begin(), ordered.end() - static_cast<std::ptrdiff_t>(max_entries));
   entries_ = std::move(ordered);
   oldest_ = 0;
   max_entries_ = max_entries;
