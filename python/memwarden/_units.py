@@ -70,3 +70,10 @@ def format_bytes(n: int | float | None, signed: bool = False, digits: int = 2) -
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.{digits}f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def byte_unit(largest: int | float) -> tuple[int, str]:
+    """``(divisor, name)`` of the unit :func:`format_bytes` picks for ``largest``: one
+    unit for a plot axis of byte counts (``byte_unit(3 * 2**20) == (2**20, "MiB")``)."""
+    name = format_bytes(max(largest, 0)).split()[-1]
+    return 1024 ** ("B", "KiB", "MiB", "GiB", "TiB").index(name), name

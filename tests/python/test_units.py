@@ -25,3 +25,12 @@ def test_format():
     assert format_bytes(100) == "100 B"
     assert format_bytes(3 * 2**20, digits=1) == "3.0 MiB"
     assert format_bytes(-2**30, digits=1) == "-1.0 GiB" and format_bytes(2**20, signed=True, digits=1) == "+1.0 MiB"
+
+
+def test_byte_unit_is_the_unit_format_bytes_picks():
+    from memwarden._units import byte_unit
+
+    for n in (0, 1023, 1024, 3 * 2**20, 5 * 2**30, 2**50):
+        divisor, name = byte_unit(n)
+        assert format_bytes(n).endswith(name) and divisor == {"B": 1, "KiB": 2**10, "MiB": 2**20,
+                                                              "GiB": 2**30, "TiB": 2**40}[name]

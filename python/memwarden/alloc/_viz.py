@@ -7,11 +7,10 @@ memwarden._plot.figure).
 """
 from __future__ import annotations
 
-from memwarden._plot import GIB, figure
+from memwarden._plot import figure
 from memwarden._table import format_table, html_table
-from memwarden._units import format_bytes
+from memwarden._units import byte_unit, format_bytes
 
-MIB = 2**20
 
 # The states a snapshot gives blocks: handed out, freed but waiting for other streams, free.
 STATE_COLORS = {"active_allocated": "#3b7dd8", "active_pending_free": "#e8a33d", "inactive": "#e6e6e6"}
@@ -81,10 +80,6 @@ class MemorySummary:
         return html_table(*self.stats_table()) + html_table(*self.segment_table())
 
 
-def _unit(largest: int) -> tuple[int, str]:
-    return (GIB, "GiB") if largest >= GIB else (MIB, "MiB")
-
-
 def segments_figure(snapshot: dict, device: str):
     """A fragmentation map of a memwarden-format snapshot: one row per segment (by address),
     each block a bar at its offset, coloured by state, free blocks as the pale gaps."""
@@ -99,7 +94,7 @@ def segments_figure(snapshot: dict, device: str):
     if not segments:
         ax.text(0.5, 0.5, "no segments reserved", ha="center", va="center", transform=ax.transAxes)
         return fig
-    unit, unit_name = _unit(max(s["total_size"] for s in segments))
+    unit, unit_name = byte_unit(max(s["total_size"] for s in segments))
     blocks = [(row, seg, b) for row, seg in enumerate(segments) for b in seg["blocks"]]
     ax.barh([row for row, _, _ in blocks], [b["size"] / unit for _, _, b in blocks],
             left=[(b["address"] - seg["address"]) / unit for _, seg, b in blocks], height=0.8,
@@ -148,7 +143,7 @@ def history_figure(snapshot: dict, device_index: int, device: str):
         ax.text(0.5, 0.5, "nothing recorded: call memwarden.alloc.record_history() first", ha="center",
                 va="center", transform=ax.transAxes)
         return fig
-    unit, unit_name = _unit(max(reserved + allocated))
+    unit, unit_name = byte_unit(max(reserved + allocated))
     ax.plot(seconds, [r / unit for r in reserved], drawstyle="steps-post", label="reserved", color="#999999")
     ax.plot(seconds, [a / unit for a in allocated], drawstyle="steps-post", label="allocated (requested bytes)",
             color="#3b7dd8")

@@ -33,7 +33,7 @@ import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from memwarden._checks import integer
-from memwarden._units import format_bytes, parse_bytes
+from memwarden._units import byte_unit, format_bytes, parse_bytes
 from memwarden.kv.attention import ATTENTION_NAME, paged_states
 from memwarden.kv.paged import KV_DTYPES, KVCacheStats, PagedKVCache
 
@@ -283,10 +283,8 @@ class PagedCache(Cache):
 
         steps = self.history
         budget = self._options["max_memory"]
-        # one unit for the axis, the one format_bytes picks for the largest figure drawn
-        unit = format_bytes(max([budget or 0] + [s.bytes_resident + s.bytes_compressed + s.bytes_offloaded
-                                                 for s in steps])).split()[-1]
-        scale = parse_bytes(f"1 {unit}")
+        scale, unit = byte_unit(max([budget or 0] + [s.bytes_resident + s.bytes_compressed + s.bytes_offloaded
+                                                     for s in steps]))
         fig = figure(8, 3.5)
         ax = fig.add_subplot()
         x = [s.step for s in steps]
