@@ -21,7 +21,7 @@ import json
 import math
 import time
 import uuid
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,17 +29,56 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from memwarden.controller.traffic import PREEMPTED, STOP, Rejected, Ticket, TrafficController
-from memwarden.serve.engine import Engine
 from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from memwarden.serve.schemas import ChatCompletionRequest, CompletionRequest
 
-__all__ = ["create_app"]
+if TYPE_CHECKING:  # the engine imports torch; the gateway shares this module without it
+    from memwarden.serve.engine import Engine
+
+__all__ = ["admission_notice", "context_exceeded", "create_app", "error_response", "refusal_response",
+           "refuse_invalid_requests", "retry_after_header", "unknown_model"]
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
-           code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
+                   code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+    """An OpenAI-shaped error."""
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
+
+
+def retry_after_header(seconds: Optional[float]) -> Optional[dict]:
+    """``{"Retry-After": whole seconds, at least 1}``; None when waiting cannot help."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds is not None else None
+
+
+def refusal_response(refused: Rejected, metrics: Metrics) -> JSONResponse:
+    """The controller's refusal (429 or 503), counted in the metrics."""
+    metrics.observe("reject", refused.reason)
+    return error_response(refused.status, refused.message,
+                          kind="server_overloaded" if refused.status == 503 else "rate_limit_exceeded",
+                          code=refused.reason, headers=retry_after_header(refused.retry_after))
+
+
+def unknown_model(asked: str, served: str) -> JSONResponse:
+    return error_response(404, f"model {asked!r} is not served here; /v1/models lists {served!r}", param="model",
+                          code="model_not_found")
+
+
+def context_exceeded(prompt_tokens: int, context: int, chat: bool) -> JSONResponse:
+    return error_response(400, f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
+                          param="messages" if chat else "prompt", code="context_length_exceeded")
+
+
+def admission_notice(ticket: Ticket, metrics: Metrics) -> tuple[dict, dict]:
+    """(headers, the response's ``memwarden`` field) saying how the request was admitted
+    and whether it was degraded; the decision is counted in the metrics."""
+    applied = ticket.applied
+    degraded = applied.degraded or ticket.decision.verdict == "shrink"
+    metrics.observe(ticket.decision.verdict, ticket.decision.reason, applied.level if degraded else None)
+    headers = {"X-Memwarden-Degraded": applied.level} if degraded else {}
+    info = {"degraded": degraded, "level": applied.level, "max_tokens": ticket.max_tokens,
+            "admission": ticket.decision.verdict}
+    return headers, info
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -75,17 +114,22 @@ def device_memory() -> dict:
                             "used_perc": vm.percent / 100}}
 
 
+def refuse_invalid_requests(app: FastAPI) -> None:
+    """Malformed JSON, unknown fields and out-of-range values: a 400 naming the field."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        message, field = _validation_message(exc)
+        return error_response(400, message, param=field)
+
+
 def create_app(engine: Engine, controller: TrafficController, on_response: Optional[Callable[[], None]] = None):
     """The app over one engine and controller; ``on_response`` is called after every
     completed response (the CLI counts them to stop after ``--max-requests``)."""
     app = FastAPI(title="memwarden", docs_url=None, redoc_url=None)
     metrics = Metrics(controller)
     app.state.engine, app.state.controller, app.state.metrics = engine, controller, metrics
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError):
-        message, field = _validation_message(exc)
-        return _error(400, message, param=field)
+    refuse_invalid_requests(app)
 
     @app.get("/healthz")
     def healthz():
@@ -115,24 +159,19 @@ def create_app(engine: Engine, controller: TrafficController, on_response: Optio
 
     def _serve(body, prompt: list[int], max_tokens: int, session_id: Optional[str], chat: bool):
         if body.model is not None and body.model != engine.name:
-            return _error(404, f"model {body.model!r} is not served here; /v1/models lists {engine.name!r}",
-                          param="model", code="model_not_found")
+            return unknown_model(body.model, engine.name)
         biases = body.token_biases()
         unknown = [token for token in biases if token >= engine.vocab_size]
         if unknown:
-            return _error(400, f"logit_bias: token {unknown[0]} is not in the vocabulary of {engine.vocab_size}",
-                          param="logit_bias")
+            return error_response(400, f"logit_bias: token {unknown[0]} is not in the vocabulary of {engine.vocab_size}",
+                                  param="logit_bias")
         room = engine.max_context - len(prompt)
         if room < 1:
-            return _error(400, f"the prompt has {len(prompt)} tokens; the model's context is {engine.max_context}",
-                          param="messages" if chat else "prompt", code="context_length_exceeded")
+            return context_exceeded(len(prompt), engine.max_context, chat)
         try:
             ticket = controller.acquire(session_id, len(prompt), min(max_tokens, room), body.temperature, body.top_p)
         except Rejected as e:
-            metrics.observe("reject", e.reason)
-            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))} if e.retry_after is not None else None
-            return _error(e.status, e.message, kind="server_overloaded" if e.status == 503 else "rate_limit_exceeded",
-                          code=e.reason, headers=headers)
+            return refusal_response(e, metrics)
         steps = _Steps(engine, controller, ticket, prompt, body.seed, biases)  # releases the ticket when closed
         try:
             return _respond(body, steps, ticket, prompt, chat)
@@ -141,13 +180,8 @@ def create_app(engine: Engine, controller: TrafficController, on_response: Optio
             raise
 
     def _respond(body, steps: "_Steps", ticket: Ticket, prompt: list[int], chat: bool):
-        applied = ticket.applied
-        degraded = applied.degraded or ticket.decision.verdict == "shrink"
-        metrics.observe(ticket.decision.verdict, ticket.decision.reason, applied.level if degraded else None)
-        headers = {"X-Memwarden-Degraded": applied.level} if degraded else {}
+        headers, info = admission_notice(ticket, metrics)
         response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        info = {"degraded": degraded, "level": applied.level, "max_tokens": ticket.max_tokens,
-                "admission": ticket.decision.verdict}
         created = int(time.time())
         if body.stream:
             # the background close also releases a stream whose body never started
