@@ -169,7 +169,8 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """``memwarden serve``: where it listens, its memory budget and model."""
+    """``memwarden serve``: where it listens, its memory budget and model, or the upstream
+    engine it admits requests for (``upstream``; timeouts and the poll interval in seconds)."""
 
     host: str = _option("127.0.0.1", "str", check=_non_empty)
     port: int = _option(8000, "int", check=_port)
@@ -177,6 +178,12 @@ class ServerConfig:
     model: str | None = _option(None, "str", optional=True, check=_non_empty)
     allow_remote: bool = _option(False, "bool")
     max_concurrency: int = _option(4, "int", check=_at_least(1))  # requests generating at once
+    # upstream mode (memwarden.serve.gateway): proxy generation to an OpenAI-compatible engine
+    upstream: str | None = _option(None, "str", optional=True, check=_url)
+    upstream_model: str | None = _option(None, "str", optional=True, check=_non_empty)  # prices its KV
+    upstream_poll_interval: float = _option(1.0, "float", check=_positive)  # seconds between /metrics reads
+    upstream_timeout: float = _option(300.0, "float", check=_positive)  # for a response, or between chunks
+    upstream_connect_timeout: float = _option(5.0, "float", check=_positive)  # also bounds probes
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -381,6 +388,12 @@ class MemwardenConfig:
             self._refuse(f"thresholds must increase: warning {m.warning} < critical {m.critical} "
                          f"< emergency {m.emergency}",
                          "monitor.warning", "monitor.critical", "monitor.emergency")
+        if srv.upstream is not None and srv.model is not None:
+            self._refuse("a server generates with its own model or proxies to an upstream, not both",
+                         "server.model", "server.upstream")
+        if srv.upstream_model is not None and srv.upstream is None:
+            self._refuse("upstream_model describes the upstream's model: set server.upstream too",
+                         "server.upstream_model", "server.upstream")
         if not _is_loopback(srv.host) and not srv.allow_remote:
             self._refuse(f"host {srv.host!r} is not a loopback address and the API has no "
                          f"authentication; set server.allow_remote = true to serve it remotely",
