@@ -7,6 +7,8 @@ should each piece go?
     memwarden fit MODEL --gpus 2x24GiB [--batch 1] [--gpu-layers N --cpu 64GiB]
     memwarden serve [MODEL] [--max-memory 2GiB] [--host 127.0.0.1 --port 8000] [--config FILE]
                     [--policy memwarden] [--max-requests N] [--print-config]
+    memwarden serve --upstream URL [--upstream-model NAME|CONFIG] [--upstream-poll-interval S]
+                    [--upstream-timeout S] [...]
     memwarden top [--url http://127.0.0.1:8000] [--interval 1] [--sessions 5] [--once]
 
 MODEL is an embedded name (``memwarden models``), a ``config.json`` (or a folder holding
@@ -191,6 +193,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a TOML file of settings (see docs/serve.md)")
     p.add_argument("--max-requests", type=int, default=None, help="stop after this many responses")
     p.add_argument("--print-config", action="store_true", help="print the effective settings and their sources")
+    p.add_argument("--upstream", default=None,
+                   help="proxy generation to this OpenAI-compatible engine (vLLM), e.g. http://127.0.0.1:8001")
+    p.add_argument("--upstream-model", default=None,
+                   help="the upstream's model, to price its KV: a local folder, config.json or embedded name "
+                        "(default: its served name as a hub id)")
+    p.add_argument("--upstream-poll-interval", type=float, default=None,
+                   help="seconds between reads of the upstream's /metrics (default 1)")
+    p.add_argument("--upstream-timeout", type=float, default=None,
+                   help="seconds to wait for the upstream's response or next chunk (default 300)")
     p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("top", help="live view of device, allocator and server memory (q quits)")
@@ -214,7 +225,10 @@ def _cmd_serve(args) -> int:
     from memwarden.controller.config import MemwardenConfig
 
     overrides = {"server.model": args.model, "server.max_memory": args.max_memory, "server.host": args.host,
-                 "server.port": args.port, "admission.policy": args.policy}
+                 "server.port": args.port, "admission.policy": args.policy, "server.upstream": args.upstream,
+                 "server.upstream_model": args.upstream_model,
+                 "server.upstream_poll_interval": args.upstream_poll_interval,
+                 "server.upstream_timeout": args.upstream_timeout}
     config = MemwardenConfig.load(args.config, overrides=overrides)
     if args.print_config:
         print(config.describe())

@@ -1,9 +1,10 @@
 """Running the server: the engine, the controller over its KV budget and uvicorn, on
 loopback unless the configuration allows more, optionally for a bounded number of
-responses (tests, demos).
+responses (tests, demos). With ``server.upstream`` it is the gateway instead
+(:mod:`memwarden.serve.gateway`): the controller in front of an upstream engine.
 
 May import: uvicorn, :mod:`memwarden.serve.app`, :mod:`memwarden.serve.engine`,
-:mod:`memwarden.controller` and the bottom layers.
+:mod:`memwarden.serve.gateway`, :mod:`memwarden.controller` and the bottom layers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ DEFAULT_KV_BUDGET = parse_bytes("512MiB")
 
 
 def build(config: MemwardenConfig, on_response: Optional[Callable[[], None]] = None):
-    """(app, engine, controller) for ``config`` (its server.model, or the embedded model)."""
+    """(app, engine, controller) for ``config`` (its server.model, or the embedded model);
+    with server.upstream, the gateway's (the engine is then the upstream's model)."""
+    if config.server.upstream is not None:
+        from memwarden.serve.gateway import build_gateway
+
+        return build_gateway(config, on_response)
     from memwarden.serve.app import create_app
     from memwarden.serve.engine import load_engine
 
@@ -43,6 +49,7 @@ class Server:
         self._uvicorn = uvicorn.Server(uvicorn.Config(self.app, host=config.server.host, port=config.server.port,
                                                       log_level="warning", lifespan="off"))
         self.budget = self.controller.budget_bytes
+        self.upstream = config.server.upstream
 
     def _count(self) -> None:
         with self._lock:
@@ -61,7 +68,8 @@ class Server:
         return self._uvicorn.servers[0].sockets[0].getsockname()[1]
 
     def describe(self) -> str:
-        return (f"memwarden serving {self.engine.name} on http://{self._uvicorn.config.host}:{self.port} "
+        via = f" from the upstream {self.upstream}" if self.upstream is not None else ""
+        return (f"memwarden serving {self.engine.name} on http://{self._uvicorn.config.host}:{self.port}{via} "
                 f"(KV budget {format_bytes(self.budget)}, {self.engine.bytes_per_token} B/token, "
                 f"admission {self.controller.admission.policy})")
 
@@ -83,3 +91,5 @@ class Server:
         self._uvicorn.should_exit = True
         if thread is not None:
             thread.join(timeout)
+        if self.upstream is not None:
+            self.engine.close()  # the gateway's metrics thread and client

@@ -1,0 +1,403 @@
+"""The app of ``memwarden serve --upstream URL``: the endpoints of our own server
+(:mod:`memwarden.serve.app`) in front of an OpenAI-compatible engine (vLLM) that does the
+generating. Every request goes through the same ``TrafficController`` -- admission and
+its queue, ``X-Session-ID`` sessions, degradation -- before it is forwarded; the
+controller counts:
+
+* **the budget**: the upstream's own KV cache, ``num_gpu_blocks x block_size`` tokens
+  from its ``vllm:cache_config_info`` metric, priced at the bytes per token memwarden's
+  estimator gives for the upstream's model (``server.upstream_model``: a local folder, a
+  ``config.json``, an embedded name; else the served name as a hub id) in its KV dtype
+  (the ``cache_dtype`` label); ``server.max_memory`` overrides it;
+* **prompts**: a token-id prompt exactly; text by the upstream's ``/tokenize``, else the
+  tokenizer in the ``upstream_model`` folder, else an estimate of a token per 4 bytes
+  (of the text; of the messages' JSON for a chat);
+* **outputs**: the upstream's ``usage`` (a stream is asked for ``include_usage``, and the
+  final usage chunk is dropped again when the client did not ask for it). A stream
+  reports each chunk with text as it passes, so a stream whose reservation runs out with
+  no room left is stopped there (``finish_reason: "length"``; closing the stream aborts it
+  upstream); a whole response is counted when it arrives;
+* **pressure**: the larger of what it admitted (reserved / budget) and the upstream's
+  ``vllm:kv_cache_usage_perc``, read every ``server.upstream_poll_interval`` seconds --
+  traffic that reaches the upstream by another way degrades requests here too.
+
+The upstream's own parameters (``stop``, ``logprobs``, ...) pass through; the controller's
+``max_tokens``, ``temperature`` and ``top_p`` replace the client's. Server-sent events pass
+through chunk by chunk, unchanged. A completion takes one prompt (text or token ids).
+Upstream failures are OpenAI-shaped errors (:mod:`memwarden.serve.upstream`: 502, 503
+with ``Retry-After``, 504, or the upstream's own 4xx); in a stream, after the first
+chunk, an ``{"error": ...}`` event. ``/healthz`` asks the upstream's ``/health`` (503
+with the reason when it does not answer); ``/memory_stats`` adds an ``upstream`` section
+(its metrics and how old they are); ``/metrics`` adds ``memwarden:upstream_*`` gauges.
+
+May import: fastapi, :mod:`memwarden.serve.app` (its error helpers), ``metrics``,
+``schemas``, ``upstream``, :mod:`memwarden.controller` and the layers below. Never
+:mod:`memwarden.cli`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ConfigDict, Field
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from memwarden.controller.config import MemwardenConfig
+from memwarden.controller.traffic import Rejected, Ticket, TrafficController
+from memwarden.serve.app import (admission_notice, context_exceeded, error_response, refusal_response,
+                                 refuse_invalid_requests, retry_after_header, unknown_model)
+from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from memwarden.serve.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, CompletionRequest
+from memwarden.serve.upstream import EngineMetrics, Events, MetricsPoller, Upstream, UpstreamError
+
+__all__ = ["UpstreamModel", "UpstreamTrafficController", "build_gateway", "create_gateway"]
+
+_COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's and vLLM's max_tokens when a completion names none
+_BYTES_PER_TOKEN_GUESS = 4  # text without a tokenizer: a token per 4 bytes of UTF-8
+
+
+class GatewayCompletionRequest(CompletionRequest):
+    # fields the controller reads are checked; the upstream's own parameters pass through
+    model_config = ConfigDict(extra="allow")
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+
+
+class GatewayChatRequest(ChatCompletionRequest):
+    model_config = ConfigDict(extra="allow")
+    messages: list[dict[str, Any]] = Field(..., min_length=1)  # content parts, tool calls: the upstream's
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+
+
+class UpstreamTrafficController(TrafficController):
+    """The controller whose pressure is also the upstream's own KV usage (see the module doc)."""
+
+    upstream_usage = 0.0  # vllm:kv_cache_usage_perc at the last read
+
+    def pressure(self) -> float:
+        return max(super().pressure(), self.upstream_usage)
+
+
+@dataclass
+class UpstreamModel:
+    """What the gateway serves: the upstream's model, its context and KV price, and the
+    client and metrics thread it reaches the upstream with."""
+
+    name: str
+    max_context: Optional[int]
+    bytes_per_token: int
+    budget_source: str  # where the KV budget came from
+    upstream: Upstream
+    poller: MetricsPoller
+    tokenizer: Any = None  # the upstream_model folder's tokenizer, when it has one
+
+    def close(self) -> None:
+        self.poller.stop()
+        self.upstream.close()
+
+
+# ---- start-up --------------------------------------------------------------------------------
+
+def _price(model: str, cache_dtype: Optional[str]) -> tuple[int, Optional[int]]:
+    """(KV bytes per token, max_position_embeddings) of ``model`` by memwarden's estimator."""
+    from memwarden.footprint import kv_bytes_per_token
+    from memwarden.models import describe
+
+    try:
+        description = describe(model)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot price the upstream's KV cache from {model!r} ({exc}); pass --upstream-model "
+                         f"(a local model folder, a config.json or an embedded name)") from None
+    per_token = kv_bytes_per_token(description.spec, cache_dtype or "auto", description.dtype)
+    return math.ceil(per_token), description.spec.max_position_embeddings
+
+
+def _local_tokenizer(model: Optional[str]):
+    """The tokenizer saved in a local model folder (or beside its config.json), else None."""
+    import os
+
+    if model is None or not os.path.exists(model):
+        return None
+    folder = model if os.path.isdir(model) else os.path.dirname(model)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    except (ImportError, OSError, ValueError):  # no tokenizer files there
+        return None
+
+
+def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], None]] = None):
+    """(app, model, controller) in front of ``config.server.upstream``; ValueError when the
+    upstream cannot be reached or its KV cannot be priced."""
+    server = config.server
+    upstream = Upstream(server.upstream, server.upstream_timeout, server.upstream_connect_timeout)
+    try:
+        served = upstream.served_models()[0]
+        first = upstream.metrics()
+    except UpstreamError as exc:
+        upstream.close()
+        raise ValueError(f"{exc.message}; the gateway reads its models and metrics at start-up") from None
+    bytes_per_token, positions = _price(server.upstream_model or served["id"], first.cache_dtype)
+    if server.max_memory is not None:
+        budget, source = server.max_memory, "server.max_memory"
+    elif first.num_gpu_blocks and first.block_size:
+        budget = first.num_gpu_blocks * first.block_size * bytes_per_token
+        source = f"{first.num_gpu_blocks} blocks of {first.block_size} tokens upstream"
+    else:
+        upstream.close()
+        raise ValueError(f"the upstream {upstream.url} exports no vllm:cache_config_info (num_gpu_blocks, "
+                         f"block_size): set server.max_memory (--max-memory) to its KV budget")
+    controller = UpstreamTrafficController(config, budget, bytes_per_token)
+    controller.upstream_usage = first.kv_cache_usage_perc or 0.0
+
+    def track(metrics: EngineMetrics) -> None:
+        controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
+
+    poller = MetricsPoller(upstream, server.upstream_poll_interval, first, on_read=track).start()
+    model = UpstreamModel(served["id"], served.get("max_model_len") or positions, bytes_per_token, source, upstream,
+                          poller, _local_tokenizer(server.upstream_model))
+    return create_gateway(model, controller, on_response), model, controller
+
+
+# ---- counting --------------------------------------------------------------------------------
+
+def _guess(text: str) -> int:
+    return max(1, math.ceil(len(text.encode("utf-8")) / _BYTES_PER_TOKEN_GUESS))
+
+
+async def _prompt_tokens(model: UpstreamModel, payload: dict, chat: bool) -> int:
+    """See the module doc: ids exactly, else /tokenize, else the local tokenizer, else a guess."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and not isinstance(prompt[0], int):
+        prompt = prompt[0]  # a batch of one prompt (larger batches are refused)
+    if isinstance(prompt, list):
+        return len(prompt)  # token ids
+    probe = {"model": model.name, **({"messages": payload["messages"]} if chat else {"prompt": prompt})}
+    counted = await model.upstream.count_tokens(probe)
+    if counted is not None:
+        return counted
+    tokenizer = model.tokenizer
+    if tokenizer is not None:
+        if chat:
+            ids = await run_in_threadpool(tokenizer.apply_chat_template, payload["messages"],
+                                          add_generation_prompt=True, tokenize=True)
+            return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return len(await run_in_threadpool(tokenizer.encode, prompt))
+    return _guess(json.dumps(payload["messages"]) if chat else prompt)
+
+
+def _account(controller: TrafficController, ticket: Ticket, generated: int) -> bool:
+    """Report output up to ``generated`` tokens, one at a time (the controller grows a
+    reservation in steps); False where the pool had no room for more."""
+    for count in range(ticket.generated + 1, min(generated, ticket.max_tokens) + 1):
+        if not controller.progress(ticket, count):
+            return False
+    return True
+
+
+def _has_output(choice: dict) -> bool:
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+
+
+def _upstream_error(exc: UpstreamError) -> JSONResponse:
+    kind = "upstream_error" if exc.status >= 500 else "invalid_request_error"
+    return error_response(exc.status, exc.message, kind=kind, code=exc.reason,
+                          headers=retry_after_header(exc.retry_after))
+
+
+def _data_line(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def _event(payload: dict) -> str:
+    return _data_line(json.dumps(payload))
+
+
+class _Admitted:
+    """An admitted request's way out: its reservation goes back, and its upstream stream
+    (if any) is closed, exactly once however it ends."""
+
+    def __init__(self, controller: TrafficController, ticket: Ticket):
+        self.controller, self.ticket = controller, ticket
+        self.events: Optional[Events] = None
+        self._done = False
+
+    async def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            if self.events is not None:
+                await self.events.aclose()
+        finally:
+            self.controller.release(self.ticket)
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+def create_gateway(model: UpstreamModel, controller: TrafficController,
+                   on_response: Optional[Callable[[], None]] = None) -> FastAPI:
+    """The app in front of ``model.upstream``; ``on_response`` as for ``create_app``."""
+    from prometheus_client import Gauge
+
+    app = FastAPI(title="memwarden gateway", docs_url=None, redoc_url=None)
+    metrics = Metrics(controller)
+    app.state.model, app.state.controller, app.state.metrics = model, controller, metrics
+    refuse_invalid_requests(app)
+    upstream, poller = model.upstream, model.poller
+    gauges = {name: Gauge(f"memwarden:upstream_{name}", f"The upstream's vllm:{name} at the last read",
+                          registry=metrics.registry)
+              for name in ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting",
+                           "num_preemptions_total")}
+    up = Gauge("memwarden:upstream_up", "1 when the last read of the upstream's /metrics succeeded",
+               registry=metrics.registry)
+
+    @app.get("/healthz")
+    async def healthz():
+        problem = await run_in_threadpool(upstream.health)
+        if problem is not None:
+            return JSONResponse({"status": "upstream_unreachable", "upstream": upstream.url, "reason": problem},
+                                status_code=503)
+        return {"status": "ok", "model": model.name, "upstream": upstream.url}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "owned_by": "memwarden",
+                                             "max_model_len": model.max_context}]}
+
+    @app.get("/memory_stats")
+    def memory_stats():
+        return {**controller.memory_stats(), "kv_budget_source": model.budget_source,
+                "upstream": {"url": upstream.url, **poller.latest.as_dict(), "read_seconds_ago": poller.age(),
+                             "problem": poller.problem}}
+
+    @app.get("/metrics")
+    def prometheus():
+        for name, gauge in gauges.items():
+            value = getattr(poller.latest, name)
+            if value is not None:
+                gauge.set(value)
+        up.set(0 if poller.problem else 1)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(body: GatewayCompletionRequest, x_session_id: Optional[str] = Header(None)):
+        if isinstance(body.prompt, list) and len(body.prompt) > 1 and not isinstance(body.prompt[0], int):
+            return error_response(400, "prompt: the gateway admits one prompt per request, got "
+                                  f"{len(body.prompt)}", param="prompt")
+        return await _serve(body, "/v1/completions", body.max_tokens or _COMPLETION_DEFAULT_TOKENS, x_session_id,
+                            chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: GatewayChatRequest, x_session_id: Optional[str] = Header(None)):
+        return await _serve(body, "/v1/chat/completions", body.output_limit(), x_session_id, chat=True)
+
+    async def _serve(body, path: str, wanted: Optional[int], session_id: Optional[str], chat: bool):
+        if body.model is not None and body.model != model.name:
+            return unknown_model(body.model, model.name)
+        payload = body.model_dump(exclude_unset=True)
+        prompt_tokens = await _prompt_tokens(model, payload, chat)
+        room = model.max_context - prompt_tokens if model.max_context else MAX_TOKENS_LIMIT
+        if room < 1:
+            return context_exceeded(prompt_tokens, model.max_context, chat)
+        try:
+            ticket = await run_in_threadpool(controller.acquire, session_id, prompt_tokens, min(wanted or room, room),
+                                             body.temperature, body.top_p)
+        except Rejected as e:
+            return refusal_response(e, metrics)
+        admitted = _Admitted(controller, ticket)
+        headers, info = admission_notice(ticket, metrics)
+        forward = _forwarded(payload, ticket, model.name)
+        try:
+            if body.stream:
+                admitted.events = await upstream.events(path, forward)
+                wants_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+                # the background close also releases a stream whose body never started
+                return StreamingResponse(_relay(admitted, wants_usage, chat), media_type="text/event-stream",
+                                         headers=headers, background=BackgroundTask(admitted.close))
+            answer = await upstream.complete(path, forward)
+        except UpstreamError as e:
+            await admitted.close()
+            return _upstream_error(e)
+        except BaseException:
+            await admitted.close()
+            raise
+        usage = answer.get("usage") or {}
+        # no usage: count the most it may have made, so the estimate errs on the safe side
+        _account(controller, ticket, usage.get("completion_tokens", ticket.max_tokens))
+        await admitted.close()
+        if on_response is not None:
+            on_response()
+        return JSONResponse({**answer, "memwarden": info}, headers=headers)
+
+    async def _relay(admitted: _Admitted, wants_usage: bool, chat: bool):
+        ticket, generated, head = admitted.ticket, 0, {}
+        try:
+            async for data in admitted.events.data():
+                if data == "[DONE]":
+                    yield "data: [DONE]\n\n"
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    yield _event({"error": _bad_chunk(upstream.url)})
+                    return
+                choices = chunk.get("choices") or []
+                head = {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk} or head
+                if chunk.get("usage"):
+                    _account(controller, ticket, chunk["usage"].get("completion_tokens", generated))
+                    if not choices and not wants_usage:
+                        continue  # the usage chunk the gateway asked for, not the client
+                if any(_has_output(choice) for choice in choices):
+                    generated += 1
+                    if not _account(controller, ticket, generated):  # no room for more: stop here
+                        ticket.cut_short = True
+                        yield _data_line(data)
+                        yield _event({**head, "choices": [_length_finish(chat)]})
+                        yield "data: [DONE]\n\n"
+                        return
+                yield _data_line(data)
+        except UpstreamError as e:
+            yield _event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}})
+            yield "data: [DONE]\n\n"
+        finally:
+            await admitted.close()
+            if on_response is not None:
+                on_response()
+
+    return app
+
+
+def _bad_chunk(url: str) -> dict:
+    return {"message": f"the upstream {url} sent an event that is not JSON", "type": "upstream_error",
+            "code": "upstream_bad_response"}
+
+
+def _length_finish(chat: bool) -> dict:
+    done = {"index": 0, "finish_reason": "length"}
+    return {**done, "delta": {}} if chat else {**done, "text": "", "logprobs": None}
+
+
+def _forwarded(payload: dict, ticket: Ticket, name: str) -> dict:
+    """The client's request as the upstream gets it: the served name, the controller's
+    output limit and sampling caps, and the usage of a stream asked for."""
+    forward = {**payload, "model": name}
+    for key in [k for k in ("max_tokens", "max_completion_tokens") if k in payload] or ["max_tokens"]:
+        forward[key] = ticket.max_tokens
+    for key in ("temperature", "top_p"):
+        value = getattr(ticket.applied, key)
+        if value is not None:
+            forward[key] = value
+    if payload.get("stream"):
+        forward["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+    return forward
