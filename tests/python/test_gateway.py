@@ -1,0 +1,376 @@
+"""memwarden serve --upstream: the gateway in front of a fake vLLM on loopback
+(tests/python/fake_vllm.py), driven with the official openai client and raw HTTP --
+pass-through of whole and streamed answers, prompt and output accounting, the
+controller's refusals (429 per session, 503 for a full pool), upstream failures mapped to
+502/503/504, /healthz with the upstream down, /memory_stats and /metrics from the
+upstream's metrics, and the configuration keys."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx2")
+pytest.importorskip("transformers")
+openai = pytest.importorskip("openai")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fake_vllm import MODEL, FakeVLLM  # noqa: E402
+
+from memwarden.controller.config import ConfigError, MemwardenConfig  # noqa: E402
+from memwarden.serve.server import Server  # noqa: E402
+from memwarden.serve.upstream import parse_metrics  # noqa: E402
+
+# 2 layers x 2 KV heads x (16 + 16) x 2 bytes (bf16): 256 B a token
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+              "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
+BYTES_PER_TOKEN = 256
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama") / "config.json"
+    path.write_text(json.dumps(TINY_LLAMA))
+    return str(path)
+
+
+def start(upstream: FakeVLLM, model_config: str, **overrides):
+    config = MemwardenConfig.load(env={}, overrides={
+        "server.port": 0, "server.upstream": upstream.url, "server.upstream_model": model_config,
+        "server.upstream_poll_interval": 0.05, "server.upstream_timeout": 2.0,
+        "server.upstream_connect_timeout": 1.0, **overrides})
+    server = Server(config)
+    return server, server.start()
+
+
+@pytest.fixture(scope="module")
+def fake():
+    upstream = FakeVLLM().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(fake, model_config):
+    server, thread = start(fake, model_config)
+    yield server, f"http://127.0.0.1:{server.port}"
+    server.stop(thread)
+
+
+@pytest.fixture(autouse=True)
+def reset(request):
+    yield
+    if "fake" in request.fixturenames:
+        upstream = request.getfixturevalue("fake")
+        upstream.mode, upstream.delay, upstream.has_tokenize = "ok", 0.0, True
+        upstream.kv_usage = upstream.running = upstream.waiting = upstream.preemptions = 0
+
+
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def post(url, body, headers=None):
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def stats(base):
+    return json.loads(get(base + "/memory_stats")[1])
+
+
+def idle(server):
+    return server.controller.admission.reserved_bytes == 0 and not server.controller.admission.running_ids()
+
+
+# ---- metrics parsing --------------------------------------------------------------------------
+
+def test_parse_vllm_metrics():
+    fake = FakeVLLM(num_gpu_blocks=320, block_size=16)
+    fake.kv_usage, fake.running, fake.waiting, fake.preemptions = 0.25, 3, 2, 5
+    parsed = parse_metrics(fake.metrics_text())
+    assert (parsed.num_gpu_blocks, parsed.block_size, parsed.cache_dtype) == (320, 16, "auto")
+    assert (parsed.kv_cache_usage_perc, parsed.num_requests_running, parsed.num_requests_waiting,
+            parsed.num_preemptions_total) == (0.25, 3, 2, 5)
+    assert parse_metrics("# nothing here\n").num_gpu_blocks is None
+
+
+# ---- pass-through -----------------------------------------------------------------------------
+
+def test_models_health_and_budget_from_the_upstream(gateway):
+    server, base = gateway
+    assert [m.id for m in client(base).models.list().data] == [MODEL]
+    status, body = get(base + "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert server.controller.bytes_per_token == BYTES_PER_TOKEN
+    assert server.controller.budget_bytes == 320 * 16 * BYTES_PER_TOKEN  # the upstream's blocks, priced
+
+
+def test_completion_is_the_upstreams(gateway, fake):
+    server, base = gateway
+    direct = client(fake.url).completions.create(model=MODEL, prompt="one two three", max_tokens=5)
+    via = client(base).completions.create(model=MODEL, prompt="one two three", max_tokens=5)
+    assert via.choices[0].text == direct.choices[0].text == " w0 w1 w2 w3 w4"
+    assert via.usage == direct.usage
+    assert via.model_extra["memwarden"]["admission"] in ("accept", "shrink")
+    assert idle(server)
+
+
+def test_chat_stream_passes_chunk_by_chunk(gateway, fake):
+    server, base = gateway
+    messages = [{"role": "user", "content": "hello there"}]
+    direct = list(client(fake.url).chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                                             stream=True, stream_options={"include_usage": True}))
+    via = list(client(base).chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True,
+                                                      stream_options={"include_usage": True}))
+    assert [c.model_dump() for c in via] == [c.model_dump() for c in direct]
+    assert "".join(c.choices[0].delta.content or "" for c in via if c.choices) == " w0 w1 w2 w3"
+    assert via[-1].usage.completion_tokens == 4
+    # not asked for: the usage chunk the gateway requested stays out of the client's stream
+    plain = list(client(base).chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True))
+    assert all(c.choices for c in plain) and len(plain) == len(via) - 1
+    assert fake.received[-1]["stream_options"] == {"include_usage": True}
+    assert idle(server)
+
+
+def test_completion_stream_text_and_usage(gateway):
+    server, base = gateway
+    chunks = list(client(base).completions.create(model=MODEL, prompt="a b", max_tokens=6, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   extra_headers={"X-Session-ID": "streamer"}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(f" w{i}" for i in range(6))
+    detail = stats(base)["session_details"]["streamer"]
+    assert detail["tokens_in"] == 3 and detail["tokens_out"] == 6  # /tokenize's count, the upstream's usage
+    assert idle(server)
+
+
+def test_prompt_counting(gateway, fake):
+    _, base = gateway
+    c = client(base)
+    c.completions.create(model=MODEL, prompt=[5, 6, 7, 8, 9], max_tokens=2, extra_headers={"X-Session-ID": "ids"})
+    c.completions.create(model=MODEL, prompt="x y z w", max_tokens=2, extra_headers={"X-Session-ID": "text"})
+    fake.has_tokenize = False  # the model folder has no tokenizer: a token per 4 bytes
+    c.completions.create(model=MODEL, prompt="x" * 40, max_tokens=2, extra_headers={"X-Session-ID": "guess"})
+    details = stats(base)["session_details"]
+    assert [details[s]["tokens_in"] for s in ("ids", "text", "guess")] == [5, 5, 10]
+    assert [details[s]["tokens_out"] for s in ("ids", "text", "guess")] == [2, 2, 2]
+
+
+def test_upstream_parameters_pass_through_and_limits_are_the_controllers(gateway, fake):
+    _, base = gateway
+    status, _, _ = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 3, "stop": ["\n"], "logprobs": 2})
+    assert status == 200
+    sent = fake.received[-1]
+    assert sent["stop"] == ["\n"] and sent["logprobs"] == 2 and sent["model"] == MODEL and sent["max_tokens"] == 3
+    status, _, body = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 0})
+    assert status == 400 and json.loads(body)["error"]["param"] == "max_tokens"
+    status, _, body = post(base + "/v1/completions", {"prompt": ["a", "b"]})
+    assert status == 400 and "one prompt" in json.loads(body)["error"]["message"]
+    status, _, body = post(base + "/v1/completions", {"model": "gpt-9", "prompt": "p"})
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+
+
+# ---- the controller's refusals ----------------------------------------------------------------
+
+def test_session_quota_is_429_for_that_session_only(fake, model_config):
+    # 16 KiB a session at 256 B a token: 64 tokens; "reserve" prices prompt + max_tokens
+    server, thread = start(fake, model_config, **{"sessions.per_session_limit": "16KiB",
+                                                  "admission.policy": "reserve"})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, headers, body = post(base + "/v1/completions", {"prompt": "a b c", "max_tokens": 100},
+                                     {"X-Session-ID": "greedy"})
+        assert status == 429 and json.loads(body)["error"]["code"] == "session_limit"
+        assert int(headers["retry-after"]) >= 1
+        sent = len(fake.received)
+        status, _, _ = post(base + "/v1/completions", {"prompt": "a b c", "max_tokens": 20},
+                            {"X-Session-ID": "modest"})
+        assert status == 200 and len(fake.received) == sent + 1  # only the admitted one reached the upstream
+    finally:
+        server.stop(thread)
+
+
+def test_full_pool_is_503_with_retry_after(model_config):
+    # 4 blocks of 16 tokens upstream: 64 tokens; one request of 3 + 50 fills it
+    upstream = FakeVLLM(num_gpu_blocks=4).start()
+    server, thread = start(upstream, model_config, **{"admission.policy": "reserve", "admission.queue_limit": 0})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        upstream.delay = 1.0
+        first = {}
+        holder = threading.Thread(target=lambda: first.update(
+            status=post(base + "/v1/completions", {"prompt": "a b", "max_tokens": 50})[0]))
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not server.controller.admission.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, headers, body = post(base + "/v1/completions", {"prompt": "c d", "max_tokens": 50})
+        assert status == 503 and json.loads(body)["error"]["code"] == "pool_full"
+        assert int(headers["retry-after"]) >= 1
+        holder.join(10)
+        assert first["status"] == 200 and idle(server)
+    finally:
+        server.stop(thread)
+        upstream.stop()
+
+
+# ---- upstream failures ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,status,code", [
+    ("error", 502, "upstream_error"),
+    ("overloaded", 503, "upstream_overloaded"),
+    ("garbage", 502, "upstream_bad_response"),
+    ("refuse", 400, "upstream_rejected"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_failures_map_to_clear_errors(gateway, fake, mode, status, code, stream):
+    server, base = gateway
+    fake.mode = mode
+    got, headers, body = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 2, "stream": stream})
+    assert got == status and json.loads(body)["error"]["code"] == code
+    if mode == "overloaded":
+        assert headers["retry-after"] == "7"
+    assert idle(server)
+
+
+def test_upstream_timeout_is_504(gateway, fake):
+    server, base = gateway
+    fake.delay = 3.0  # the gateway waits 2 s
+    started = time.monotonic()
+    status, _, body = post(base + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 504 and json.loads(body)["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 3.0
+    with pytest.raises(openai.APIStatusError) as e:
+        client(base).completions.create(model=MODEL, prompt="p", max_tokens=2)
+    assert e.value.status_code == 504
+    assert idle(server)
+
+
+def test_upstream_down(model_config):
+    upstream = FakeVLLM().start()
+    server, thread = start(upstream, model_config)
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert get(base + "/healthz")[0] == 200
+        upstream.stop()
+        started = time.monotonic()
+        status, body = get(base + "/healthz")
+        assert status == 503 and json.loads(body)["status"] == "upstream_unreachable"
+        status, headers, body = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 2})
+        assert status == 503 and json.loads(body)["error"]["code"] == "upstream_unreachable"
+        assert headers["retry-after"] == "1"
+        assert time.monotonic() - started < 5 and idle(server)
+        time.sleep(0.2)  # a few failed polls
+        assert stats(base)["upstream"]["problem"] and "memwarden:upstream_up 0.0" in get(base + "/metrics")[1]
+    finally:
+        server.stop(thread)
+
+
+def test_an_unreachable_upstream_at_start_is_a_clear_error(model_config):
+    upstream = FakeVLLM().start()
+    url = upstream.url
+    upstream.stop()
+    config = MemwardenConfig.load(env={}, overrides={"server.port": 0, "server.upstream": url,
+                                                     "server.upstream_model": model_config,
+                                                     "server.upstream_connect_timeout": 1.0})
+    with pytest.raises(ValueError, match="cannot be reached"):
+        Server(config)
+
+
+# ---- what the gateway reports -----------------------------------------------------------------
+
+def test_memory_stats_and_metrics_follow_the_upstream(gateway, fake):
+    _, base = gateway
+    fake.kv_usage, fake.running, fake.waiting, fake.preemptions = 0.42, 3, 2, 5
+    deadline = time.monotonic() + 5
+    while stats(base)["upstream"]["num_requests_running"] != 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    current = stats(base)
+    upstream = current["upstream"]
+    assert (upstream["kv_cache_usage_perc"], upstream["num_requests_waiting"], upstream["num_preemptions_total"],
+            upstream["num_gpu_blocks"], upstream["block_size"]) == (0.42, 2, 5, 320, 16)
+    assert current["kv_cache_usage_perc"] == pytest.approx(0.42)  # the upstream's usage is the pressure
+    assert current["kv_budget_mb"] == pytest.approx(320 * 16 * BYTES_PER_TOKEN / 2**20)
+    text = get(base + "/metrics")[1]
+    assert re.search(r"memwarden:upstream_kv_cache_usage_perc 0\.42", text)
+    assert re.search(r"memwarden:upstream_num_preemptions_total 5\.0", text)
+    assert "memwarden:upstream_up 1.0" in text and "memwarden:admission_decisions_total" in text
+
+
+def test_upstream_pressure_degrades_requests(gateway, fake):
+    server, base = gateway
+    fake.kv_usage = 0.95  # emergency: new sessions are refused
+    deadline = time.monotonic() + 5
+    while server.controller.upstream_usage < 0.95 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, _, body = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 10}, {"X-Session-ID": "late"})
+    assert status == 503 and json.loads(body)["error"]["code"] == "new_session_under_pressure"
+    fake.kv_usage = 0.87  # critical: max_tokens x 0.5
+    while server.controller.upstream_usage > 0.9 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, headers, body = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 10})
+    assert status == 200 and headers["x-memwarden-degraded"] == "critical"
+    assert json.loads(body)["memwarden"]["max_tokens"] == 5 == fake.received[-1]["max_tokens"]
+    fake.kv_usage = 0.0
+    while server.controller.upstream_usage > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# ---- configuration and the command line -----------------------------------------------------
+
+@pytest.mark.parametrize("env,message", [
+    ({"MEMWARDEN_SERVER_UPSTREAM": "ftp://x"}, r"MEMWARDEN_SERVER_UPSTREAM: must be an http\(s\) URL"),
+    ({"MEMWARDEN_SERVER_UPSTREAM": "http://x", "MEMWARDEN_SERVER_UPSTREAM_POLL_INTERVAL": "0"},
+     r"MEMWARDEN_SERVER_UPSTREAM_POLL_INTERVAL: must be positive"),
+    ({"MEMWARDEN_SERVER_UPSTREAM": "http://x", "MEMWARDEN_SERVER_MODEL": "m"}, r"not both"),
+    ({"MEMWARDEN_SERVER_UPSTREAM_MODEL": "m"}, r"set server.upstream too"),
+])
+def test_config_keys_are_validated(env, message):
+    with pytest.raises(ConfigError, match=message):
+        MemwardenConfig.load(env=env)
+    good = MemwardenConfig.load(env={"MEMWARDEN_SERVER_UPSTREAM": "http://h:1",
+                                     "MEMWARDEN_SERVER_UPSTREAM_TIMEOUT": "9"})
+    assert (good.server.upstream, good.server.upstream_timeout) == ("http://h:1", 9.0)
+
+
+def test_cli_serves_in_front_of_the_upstream(fake, model_config):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "memwarden.cli", "serve", "--port", "0", "--max-requests", "1",
+                             "--upstream", fake.url, "--upstream-model", model_config,
+                             "--upstream-poll-interval", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert f"from the upstream {fake.url}" in line
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        status, _, body = post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == " w0 w1"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
