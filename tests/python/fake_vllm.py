@@ -8,7 +8,8 @@ came from ``/tokenize`` is told apart from memwarden's bytes/4 guess.
 
 Knobs (attributes, changed while it runs): ``mode`` -- ``"ok"``, ``"error"`` (500),
 ``"overloaded"`` (503 with ``Retry-After: 7``), ``"refuse"`` (400, a prompt too long),
-``"garbage"`` (200 with a body that is not JSON); ``delay`` seconds before answering;
+``"garbage"`` (200 with a body that is not JSON), ``"broken_stream"`` (a stream whose second
+event is not JSON); ``delay`` seconds before answering;
 ``has_tokenize``; the metrics ``kv_usage``, ``running``, ``waiting``, ``preemptions``;
 :meth:`stop` takes it down. ``received`` lists the bodies it was sent.
 """
@@ -144,7 +145,7 @@ class FakeVLLM:
         self.received.append(body)
         if self.delay:
             await asyncio.sleep(self.delay)
-        refusal = self._refusal()
+        refusal = self._refusal() if self.mode != "broken_stream" else None
         if refusal is not None:
             return refusal
         if chat:
@@ -173,6 +174,9 @@ class FakeVLLM:
         if chat:
             yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         for i, word in enumerate(words):
+            if self.mode == "broken_stream" and i == 1:
+                yield "data: <html>oops\n\n"
+                return
             last = "length" if i == len(words) - 1 else None
             yield event({"index": 0, "delta": {"content": word}, "finish_reason": last} if chat
                         else {"index": 0, "text": word, "logprobs": None, "finish_reason": last})

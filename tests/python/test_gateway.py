@@ -180,6 +180,30 @@ def test_prompt_counting(gateway, fake):
     assert [details[s]["tokens_out"] for s in ("ids", "text", "guess")] == [2, 2, 2]
 
 
+def test_without_tokenize_the_model_folders_tokenizer_counts(fake, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "x", "y", "z", "hi", "there"]
+    vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, unk_token="[UNK]")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    fake.has_tokenize = False
+    server, thread = start(fake, str(tmp_path))
+    try:
+        c = client(f"http://127.0.0.1:{server.port}")
+        c.completions.create(model=MODEL, prompt="x y z", max_tokens=1, extra_headers={"X-Session-ID": "t"})
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=1,
+                                  extra_headers={"X-Session-ID": "c"})
+        details = server.controller.memory_stats()["session_details"]
+        assert (details["t"]["tokens_in"], details["c"]["tokens_in"]) == (3, 2)  # the guess would say 2 and 15
+    finally:
+        server.stop(thread)
+
+
 def test_upstream_parameters_pass_through_and_limits_are_the_controllers(gateway, fake):
     _, base = gateway
     status, _, _ = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 3, "stop": ["\n"], "logprobs": 2})
@@ -254,6 +278,16 @@ def test_upstream_failures_map_to_clear_errors(gateway, fake, mode, status, code
     assert got == status and json.loads(body)["error"]["code"] == code
     if mode == "overloaded":
         assert headers["retry-after"] == "7"
+    assert idle(server)
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event(gateway, fake):
+    server, base = gateway
+    fake.mode = "broken_stream"
+    status, _, body = post(base + "/v1/completions", {"prompt": "p", "max_tokens": 4, "stream": True})
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and json.loads(events[0])["choices"][0]["text"] == " w0"
+    assert json.loads(events[1])["error"]["code"] == "upstream_bad_response" and events[2] == "[DONE]"
     assert idle(server)
 
 

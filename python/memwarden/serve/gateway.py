@@ -89,16 +89,20 @@ class UpstreamTrafficController(TrafficController):
 
 @dataclass
 class UpstreamModel:
-    """What the gateway serves: the upstream's model, its context and KV price, and the
-    client and metrics thread it reaches the upstream with."""
+    """What the gateway serves: the upstream's model (``card``: its ``/v1/models`` entry),
+    its context and KV price, and the client and metrics thread it reaches the upstream with."""
 
-    name: str
+    card: dict
     max_context: Optional[int]
     bytes_per_token: int
     budget_source: str  # where the KV budget came from
     upstream: Upstream
     poller: MetricsPoller
     tokenizer: Any = None  # the upstream_model folder's tokenizer, when it has one
+
+    @property
+    def name(self) -> str:
+        return self.card["id"]
 
     def close(self) -> None:
         self.poller.stop()
@@ -142,21 +146,23 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
     server = config.server
     upstream = Upstream(server.upstream, server.upstream_timeout, server.upstream_connect_timeout)
     try:
-        served = upstream.served_models()[0]
-        first = upstream.metrics()
-    except UpstreamError as exc:
+        try:
+            card = upstream.served_models()[0]
+            first = upstream.metrics()
+        except UpstreamError as exc:
+            raise ValueError(f"{exc.message}; the gateway reads its models and metrics at start-up") from None
+        bytes_per_token, positions = _price(server.upstream_model or card["id"], first.cache_dtype)
+        if server.max_memory is not None:
+            budget, source = server.max_memory, "server.max_memory"
+        elif first.num_gpu_blocks and first.block_size:
+            budget = first.num_gpu_blocks * first.block_size * bytes_per_token
+            source = f"{first.num_gpu_blocks} blocks of {first.block_size} tokens upstream"
+        else:
+            raise ValueError(f"the upstream {upstream.url} exports no vllm:cache_config_info (num_gpu_blocks, "
+                             f"block_size): set server.max_memory (--max-memory) to its KV budget")
+    except ValueError:
         upstream.close()
-        raise ValueError(f"{exc.message}; the gateway reads its models and metrics at start-up") from None
-    bytes_per_token, positions = _price(server.upstream_model or served["id"], first.cache_dtype)
-    if server.max_memory is not None:
-        budget, source = server.max_memory, "server.max_memory"
-    elif first.num_gpu_blocks and first.block_size:
-        budget = first.num_gpu_blocks * first.block_size * bytes_per_token
-        source = f"{first.num_gpu_blocks} blocks of {first.block_size} tokens upstream"
-    else:
-        upstream.close()
-        raise ValueError(f"the upstream {upstream.url} exports no vllm:cache_config_info (num_gpu_blocks, "
-                         f"block_size): set server.max_memory (--max-memory) to its KV budget")
+        raise
     controller = UpstreamTrafficController(config, budget, bytes_per_token)
     controller.upstream_usage = first.kv_cache_usage_perc or 0.0
 
@@ -164,8 +170,8 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
         controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
 
     poller = MetricsPoller(upstream, server.upstream_poll_interval, first, on_read=track).start()
-    model = UpstreamModel(served["id"], served.get("max_model_len") or positions, bytes_per_token, source, upstream,
-                          poller, _local_tokenizer(server.upstream_model))
+    model = UpstreamModel(card, card.get("max_model_len") or positions, bytes_per_token, source, upstream, poller,
+                          _local_tokenizer(server.upstream_model))
     return create_gateway(model, controller, on_response), model, controller
 
 
@@ -191,7 +197,7 @@ async def _prompt_tokens(model: UpstreamModel, payload: dict, chat: bool) -> int
         if chat:
             ids = await run_in_threadpool(tokenizer.apply_chat_template, payload["messages"],
                                           add_generation_prompt=True, tokenize=True)
-            return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding or the ids
         return len(await run_in_threadpool(tokenizer.encode, prompt))
     return _guess(json.dumps(payload["messages"]) if chat else prompt)
 
@@ -272,8 +278,7 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model.name, "object": "model", "owned_by": "memwarden",
-                                             "max_model_len": model.max_context}]}
+        return {"object": "list", "data": [model.card]}
 
     @app.get("/memory_stats")
     def memory_stats():
@@ -342,45 +347,33 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
 
     async def _relay(admitted: _Admitted, wants_usage: bool, chat: bool):
         ticket, generated, head = admitted.ticket, 0, {}
+        ending = "data: [DONE]\n\n"
         try:
-            async for data in admitted.events.data():
-                if data == "[DONE]":
-                    yield "data: [DONE]\n\n"
-                    return
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    yield _event({"error": _bad_chunk(upstream.url)})
-                    return
+            async for data, chunk in admitted.events.chunks():
                 choices = chunk.get("choices") or []
                 head = {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk} or head
                 if chunk.get("usage"):
                     _account(controller, ticket, chunk["usage"].get("completion_tokens", generated))
                     if not choices and not wants_usage:
                         continue  # the usage chunk the gateway asked for, not the client
+                yield _data_line(data)
                 if any(_has_output(choice) for choice in choices):
                     generated += 1
                     if not _account(controller, ticket, generated):  # no room for more: stop here
-                        ticket.cut_short = True
-                        yield _data_line(data)
-                        yield _event({**head, "choices": [_length_finish(chat)]})
-                        yield "data: [DONE]\n\n"
-                        return
-                yield _data_line(data)
+                        ending = _event({**head, "choices": [_length_finish(chat)]}) + ending
+                        break
         except UpstreamError as e:
-            yield _event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}})
-            yield "data: [DONE]\n\n"
-        finally:
+            ending = _event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}}) + ending
+        except BaseException:  # the client left: the upstream's request is aborted too
             await admitted.close()
-            if on_response is not None:
-                on_response()
+            raise
+        # released before the last event: a client that sends its next request at once finds the room
+        await admitted.close()
+        if on_response is not None:
+            on_response()
+        yield ending
 
     return app
-
-
-def _bad_chunk(url: str) -> dict:
-    return {"message": f"the upstream {url} sent an event that is not JSON", "type": "upstream_error",
-            "code": "upstream_bad_response"}
 
 
 def _length_finish(chat: bool) -> dict:

@@ -239,30 +239,34 @@ class Upstream:
         self.has_tokenize = True
         return int(count)
 
-    async def aclose(self) -> None:
-        await self._async.aclose()
-
     def close(self) -> None:
         self._sync.close()
 
 
 class Events:
-    """An upstream stream: :meth:`data` yields each event's data text (``[DONE]`` included)
-    as it arrives; :meth:`aclose` ends it (an unfinished one aborts the request upstream)."""
+    """An upstream stream: :meth:`chunks` yields each event as it arrives; :meth:`aclose`
+    ends it (an unfinished one aborts the request upstream)."""
 
     def __init__(self, response: httpx.Response, url: str):
         self._response, self._url = response, url
 
-    async def data(self) -> AsyncIterator[str]:
-        """Each event's data; raises :class:`UpstreamError` when the stream breaks, or
-        ends before ``[DONE]``."""
+    async def chunks(self) -> AsyncIterator[tuple[str, dict]]:
+        """(the event's data as sent, parsed) up to ``[DONE]``; raises :class:`UpstreamError`
+        when the stream breaks, sends something that is not JSON, or ends before ``[DONE]``."""
         try:
             async for line in self._response.aiter_lines():
-                if line.startswith("data:"):
-                    data = line[5:].strip()
-                    yield data
-                    if data == "[DONE]":
-                        return
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise _bad_response(self._url, "an event that is not JSON") from None
+                if not isinstance(chunk, dict):
+                    raise _bad_response(self._url, f"an event that is not a JSON object: {data[:80]}")
+                yield data, chunk
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self._url) from None
         raise _bad_response(self._url, "a stream that ended before [DONE]")
