@@ -238,6 +238,20 @@ def test_session_quota_is_429_for_that_session_only(fake, model_config):
         server.stop(thread)
 
 
+def test_idle_sessions_are_evicted(fake, model_config):
+    server, thread = start(fake, model_config, **{"sessions.idle_timeout": 0.2})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        post(base + "/v1/completions", {"prompt": "p", "max_tokens": 1}, {"X-Session-ID": "brief"})
+        deadline = time.monotonic() + 5
+        while "brief" in stats(base)["session_details"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "brief" not in stats(base)["session_details"]
+        assert "memwarden:session_evictions_total 1.0" in get(base + "/metrics")[1]
+    finally:
+        server.stop(thread)
+
+
 def test_full_pool_is_503_with_retry_after(model_config):
     # 4 blocks of 16 tokens upstream: 64 tokens; one request of 3 + 50 fills it
     upstream = FakeVLLM(num_gpu_blocks=4).start()

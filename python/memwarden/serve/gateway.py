@@ -19,7 +19,8 @@ controller counts:
   upstream); a whole response is counted when it arrives;
 * **pressure**: the larger of what it admitted (reserved / budget) and the upstream's
   ``vllm:kv_cache_usage_perc``, read every ``server.upstream_poll_interval`` seconds --
-  traffic that reaches the upstream by another way degrades requests here too.
+  traffic that reaches the upstream by another way degrades requests here too. Each read
+  also evicts the sessions idle past ``sessions.idle_timeout``.
 
 The upstream's own parameters (``stop``, ``logprobs``, ...) pass through; the controller's
 ``max_tokens``, ``temperature`` and ``top_p`` replace the client's. Server-sent events pass
@@ -166,10 +167,11 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
     controller = UpstreamTrafficController(config, budget, bytes_per_token)
     controller.upstream_usage = first.kv_cache_usage_perc or 0.0
 
-    def track(metrics: EngineMetrics) -> None:
+    def on_read(metrics: EngineMetrics) -> None:
         controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
+        controller.sessions.evict_idle()  # the poll is the gateway's clock tick
 
-    poller = MetricsPoller(upstream, server.upstream_poll_interval, first, on_read=track).start()
+    poller = MetricsPoller(upstream, server.upstream_poll_interval, first, on_read=on_read).start()
     model = UpstreamModel(card, card.get("max_model_len") or positions, bytes_per_token, source, upstream, poller,
                           _local_tokenizer(server.upstream_model))
     return create_gateway(model, controller, on_response), model, controller
