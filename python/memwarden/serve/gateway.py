@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -122,14 +123,16 @@ def _price(model: str, cache_dtype: Optional[str]) -> tuple[int, Optional[int]]:
     except (ValueError, OSError) as exc:
         raise ValueError(f"cannot price the upstream's KV cache from {model!r} ({exc}); pass --upstream-model "
                          f"(a local model folder, a config.json or an embedded name)") from None
-    per_token = kv_bytes_per_token(description.spec, cache_dtype or "auto", description.dtype)
+    try:
+        per_token = kv_bytes_per_token(description.spec, cache_dtype or "auto", description.dtype)
+    except ValueError as exc:
+        raise ValueError(f"the upstream's KV cache dtype (vllm:cache_config_info cache_dtype={cache_dtype!r}) "
+                         f"is not one memwarden prices: {exc}") from None
     return math.ceil(per_token), description.spec.max_position_embeddings
 
 
 def _local_tokenizer(model: Optional[str]):
     """The tokenizer saved in a local model folder (or beside its config.json), else None."""
-    import os
-
     if model is None or not os.path.exists(model):
         return None
     folder = model if os.path.isdir(model) else os.path.dirname(model)
@@ -171,9 +174,10 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
         controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
         controller.sessions.evict_idle()  # the poll is the gateway's clock tick
 
+    tokenizer = _local_tokenizer(server.upstream_model)
     poller = MetricsPoller(upstream, server.upstream_poll_interval, first, on_read=on_read).start()
     model = UpstreamModel(card, card.get("max_model_len") or positions, bytes_per_token, source, upstream, poller,
-                          _local_tokenizer(server.upstream_model))
+                          tokenizer)
     return create_gateway(model, controller, on_response), model, controller
 
 
