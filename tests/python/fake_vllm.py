@@ -9,7 +9,7 @@ came from ``/tokenize`` is told apart from memwarden's bytes/4 guess.
 Knobs (attributes, changed while it runs): ``mode`` -- ``"ok"``, ``"error"`` (500),
 ``"overloaded"`` (503 with ``Retry-After: 7``), ``"refuse"`` (400, a prompt too long),
 ``"garbage"`` (200 with a body that is not JSON), ``"broken_stream"`` (a stream whose second
-event is not JSON); ``delay`` seconds before answering;
+event is not JSON); ``delay`` seconds before answering, ``chunk_delay`` between events;
 ``has_tokenize``; the metrics ``kv_usage``, ``running``, ``waiting``, ``preemptions``;
 :meth:`stop` takes it down. ``received`` lists the bodies it was sent.
 """
@@ -64,7 +64,7 @@ def count_tokens(text: str) -> int:
 class FakeVLLM:
     def __init__(self, max_model_len: int = 2048, num_gpu_blocks: int = 320, block_size: int = 16):
         self.max_model_len, self.num_gpu_blocks, self.block_size = max_model_len, num_gpu_blocks, block_size
-        self.mode, self.delay, self.has_tokenize = "ok", 0.0, True
+        self.mode, self.delay, self.chunk_delay, self.has_tokenize = "ok", 0.0, 0.0, True
         self.kv_usage, self.running, self.waiting, self.preemptions = 0.0, 0, 0, 0
         self.received: list[dict] = []
         self.app = self._app()
@@ -180,7 +180,7 @@ class FakeVLLM:
             last = "length" if i == len(words) - 1 else None
             yield event({"index": 0, "delta": {"content": word}, "finish_reason": last} if chat
                         else {"index": 0, "text": word, "logprobs": None, "finish_reason": last})
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.chunk_delay)
         if (body.get("stream_options") or {}).get("include_usage"):
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"

@@ -73,7 +73,7 @@ def reset(request):
     yield
     if "fake" in request.fixturenames:
         upstream = request.getfixturevalue("fake")
-        upstream.mode, upstream.delay, upstream.has_tokenize = "ok", 0.0, True
+        upstream.mode, upstream.delay, upstream.chunk_delay, upstream.has_tokenize = "ok", 0.0, 0.0, True
         upstream.kv_usage = upstream.running = upstream.waiting = upstream.preemptions = 0
 
 
@@ -166,6 +166,21 @@ def test_completion_stream_text_and_usage(gateway):
     detail = stats(base)["session_details"]["streamer"]
     assert detail["tokens_in"] == 3 and detail["tokens_out"] == 6  # /tokenize's count, the upstream's usage
     assert idle(server)
+
+
+def test_a_client_that_leaves_a_stream_gives_its_reservation_back(gateway, fake):
+    import httpx2
+
+    server, base = gateway
+    fake.chunk_delay = 0.2
+    body = {"prompt": "p", "max_tokens": 20, "stream": True}
+    with httpx2.Client(timeout=10) as c, c.stream("POST", base + "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    left = time.monotonic()
+    while not idle(server) and time.monotonic() < left + 5:
+        time.sleep(0.05)
+    assert idle(server) and time.monotonic() - left < 2  # not when the 4 s stream would have ended
 
 
 def test_prompt_counting(gateway, fake):
@@ -271,6 +286,24 @@ def test_full_pool_is_503_with_retry_after(model_config):
         assert int(headers["retry-after"]) >= 1
         holder.join(10)
         assert first["status"] == 200 and idle(server)
+    finally:
+        server.stop(thread)
+        upstream.stop()
+
+
+def test_a_stream_past_its_reservation_with_no_room_is_stopped(model_config):
+    # a 64-token pool; after 32 one-token requests "memwarden" reserves 16 output tokens
+    # ahead: 40 + 16 fit, 40 + 32 do not, so the stream stops after 17 tokens
+    upstream = FakeVLLM(num_gpu_blocks=4).start()
+    server, thread = start(upstream, model_config)
+    try:
+        c = client(f"http://127.0.0.1:{server.port}")
+        for _ in range(32):
+            c.completions.create(model=MODEL, prompt=[1], max_tokens=1)
+        chunks = list(c.completions.create(model=MODEL, prompt=list(range(40)), max_tokens=50, stream=True))
+        texts = [ch.choices[0].text for ch in chunks if ch.choices[0].text]
+        assert len(texts) == 17 and chunks[-1].choices[0].finish_reason == "length"
+        assert server.controller.counts["cut_short"] == 1 and idle(server)
     finally:
         server.stop(thread)
         upstream.stop()
