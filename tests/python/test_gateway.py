@@ -117,6 +117,8 @@ def test_parse_vllm_metrics():
     assert (parsed.kv_cache_usage_perc, parsed.num_requests_running, parsed.num_requests_waiting,
             parsed.num_preemptions_total) == (0.25, 3, 2, 5)
     assert parse_metrics("# nothing here\n").num_gpu_blocks is None
+    older = fake.metrics_text().replace("kv_cache_usage_perc", "gpu_cache_usage_perc")  # vLLM < 0.10
+    assert parse_metrics(older).kv_cache_usage_perc == 0.25
 
 
 # ---- pass-through -----------------------------------------------------------------------------

@@ -217,6 +217,12 @@ def _account(controller: TrafficController, ticket: Ticket, generated: int) -> b
     return True
 
 
+def _completion_tokens(answer: dict, otherwise: int) -> int:
+    """The output tokens an answer's ``usage`` reports, or ``otherwise`` when it has none."""
+    count = (answer.get("usage") or {}).get("completion_tokens")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else otherwise
+
+
 def _has_output(choice: dict) -> bool:
     return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
 
@@ -343,9 +349,8 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
         except BaseException:
             await admitted.close()
             raise
-        usage = answer.get("usage") or {}
         # no usage: count the most it may have made, so the estimate errs on the safe side
-        _account(controller, ticket, usage.get("completion_tokens", ticket.max_tokens))
+        _account(controller, ticket, _completion_tokens(answer, ticket.max_tokens))
         await admitted.close()
         if on_response is not None:
             on_response()
@@ -359,7 +364,7 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
                 choices = chunk.get("choices") or []
                 head = {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk} or head
                 if chunk.get("usage"):
-                    _account(controller, ticket, chunk["usage"].get("completion_tokens", generated))
+                    _account(controller, ticket, _completion_tokens(chunk, generated))
                     if not choices and not wants_usage:
                         continue  # the usage chunk the gateway asked for, not the client
                 yield _data_line(data)

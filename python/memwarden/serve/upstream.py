@@ -21,7 +21,8 @@ Every call has a timeout: ``connect_timeout`` to connect (and for the whole of a
 response. The HTTP client is httpx2 (what ``openai`` itself uses; httpx's API).
 
 vLLM's metrics read here: ``vllm:cache_config_info`` (its labels carry ``num_gpu_blocks``
-and ``block_size``: the KV budget), ``vllm:kv_cache_usage_perc``,
+and ``block_size``: the KV budget), ``vllm:kv_cache_usage_perc`` (``gpu_cache_usage_perc``
+before vLLM 0.10),
 ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and
 ``vllm:num_preemptions_total``; with several engines (data parallel) blocks, requests and
 preemptions are summed and the usage is the highest engine's.
@@ -120,7 +121,8 @@ def parse_metrics(text: str) -> EngineMetrics:
         found = [int(labels[label]) for labels in config_labels if str(labels.get(label, "")).isdigit()]
         return sum(found) if found else None
 
-    usage = values.get("vllm:kv_cache_usage_perc")
+    # vLLM before 0.10 named it gpu_cache_usage_perc
+    usage = values.get("vllm:kv_cache_usage_perc") or values.get("vllm:gpu_cache_usage_perc")
     sizes = {labels["block_size"] for labels in config_labels if str(labels.get("block_size", "")).isdigit()}
     return EngineMetrics(
         kv_cache_usage_perc=max(usage) if usage else None,
