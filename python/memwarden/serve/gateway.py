@@ -43,6 +43,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import anyio
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ConfigDict, Field
@@ -61,6 +62,7 @@ __all__ = ["UpstreamModel", "UpstreamTrafficController", "build_gateway", "creat
 
 _COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's and vLLM's max_tokens when a completion names none
 _BYTES_PER_TOKEN_GUESS = 4  # text without a tokenizer: a token per 4 bytes of UTF-8
+_DECIDING_THREADS = 8  # admission threads beyond the queue's: requests being decided, not waiting
 
 
 class GatewayCompletionRequest(CompletionRequest):
@@ -279,10 +281,13 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
                            "num_preemptions_total")}
     up = Gauge("memwarden:upstream_up", "1 when the last read of the upstream's /metrics succeeded",
                registry=metrics.registry)
+    # acquire() blocks while a request queues: threads of their own for every queued request
+    # and a few deciding, so a full queue never starves the shared thread pool
+    admitting = anyio.CapacityLimiter(controller.config.admission.queue_limit + _DECIDING_THREADS)
 
     @app.get("/healthz")
     async def healthz():
-        problem = await run_in_threadpool(upstream.health)
+        problem = await upstream.health()
         if problem is not None:
             return JSONResponse({"status": "upstream_unreachable", "upstream": upstream.url, "reason": problem},
                                 status_code=503)
@@ -328,8 +333,9 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
         if room < 1:
             return context_exceeded(prompt_tokens, model.max_context, chat)
         try:
-            ticket = await run_in_threadpool(controller.acquire, session_id, prompt_tokens, min(wanted or room, room),
-                                             body.temperature, body.top_p)
+            ticket = await anyio.to_thread.run_sync(controller.acquire, session_id, prompt_tokens,
+                                                    min(wanted or room, room), body.temperature, body.top_p,
+                                                    limiter=admitting)
         except Rejected as e:
             return refusal_response(e, metrics)
         admitted = _Admitted(controller, ticket)

@@ -178,13 +178,6 @@ class Upstream:
         except ValueError as exc:
             raise _bad_response(self.url, f"a /metrics that is not Prometheus text ({exc})") from None
 
-    def health(self) -> Optional[str]:
-        """None when the upstream answers ``/health``, else what is wrong."""
-        try:
-            self._get("/health")
-        except UpstreamError as exc:
-            return exc.message
-        return None
 
     # -- forwarding ----------------------------------------------------------------------------
 
@@ -240,6 +233,16 @@ class Upstream:
             return None
         self.has_tokenize = True
         return int(count)
+
+    async def health(self) -> Optional[str]:
+        """None when the upstream answers ``/health``, else what is wrong."""
+        try:
+            response = await self._async.get("/health", timeout=self._probe_timeout)
+        except httpx.HTTPError as exc:
+            return _transport_error(exc, self.url).message
+        if response.status_code != 200:
+            return _status_error(response.status_code, response.content, None, self.url).message
+        return None
 
     def close(self) -> None:
         self._sync.close()
