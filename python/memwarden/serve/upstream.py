@@ -138,7 +138,8 @@ def parse_metrics(text: str) -> EngineMetrics:
 
 class Upstream:
     """One upstream at ``url``: blocking probes (start-up, the metrics thread) and async
-    forwarding (the gateway's handlers, on uvicorn's event loop)."""
+    calls -- forwarding, ``/tokenize``, ``/health`` -- from the gateway's handlers, on
+    uvicorn's event loop."""
 
     def __init__(self, url: str, timeout: float, connect_timeout: float):
         self.url = url.rstrip("/")
@@ -168,8 +169,8 @@ class Upstream:
             models = self._get("/v1/models").json()["data"]
         except (ValueError, KeyError, TypeError):
             raise _bad_response(self.url, "a /v1/models that is not an OpenAI model list") from None
-        if not models:
-            raise _bad_response(self.url, "an empty /v1/models")
+        if not models or not all(isinstance(entry, dict) and "id" in entry for entry in models):
+            raise _bad_response(self.url, f"a /v1/models without model ids: {models!r:.200}")
         return models
 
     def metrics(self) -> EngineMetrics:
@@ -177,7 +178,6 @@ class Upstream:
             return parse_metrics(self._get("/metrics").text)
         except ValueError as exc:
             raise _bad_response(self.url, f"a /metrics that is not Prometheus text ({exc})") from None
-
 
     # -- forwarding ----------------------------------------------------------------------------
 
