@@ -238,19 +238,30 @@ def test_upstream_parameters_pass_through_and_limits_are_the_controllers(gateway
 # ---- the controller's refusals ----------------------------------------------------------------
 
 def test_session_quota_is_429_for_that_session_only(fake, model_config):
-    # 16 KiB a session at 256 B a token: 64 tokens; "reserve" prices prompt + max_tokens
+    # 16 KiB a session at 256 B a token: 64 tokens; "reserve" prices prompt + max_tokens, so
+    # one request of 4 + 40 fits a session and a second one beside it does not
     server, thread = start(fake, model_config, **{"sessions.per_session_limit": "16KiB",
                                                   "admission.policy": "reserve"})
     try:
         base = f"http://127.0.0.1:{server.port}"
-        status, headers, body = post(base + "/v1/completions", {"prompt": "a b c", "max_tokens": 100},
-                                     {"X-Session-ID": "greedy"})
-        assert status == 429 and json.loads(body)["error"]["code"] == "session_limit"
+        body = {"prompt": "a b c", "max_tokens": 40}
+        fake.delay = 1.0
+        first = {}
+        holder = threading.Thread(target=lambda: first.update(
+            status=post(base + "/v1/completions", body, {"X-Session-ID": "busy"})[0]))
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not server.controller.admission.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, headers, answer = post(base + "/v1/completions", body, {"X-Session-ID": "busy"})
+        assert status == 429 and json.loads(answer)["error"]["code"] == "session_limit"
         assert int(headers["retry-after"]) >= 1
-        sent = len(fake.received)
-        status, _, _ = post(base + "/v1/completions", {"prompt": "a b c", "max_tokens": 20},
-                            {"X-Session-ID": "modest"})
-        assert status == 200 and len(fake.received) == sent + 1  # only the admitted one reached the upstream
+        assert stats(base)["session_details"]["busy"]["in_flight"] == 1
+        status, _, _ = post(base + "/v1/completions", body, {"X-Session-ID": "other"})  # admitted beside it
+        assert status == 200
+        holder.join(10)
+        assert first["status"] == 200 and idle(server)
+        assert stats(base)["rejections_by_reason"] == {"session_limit": 1}
     finally:
         server.stop(thread)
 
