@@ -74,8 +74,10 @@ class TrafficController:
     the budget) and degradation (``config.degradation``) over one KV budget of
     ``budget_bytes``, every token priced at ``bytes_per_token``."""
 
-    def __init__(self, config: MemwardenConfig, budget_bytes: int, bytes_per_token: int, clock=time.monotonic):
+    def __init__(self, config: MemwardenConfig, budget_bytes: int, bytes_per_token: int, clock=time.monotonic,
+                 can_preempt: bool = True):
         self.config, self.budget_bytes, self.bytes_per_token = config, budget_bytes, bytes_per_token
+        self.can_preempt = can_preempt  # False where requests cannot be recomputed (a gateway): they stop instead
         s = config.sessions
         self.sessions = SessionTable(per_session_limit=min(s.per_session_limit, budget_bytes),
                                      global_limit=min(s.global_limit, budget_bytes), idle_timeout=s.idle_timeout,
@@ -229,7 +231,7 @@ class TrafficController:
         was another, PREEMPTED when it was ``ticket``, STOP when ``ticket`` runs alone."""
         with self._lock:  # a request admitted but not yet handed its ticket cannot be preempted yet
             candidates = [rid for rid in self.admission.running_ids() if rid in self._running]
-        if candidates == [ticket.request_id]:
+        if candidates == [ticket.request_id] or not self.can_preempt:
             return self._stop(ticket)
         victim_id = candidates[-1]
         reserved = self.admission.reservation(victim_id)[1]

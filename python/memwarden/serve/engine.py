@@ -96,7 +96,7 @@ class Engine:
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.apply_chat_template(messages)
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding is not a dict
 
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  seed: Optional[int] = None, logit_bias: Optional[dict[int, float]] = None,

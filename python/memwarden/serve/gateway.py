@@ -51,7 +51,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from memwarden.controller.config import MemwardenConfig
-from memwarden.controller.traffic import Rejected, Ticket, TrafficController
+from memwarden.controller.traffic import CONTINUE, Rejected, Ticket, TrafficController
 from memwarden.serve.app import (admission_notice, context_exceeded, error_response, refusal_response,
                                  refuse_invalid_requests, retry_after_header, unknown_model)
 from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -169,7 +169,7 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
     except ValueError:
         upstream.close()
         raise
-    controller = UpstreamTrafficController(config, budget, bytes_per_token)
+    controller = UpstreamTrafficController(config, budget, bytes_per_token, can_preempt=False)  # vLLM generates
     controller.upstream_usage = first.kv_cache_usage_perc or 0.0
 
     def on_read(metrics: EngineMetrics) -> None:
@@ -214,7 +214,7 @@ def _account(controller: TrafficController, ticket: Ticket, generated: int) -> b
     """Report output up to ``generated`` tokens, one at a time (the controller grows a
     reservation in steps); False where the pool had no room for more."""
     for count in range(ticket.generated + 1, min(generated, ticket.max_tokens) + 1):
-        if not controller.progress(ticket, count):
+        if controller.progress(ticket, count) != CONTINUE:
             return False
     return True
 
