@@ -79,6 +79,7 @@ class Estimate:
     block_size: int = 16
     kv_budget: int | None = None
     kv_blocks: int | None = None
+    kv_tokens: int | None = None            # what vLLM logs as its "KV cache size"
     max_sequences: int | None = None        # concurrent sequences of ``context`` tokens
 
     @property
@@ -115,7 +116,8 @@ class Estimate:
             lines.append("fits" if self.fits else "DOES NOT FIT")
         if self.kv_blocks is not None:
             lines.append(f"KV room {format_bytes(self.kv_budget)}: {self.kv_blocks} blocks of {self.block_size} "
-                         f"tokens, {self.max_sequences} concurrent sequence(s) of {self.context} tokens")
+                         f"tokens ({self.kv_tokens} tokens), {self.max_sequences} concurrent sequence(s) of "
+                         f"{self.context} tokens")
         lines += self.notes + [f"warning: {w}" for w in self.warnings]
         return lines
 
@@ -194,8 +196,9 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
     ``memwarden.footprint.kv_format``. With ``max_memory`` (accelerate's format) the
     breakdown is per device, placed as ``offload`` says (``gpu_layers=N`` implies the
     llama.cpp mode); ``attention_scores`` and ``all_logits`` as for
-    ``footprint.activation_bytes``. The room left for KV is sized as vLLM does: ``kv_blocks`` of
-    ``block_size`` tokens and ``max_sequences`` of ``context`` tokens.
+    ``footprint.activation_bytes``. The room left for KV is sized as vLLM does
+    (``footprint.kv_pool``, with ``prefill_chunk`` tokens in flight): ``kv_blocks`` of
+    ``block_size`` tokens, ``kv_tokens`` and ``max_sequences`` of ``context`` tokens.
     """
     desc = _describe(model, dtype)
     spec = desc.spec
@@ -233,10 +236,12 @@ def estimate(model: Any, dtype: Any = None, context: int | None = None, batch: i
             _place_accelerate(est, desc, max_memory, cache_layers, fixed)
         holders = [x for x in est.devices if x.context] or est.devices
         est.kv_budget = max(0, sum(x.memory - x.model - x.compute - x.overhead for x in holders))
-        if any(layer.has_kv for layer in spec.layers):
-            est.kv_blocks = F.kv_blocks(spec, est.kv_budget, block_size, fmt.name, desc.dtype, mla_cache)
-        est.max_sequences = F.max_concurrent_sequences(spec, est.kv_budget, context, block_size, fmt.name,
-                                                       desc.dtype, mla_cache, act_bytes)
+        if any(layer.has_kv or layer.state_bytes(act_bytes) for layer in spec.layers):
+            pool = F.kv_pool(spec, est.kv_budget, context, block_size, fmt.name, desc.dtype, mla_cache, act_bytes,
+                             prefill_chunk)
+            if any(layer.has_kv for layer in spec.layers):
+                est.kv_blocks, est.kv_tokens = pool.num_blocks, pool.tokens
+            est.max_sequences = pool.max_sequences
     elif offload == "gpu_layers":
         raise ValueError("gpu_layers needs max_memory (GPUs and 'cpu')")
     return est

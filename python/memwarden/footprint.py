@@ -25,6 +25,12 @@ one fp32 scale per token and head, memwarden's dynamic INT8 pages), ``int4`` (ha
 plus an fp16 scale and zero point per group of 64 elements, transformers'
 ``QuantizedCache`` layout).
 
+KV pages (``kv_pool``, ``kv_blocks``, ``max_concurrent_sequences``): a budget cut into
+blocks as vLLM v1 cuts it, layers of one kind sharing block tables and hybrid models'
+kinds grouped and padded to equal groups; a sequence holds whole blocks, a sliding layer
+its window plus the tokens still in flight. Checked against a real vLLM by
+``tests/python/test_vllm_parity.py``.
+
 Activations: the peak of one forward step over ``tokens`` tokens, as eager transformers
 allocates it: the residual stream plus the largest of the norm's fp32 upcast, the
 attention block (the projections' outputs and rotary copies; the score matrix when the
@@ -45,7 +51,8 @@ from memwarden._units import format_bytes
 
 __all__ = [
     "KVFormat", "kv_format", "KV_DTYPES", "kv_bytes_per_token", "kv_layer_bytes", "kv_cache_bytes",
-    "state_bytes", "activation_bytes", "fixed_bytes", "kv_blocks", "max_concurrent_sequences",
+    "state_bytes", "activation_bytes", "fixed_bytes", "KVPool", "kv_pool", "kv_blocks",
+    "max_concurrent_sequences",
     "auto_reserve", "CUDA_CONTEXT_BYTES", "WORKSPACE_BYTES", "DEFAULT_PREFILL_CHUNK", "MLA_CACHES",
 ]
 
@@ -206,42 +213,125 @@ def fixed_bytes(cuda_context: int = CUDA_CONTEXT_BYTES, workspace: int = WORKSPA
     return cuda_context + workspace
 
 
-def _sequence_bytes(spec, context: int, block_size: int, fmt: KVFormat, mla_cache: str,
-                    state_element_bytes: int) -> int:
-    """Bytes of one sequence's pages: each layer's kept tokens rounded up to whole blocks."""
-    total = 0
+@dataclass(frozen=True)
+class KVPool:
+    """A KV budget cut into blocks as vLLM's paged cache cuts it (see ``kv_pool``)."""
+
+    block_size: int                 # tokens per block
+    block_bytes: int                # one block: its tokens in every layer of the widest group
+    num_blocks: int
+    blocks_per_sequence: int        # blocks one sequence of ``context`` tokens takes, all groups summed
+    context: int
+
+    @property
+    def max_concurrency(self) -> float:
+        """Sequences of ``context`` tokens the blocks hold (vLLM's "Maximum concurrency")."""
+        return self.num_blocks / self.blocks_per_sequence
+
+    @property
+    def max_sequences(self) -> int:
+        return self.num_blocks // self.blocks_per_sequence
+
+    @property
+    def tokens(self) -> int:
+        """vLLM's "KV cache size" in tokens: the concurrency times the context."""
+        return int(self.max_concurrency * self.context)
+
+
+def _kv_groups(spec) -> list:
+    """The KV layers grouped as vLLM's hybrid KV cache manager groups them: layers of one
+    kind (full, or sliding/chunked with one window) share block tables; with several kinds,
+    each kind is split into groups of ``group_size`` layers (the fewest layers of a kind,
+    or the most when that is under 1.5 times the fewest), the last one short of layers
+    where the count does not divide (vLLM's padding layers), so that groups line up."""
+    kinds: dict = {}
     for layer in spec.layers:
-        kept = layer.tokens_kept(context)
-        total += _layer_token_bytes(layer, fmt, mla_cache) * math.ceil(kept / block_size) * block_size
-        total += layer.state_bytes(state_element_bytes)
-    return int(math.ceil(total))
+        if layer.has_kv:
+            kinds.setdefault((layer.kind, layer.window if layer.kind != "full" else None), []).append(layer)
+    counts = [len(layers) for layers in kinds.values()]
+    if not counts:
+        return []
+    group_size = max(counts) if max(counts) < 1.5 * min(counts) else min(counts)
+    groups = []
+    for layers in kinds.values():
+        num_groups = -(-len(layers) // group_size)
+        groups += [layers[i::num_groups] for i in range(num_groups)]   # vLLM deals them out round-robin
+    return groups
+
+
+def _blocks_per_sequence(layer, context: int, block_size: int, in_flight_tokens: int) -> int:
+    """Blocks one layer holds at most for a sequence of ``context`` tokens, as vLLM
+    reserves them: every token for full attention; for a sliding layer the window less one
+    plus the tokens still in flight (chunked prefill frees blocks only once processed),
+    one block more because the window need not start on a block boundary; for a chunked
+    layer the chunk plus the tokens in flight."""
+    if layer.kind == "sliding":
+        return -(-min(layer.window - 1 + in_flight_tokens, context) // block_size) + 1
+    if layer.kind == "chunked":
+        return -(-min(layer.window + in_flight_tokens, context) // block_size)
+    return -(-context // block_size)
+
+
+def kv_pool(spec, budget: int, context: int, block_size: int = 16, kv_dtype: Any = "auto",
+            weights_dtype: str = "bfloat16", mla_cache: str = "latent", state_element_bytes: int = 2,
+            in_flight_tokens: int = DEFAULT_PREFILL_CHUNK) -> KVPool:
+    """``budget`` bytes of KV pages sized as vLLM (v1, ``kv_cache_utils``) sizes them:
+
+        blocks = budget // block_bytes, block_bytes = max over groups of sum(page bytes)
+        blocks per sequence = sum over groups of the blocks one of its layers holds
+
+    with the layers grouped by ``_kv_groups`` (one group of every layer when they are all
+    of one kind), a page being ``block_size`` tokens of one layer, and a layer holding as
+    many blocks as ``_blocks_per_sequence`` says. ``in_flight_tokens``: tokens scheduled
+    and not yet processed, vLLM's ``max_num_batched_tokens`` (times two with async
+    scheduling). Linear-attention / SSM layers add their state, rounded up to whole
+    blocks (a block of one sequence's state when the model keeps no KV); vLLM's Mamba
+    pages follow other rules, so that part is memwarden's approximation. Hybrid models
+    whose kinds of layer differ in page size are priced as if their pages lined up."""
+    integer(context, "context")
+    integer(in_flight_tokens, "in_flight_tokens")
+    groups = _kv_groups(spec)
+    state = sum(layer.state_bytes(state_element_bytes) for layer in spec.layers)
+    block_bytes = _block_bytes(spec, budget, block_size, kv_dtype, weights_dtype, mla_cache) or state
+    if not block_bytes:
+        raise ValueError(f"{spec.name} keeps no cache (no attention or state layers): blocks have no size")
+    blocks = sum(_blocks_per_sequence(group[0], context, block_size, in_flight_tokens) for group in groups)
+    blocks += -(-state // block_bytes)
+    return KVPool(block_size=block_size, block_bytes=block_bytes, num_blocks=budget // block_bytes,
+                  blocks_per_sequence=blocks, context=context)
+
+
+def _block_bytes(spec, budget: int, block_size: int, kv_dtype: Any, weights_dtype: str, mla_cache: str) -> int:
+    """Bytes of one KV block: ``block_size`` tokens in every layer of the widest group
+    (0 when the model keeps no KV)."""
+    integer(budget, "budget", minimum=0)
+    integer(block_size, "block_size")
+    fmt = kv_format(kv_dtype, weights_dtype)
+    _check_mla(mla_cache)
+    widest = max((sum(_layer_token_bytes(layer, fmt, mla_cache) for layer in group) for group in _kv_groups(spec)),
+                 default=0)
+    return int(math.ceil(widest * block_size))
 
 
 def kv_blocks(spec, budget: int, block_size: int = 16, kv_dtype: Any = "auto", weights_dtype: str = "bfloat16",
               mla_cache: str = "latent") -> int:
-    """How many KV blocks of ``block_size`` tokens (each holding those tokens for every
-    KV layer, as vLLM sizes its cache: budget // (block_size x bytes per token)) fit in
-    ``budget`` bytes."""
-    integer(budget, "budget", minimum=0)
-    integer(block_size, "block_size")
-    per_token = kv_bytes_per_token(spec, kv_dtype, weights_dtype, mla_cache)
-    if per_token == 0:
+    """How many KV blocks of ``block_size`` tokens fit in ``budget`` bytes, as vLLM counts
+    them (see ``kv_pool``; for a model of one kind of layer, budget // (block_size x bytes
+    per token))."""
+    block_bytes = _block_bytes(spec, budget, block_size, kv_dtype, weights_dtype, mla_cache)
+    if not block_bytes:
         raise ValueError(f"{spec.name} keeps no KV cache (no attention layers): blocks have no size")
-    return int(budget // (per_token * block_size))
+    return budget // block_bytes
 
 
 def max_concurrent_sequences(spec, budget: int, context: int, block_size: int = 16, kv_dtype: Any = "auto",
                              weights_dtype: str = "bfloat16", mla_cache: str = "latent",
-                             state_element_bytes: int = 2) -> int:
-    """How many sequences of ``context`` tokens fit in ``budget`` bytes of KV pages
-    (sliding layers need only the window's blocks; SSM layers their state)."""
-    integer(budget, "budget", minimum=0)
-    integer(context, "context")
-    integer(block_size, "block_size")
-    fmt = kv_format(kv_dtype, weights_dtype)
-    _check_mla(mla_cache)
-    per_seq = _sequence_bytes(spec, context, block_size, fmt, mla_cache, state_element_bytes)
-    return budget // per_seq if per_seq else 0
+                             state_element_bytes: int = 2, in_flight_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
+    """How many sequences of ``context`` tokens fit in ``budget`` bytes of KV pages, as
+    vLLM reserves them (``kv_pool``: sliding layers hold their window and the tokens in
+    flight; SSM layers their state)."""
+    return kv_pool(spec, budget, context, block_size, kv_dtype, weights_dtype, mla_cache, state_element_bytes,
+                   in_flight_tokens).max_sequences
 
 
 def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, weights_dtype: str = "bfloat16",

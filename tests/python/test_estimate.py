@@ -62,6 +62,19 @@ def test_vllm_style_block_sizing():
     assert e.kv_blocks == room // (16 * LLAMA_KV_TOKEN)
     assert e.max_sequences == room // (4096 * LLAMA_KV_TOKEN)   # 4096 is 256 whole blocks
     assert e.max_sequences == F.max_concurrent_sequences(M.model_spec("llama-3.1-8b"), room, 4096)
+    assert e.kv_tokens == int(e.kv_blocks / 256 * 4096)          # vLLM's "KV cache size"
+    assert f"({e.kv_tokens} tokens)" in e.report()
+
+
+def test_vllm_style_block_sizing_of_sliding_and_full_layers():
+    # gpt-oss-20b: 12 sliding (window 128) and 12 full layers of 8 kv heads x 64, bf16: two
+    # groups of 12 layers, a block is 16 tokens in 12 layers
+    e = E.estimate("gpt-oss-20b", context=8192, max_memory={0: "80GiB"}, prefill_chunk=2048)
+    block = 12 * 16 * 8 * 64 * 2 * 2
+    assert e.kv_blocks == e.kv_budget // block
+    # per sequence: the full layers' 512 blocks, the sliding layers' window less one plus
+    # the 2048 tokens of a prefill chunk (137 blocks with the one a window straddles)
+    assert e.max_sequences == e.kv_blocks // (8192 // 16 + (127 + 2048 + 15) // 16 + 1)
 
 
 def test_accelerate_offload_keeps_the_kv_on_the_gpu():

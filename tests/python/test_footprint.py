@@ -327,20 +327,56 @@ def test_max_concurrent_rounds_up_to_whole_blocks(llama8b):
     assert F.max_concurrent_sequences(llama8b, budget, 1024) == budget // (1024 * 131072)
 
 
-def test_max_concurrent_sliding_layers_need_only_the_window():
+SLIDING, FULL = "sliding_attention", "full_attention"
+TINY_PAGE = 16 * 2 * (16 + 16) * 4   # a block of 16 tokens in one layer: 2 kv heads x (K 16 + V 16), fp32
+
+
+def test_max_concurrent_sliding_layers_hold_the_window_and_the_tokens_in_flight():
     cfg = tiny_config("gemma2", sliding_window=40)  # sliding, full; 2 kv heads x (16 + 16)
     spec = models.describe(cfg).spec
     assert [layer.kind for layer in spec.layers] == ["sliding", "full"]
-    token = 2 * (16 + 16) * 4  # fp32 bytes per token and layer
-    full = math.ceil(100 / 16) * 16 * token      # 7 blocks
-    sliding = math.ceil(40 / 16) * 16 * token    # 3 blocks: the window, not the context
-    per_seq = full + sliding
-    assert per_seq == (112 + 48) * 256
-    for budget in (per_seq - 1, per_seq, 10 * per_seq + 5, 1000 * per_seq - 1):
-        assert F.max_concurrent_sequences(spec, budget, 100, block_size=16, kv_dtype="float32") == budget // per_seq
-    # inside the window the sliding layer costs what a full one does
-    assert F.max_concurrent_sequences(spec, 10 * 2 * 32 * token, 20, kv_dtype="float32") == 10
-    assert F.kv_bytes_per_token(spec, "float32") == 2 * token
+    # one group per kind, a block is one layer's page; per sequence of 100 tokens, as vLLM
+    # reserves them: full 7 blocks, sliding the window less one plus 8 tokens in flight
+    # (47 tokens, 3 blocks) and one block more for a window that straddles block edges
+    full, sliding = math.ceil(100 / 16), math.ceil((40 - 1 + 8) / 16) + 1
+    assert (full, sliding) == (7, 4)
+    pool = F.kv_pool(spec, 10 * 11 * TINY_PAGE + 5, 100, block_size=16, kv_dtype="float32", in_flight_tokens=8)
+    assert (pool.block_bytes, pool.num_blocks, pool.blocks_per_sequence) == (TINY_PAGE, 110, 11)
+    assert pool.max_sequences == 10 and pool.max_concurrency == 10.0 and pool.tokens == 1000
+    for budget in (11 * TINY_PAGE - 1, 11 * TINY_PAGE, 1000 * 11 * TINY_PAGE - 1):
+        assert F.max_concurrent_sequences(spec, budget, 100, block_size=16, kv_dtype="float32",
+                                          in_flight_tokens=8) == budget // TINY_PAGE // 11
+    # the default 2048 tokens in flight reach past the context: the sliding layer holds all
+    # 100 tokens, and still the extra block
+    assert F.kv_pool(spec, 10**6, 100, block_size=16, kv_dtype="float32").blocks_per_sequence == 7 + 8
+    assert F.kv_bytes_per_token(spec, "float32") == 2 * TINY_PAGE // 16
+
+
+@pytest.mark.parametrize("types,block_layers,groups", [
+    # 3 sliding, 2 full: groups of the fewest (2); the sliding layers fill 2 groups, one short
+    ([SLIDING] * 3 + [FULL] * 2, 2, ("sliding", "sliding", "full")),
+    # 3 sliding, 4 full: 4 is under 1.5 x 3, so groups of the most (4), the sliding one short
+    ([SLIDING] * 3 + [FULL] * 4, 4, ("sliding", "full")),
+    # one kind: one group of every layer, however many
+    ([FULL] * 5, 5, ("full",)),
+])
+def test_hybrid_layers_grouped_and_padded_as_vllm(types, block_layers, groups):
+    cfg = tiny_config("gemma2", sliding_window=40, num_hidden_layers=len(types), layer_types=types)
+    spec = models.describe(cfg).spec
+    pool = F.kv_pool(spec, 10**6, 100, block_size=16, kv_dtype="float32", in_flight_tokens=8)
+    # a block holds 16 tokens of every layer of a group, padding slots included
+    assert pool.block_bytes == block_layers * TINY_PAGE
+    assert pool.num_blocks == 10**6 // (block_layers * TINY_PAGE)
+    assert F.kv_blocks(spec, 10**6, 16, "float32") == pool.num_blocks
+    assert pool.blocks_per_sequence == sum(7 if kind == "full" else 4 for kind in groups)
+
+
+def test_kv_pool_of_a_model_of_one_kind_is_budget_over_bytes_per_token(llama8b):
+    budget = 5 * 2**30 + 12345
+    pool = F.kv_pool(llama8b, budget, 1000, block_size=16)
+    assert pool.block_bytes == 16 * 131072 and pool.num_blocks == budget // (16 * 131072) == 2560
+    assert pool.blocks_per_sequence == 63                       # 1000 tokens in 63 blocks
+    assert pool.max_concurrency == 2560 / 63 and pool.tokens == int(2560 / 63 * 1000) == 40634
 
 
 def test_errors(llama8b):
