@@ -15,7 +15,8 @@ from memwarden import models as M
 
 import vllm_server as V
 
-pytestmark = pytest.mark.skipif(V.unavailable() is not None, reason=V.unavailable() or "")
+UNAVAILABLE = V.unavailable()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 KV_BUDGET = 11_000_000       # not a power of two: every division rounds
 CONTEXT = 1000               # not a whole number of blocks
@@ -50,12 +51,14 @@ def test_kv_sizing_matches_vllm(name):
                                       in_flight_tokens=BATCHED_TOKENS) == int(pool.max_concurrency)
 
 
-def test_a_server_reports_the_same_sizing_on_metrics_and_in_its_log():
+def test_a_server_serves_and_reports_the_same_sizing_on_metrics_and_in_its_log():
     name = "gemma3-hybrid"
     args = ("--max-num-batched-tokens", str(BATCHED_TOKENS), "--no-async-scheduling")
     with V.vllm_server(V.model_dir(name), KV_BUDGET, max_model_len=CONTEXT, extra_args=args) as server:
         cache = server.metric_labels("vllm:cache_config_info")
         logged = CAPACITY_LOG.search(server.log())
+        completion = server.complete([1, 2, 3], max_tokens=4)   # and it serves
+    assert completion["usage"]["prompt_tokens"] == 3 and completion["usage"]["completion_tokens"] == 4
     assert cache["kv_cache_memory_bytes"] == str(KV_BUDGET)
     pool = memwarden_pool(name, int(cache["block_size"]))
     assert pool.num_blocks == int(cache["num_gpu_blocks"])

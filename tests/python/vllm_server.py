@@ -7,6 +7,7 @@ tiny model folders it writes under build/vllm-models, dummy weights, no tokenize
   test ends; about 30 s to start on 2 idle cores.
 
       with vllm_server(model_dir("llama-gqa"), kv_cache_bytes=10 * 2**20) as server:
+          server.complete([1, 2, 3], max_tokens=4)
           server.get("/metrics")      # server.log(): what vLLM printed
 
 * ``kv_capacity``: vLLM's KV sizing of several models from one process that builds each
@@ -59,6 +60,7 @@ def model_dir(name: str) -> str:
 @dataclass
 class VLLMServer:
     url: str            # http://127.0.0.1:PORT
+    model: str          # the name it serves the model under: the folder as given
     log_path: str
 
     def log(self) -> str:
@@ -68,6 +70,17 @@ class VLLMServer:
     def get(self, path: str, timeout: float = 10) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return response.read().decode()
+
+    def post(self, path: str, body: dict, timeout: float = 60) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def complete(self, prompt_token_ids: list, max_tokens: int) -> dict:
+        """/v1/completions of a token-id prompt (the server has no tokenizer)."""
+        return self.post("/v1/completions", {"model": self.model, "prompt": prompt_token_ids,
+                                             "max_tokens": max_tokens, "ignore_eos": True})
 
     def metric_labels(self, name: str) -> dict:
         """The labels of the first sample of ``name`` on /metrics (vllm:cache_config_info
@@ -127,7 +140,7 @@ def vllm_server(model: str, kv_cache_bytes: int, *, max_model_len: int = MAX_MOD
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                cwd=REPO, env={**os.environ, **OFFLINE_ENV}, start_new_session=True)
     log_file.close()
-    server = VLLMServer(url=f"http://127.0.0.1:{port}", log_path=log_file.name)
+    server = VLLMServer(url=f"http://127.0.0.1:{port}", model=model, log_path=log_file.name)
     try:
         _wait_healthy(process, server, timeout)
         yield server
