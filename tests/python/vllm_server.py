@@ -17,15 +17,15 @@ tiny model folders it writes under build/vllm-models, dummy weights, no tokenize
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-import json
-import sys
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -111,17 +111,18 @@ def _wait_healthy(process: subprocess.Popen, server: VLLMServer, timeout: float)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL to whatever is left after 15 s."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM to the server's process group (the server stops its engine), then SIGKILL
+    to whatever of the group is left after 15 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 @contextmanager
@@ -157,7 +158,8 @@ def kv_capacity(models: list, kv_cache_bytes: int, *, max_model_len: int = MAX_M
     """vLLM's KV sizing of each model folder, {folder: cache figures}: block_size,
     num_gpu_blocks, kv_cache_size_tokens and kv_cache_max_concurrency as its
     CacheConfig holds them (what /metrics shows as vllm:cache_config_info), with the
-    server's settings of ``vllm_server`` and synchronous scheduling (one step in flight)."""
+    settings ``vllm_server`` starts a server with (dummy weights, bfloat16, eager) and
+    synchronous scheduling (one step in flight)."""
     command = [VLLM_PYTHON, os.path.abspath(__file__), str(kv_cache_bytes), str(max_model_len),
                str(max_num_batched_tokens), *models]
     # the engine in this process, its worker in-process too
