@@ -41,7 +41,7 @@ $PY - "$MODELS_DIR" <<'EOF'
 import os
 import sys
 
-from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import DeepseekV2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config, Qwen3MoeConfig
 
 # Small enough that a dummy-weight server starts in seconds; head size 64, which every
 # CPU attention kernel supports. Each names its causal-LM class: without "architectures"
@@ -65,9 +65,20 @@ models = {
     "gemma3-padded": Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], num_hidden_layers=5,
                                       num_key_value_heads=2, sliding_window=128, layer_types=3 * sliding + 2 * full,
                                       **common),
+    # every layer sliding: one kind, one group
+    "mistral-sliding": MistralConfig(architectures=["MistralForCausalLM"], num_hidden_layers=4, num_key_value_heads=2,
+                                     sliding_window=128, **common),
     # mixture of experts: 8 routed experts, 2 per token
     "qwen3-moe": Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], num_hidden_layers=4, num_key_value_heads=2,
                                 moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, **common),
+    # MLA (a compressed latent of 64 + 32 per token and layer) over a dense layer and MoE
+    # layers; vLLM's CPU MLA kernel takes blocks of 16 tokens
+    "deepseek-v2-mla": DeepseekV2Config(
+        architectures=["DeepseekV2ForCausalLM"], num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        hidden_size=256, intermediate_size=512, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=64, q_lora_rank=None,
+        qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, vocab_size=2048, max_position_embeddings=2048,
+        dtype="bfloat16"),
 }
 for name, config in models.items():
     folder = os.path.join(sys.argv[1], name)

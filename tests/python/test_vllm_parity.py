@@ -23,7 +23,8 @@ CONTEXT = 1000               # not a whole number of blocks
 # chunked prefill of 256 tokens a step, one step in flight: the tokens a sliding layer
 # holds beyond its window (vLLM's max_in_flight_tokens)
 BATCHED_TOKENS = 256
-MODELS = ("llama-gqa", "qwen3", "gemma3-hybrid", "gemma3-padded", "qwen3-moe")
+MODELS = ("llama-gqa", "qwen3", "gemma3-hybrid", "gemma3-padded", "mistral-sliding", "qwen3-moe",
+          "deepseek-v2-mla")
 CAPACITY_LOG = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: "
                           r"([\d.]+)x")
 
