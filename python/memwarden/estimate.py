@@ -116,8 +116,8 @@ class Estimate:
             lines.append("fits" if self.fits else "DOES NOT FIT")
         if self.kv_blocks is not None:
             lines.append(f"KV room {format_bytes(self.kv_budget)}: {self.kv_blocks} blocks of {self.block_size} "
-                         f"tokens ({self.kv_tokens} tokens), {self.max_sequences} concurrent sequence(s) of "
-                         f"{self.context} tokens")
+                         f"tokens, {self.max_sequences} concurrent sequence(s) of {self.context} tokens "
+                         f"(KV cache size {self.kv_tokens} tokens)")
         lines += self.notes + [f"warning: {w}" for w in self.warnings]
         return lines
 

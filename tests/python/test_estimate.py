@@ -63,7 +63,7 @@ def test_vllm_style_block_sizing():
     assert e.max_sequences == room // (4096 * LLAMA_KV_TOKEN)   # 4096 is 256 whole blocks
     assert e.max_sequences == F.max_concurrent_sequences(M.model_spec("llama-3.1-8b"), room, 4096)
     assert e.kv_tokens == int(e.kv_blocks / 256 * 4096)          # vLLM's "KV cache size"
-    assert f"({e.kv_tokens} tokens)" in e.report()
+    assert f"(KV cache size {e.kv_tokens} tokens)" in e.report()
 
 
 def test_vllm_style_block_sizing_of_sliding_and_full_layers():
