@@ -41,7 +41,8 @@ $PY - "$MODELS_DIR" <<'EOF'
 import os
 import sys
 
-from transformers import DeepseekV2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import (DeepseekV2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config,
+                          Qwen3MoeConfig, Qwen3NextConfig)
 
 # Small enough that a dummy-weight server starts in seconds; head size 64, which every
 # CPU attention kernel supports. Each names its causal-LM class: without "architectures"
@@ -79,6 +80,12 @@ models = {
         n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=64, q_lora_rank=None,
         qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, vocab_size=2048, max_position_embeddings=2048,
         dtype="bfloat16"),
+    # three linear-attention (gated delta rule) layers to one full one, MoE: states beside KV
+    "qwen3-next": Qwen3NextConfig(
+        architectures=["Qwen3NextForCausalLM"], num_hidden_layers=4, full_attention_interval=4, num_key_value_heads=2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+        shared_expert_intermediate_size=128, **common),
 }
 for name, config in models.items():
     folder = os.path.join(sys.argv[1], name)

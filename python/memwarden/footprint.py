@@ -25,10 +25,11 @@ one fp32 scale per token and head, memwarden's dynamic INT8 pages), ``int4`` (ha
 plus an fp16 scale and zero point per group of 64 elements, transformers'
 ``QuantizedCache`` layout).
 
-KV pages (``kv_pool``, ``kv_blocks``, ``max_concurrent_sequences``): a budget cut into
+Cache pages (``kv_pool``, ``kv_blocks``, ``max_concurrent_sequences``): a budget cut into
 blocks as vLLM v1 cuts it, layers of one kind sharing block tables and hybrid models'
-kinds grouped and padded to equal groups; a sequence holds whole blocks, a sliding layer
-its window plus the tokens still in flight. Checked against a real vLLM by
+kinds (sliding, full, linear-attention state) grouped and padded to equal groups; a
+sequence holds whole blocks, a sliding layer its window plus the tokens still in flight,
+a state layer one padded page (two with prefix caching). Checked against a real vLLM by
 ``tests/python/test_vllm_parity.py``.
 
 Activations: the peak of one forward step over ``tokens`` tokens, as eager transformers
@@ -238,33 +239,59 @@ class KVPool:
         return int(self.max_concurrency * self.context)
 
 
-def _kv_groups(spec) -> list:
-    """The KV layers grouped as vLLM's hybrid KV cache manager groups them: layers of one
-    kind (full, or sliding/chunked with one window) share block tables; with several kinds,
-    each kind is split into groups of ``group_size`` layers (the fewest layers of a kind,
-    or the most when that is under 1.5 times the fewest), the last one short of layers
-    where the count does not divide (vLLM's padding layers), so that groups line up."""
-    kinds: dict = {}
+def _pages(spec, block_size: int, fmt: KVFormat, mla_cache: str, state_element_bytes: int) -> list:
+    """(kind, layer, bytes of one page) of every cache a layer keeps: its KV, ``block_size``
+    tokens a page, and its recurrent state, one page holding one sequence's state."""
+    pages = []
     for layer in spec.layers:
         if layer.has_kv:
-            kinds.setdefault((layer.kind, layer.window if layer.kind != "full" else None), []).append(layer)
-    counts = [len(layers) for layers in kinds.values()]
+            kind = (layer.kind, layer.window if layer.kind != "full" else None)
+            pages.append((kind, layer, math.ceil(_layer_token_bytes(layer, fmt, mla_cache) * block_size)))
+        if layer.state_bytes(state_element_bytes):
+            pages.append((("state", None), layer, layer.state_bytes(state_element_bytes)))
+    return pages
+
+
+def _kv_groups(pages: list) -> list:
+    """The pages grouped as vLLM's hybrid KV cache manager groups layers: pages of one kind
+    (full, sliding or chunked with one window, state) share block tables; with several
+    kinds, each kind is split into groups of ``group_size`` (the fewest pages of a kind, or
+    the most when that is under 1.5 times the fewest), the last one short where the count
+    does not divide (vLLM's padding layers), so that groups line up."""
+    kinds: dict = {}
+    for kind, layer, page in pages:
+        kinds.setdefault(kind, []).append((kind, layer, page))
+    counts = [len(members) for members in kinds.values()]
     if not counts:
         return []
     group_size = max(counts) if max(counts) < 1.5 * min(counts) else min(counts)
     groups = []
-    for layers in kinds.values():
-        num_groups = -(-len(layers) // group_size)
-        groups += [layers[i::num_groups] for i in range(num_groups)]   # vLLM deals them out round-robin
+    for members in kinds.values():
+        num_groups = -(-len(members) // group_size)
+        groups += [members[i::num_groups] for i in range(num_groups)]   # vLLM deals them out round-robin
     return groups
 
 
-def _blocks_per_sequence(layer, context: int, block_size: int, in_flight_tokens: int) -> int:
-    """Blocks one layer holds at most for a sequence of ``context`` tokens, as vLLM
-    reserves them: every token for full attention; for a sliding layer the window less one
-    plus the tokens still in flight (chunked prefill frees blocks only once processed),
-    one block more because the window need not start on a block boundary; for a chunked
-    layer the chunk plus the tokens in flight."""
+def _block_bytes(groups: list) -> int:
+    """Bytes of one block: every page of the widest group, where with several kinds each
+    page is padded to the largest (vLLM pads a state page to the attention page)."""
+    if len(groups) == 1:
+        return sum(page for _, _, page in groups[0])
+    largest = max(page for group in groups for _, _, page in group)
+    return max(len(group) for group in groups) * largest
+
+
+def _blocks_per_sequence(kind: tuple, layer, context: int, block_size: int, in_flight_tokens: int,
+                         prefix_caching: bool) -> int:
+    """Blocks one page of ``kind`` takes at most for a sequence of ``context`` tokens, as
+    vLLM reserves them: every token for full attention; for a sliding layer the window
+    less one plus the tokens still in flight (chunked prefill frees blocks only once
+    processed), one block more because the window need not start on a block boundary; for
+    a chunked layer the chunk plus the tokens in flight; a state, one block, two with
+    prefix caching (vLLM's Mamba "align" mode keeps the state of the last block boundary
+    beside the running one)."""
+    if kind[0] == "state":
+        return 2 if prefix_caching else 1
     if layer.kind == "sliding":
         return -(-min(layer.window - 1 + in_flight_tokens, context) // block_size) + 1
     if layer.kind == "chunked":
@@ -274,64 +301,58 @@ def _blocks_per_sequence(layer, context: int, block_size: int, in_flight_tokens:
 
 def kv_pool(spec, budget: int, context: int, block_size: int = 16, kv_dtype: Any = "auto",
             weights_dtype: str = "bfloat16", mla_cache: str = "latent", state_element_bytes: int = 2,
-            in_flight_tokens: int = DEFAULT_PREFILL_CHUNK) -> KVPool:
-    """``budget`` bytes of KV pages sized as vLLM (v1, ``kv_cache_utils``) sizes them:
+            in_flight_tokens: int = DEFAULT_PREFILL_CHUNK, prefix_caching: bool = True) -> KVPool:
+    """``budget`` bytes of cache pages sized as vLLM (v1, ``kv_cache_utils``) sizes them:
 
-        blocks = budget // block_bytes, block_bytes = max over groups of sum(page bytes)
-        blocks per sequence = sum over groups of the blocks one of its layers holds
+        blocks = budget // block_bytes, block_bytes = the pages of the widest group
+        blocks per sequence = sum over groups of the blocks one of its pages takes
 
-    with the layers grouped by ``_kv_groups`` (one group of every layer when they are all
-    of one kind), a page being ``block_size`` tokens of one layer, and a layer holding as
-    many blocks as ``_blocks_per_sequence`` says. ``in_flight_tokens``: tokens scheduled
-    and not yet processed, vLLM's ``max_num_batched_tokens`` (times two with async
-    scheduling). Linear-attention / SSM layers add their state, rounded up to whole
-    blocks (a block of one sequence's state when the model keeps no KV); vLLM's Mamba
-    pages follow other rules, so that part is memwarden's approximation. Hybrid models
-    whose kinds of layer differ in page size are priced as if their pages lined up."""
+    with the pages (``_pages``) grouped by ``_kv_groups`` (one group of every layer when
+    they are all of one kind), sized by ``_block_bytes`` and taken as
+    ``_blocks_per_sequence`` says. ``in_flight_tokens``: tokens scheduled and not yet
+    processed, vLLM's ``max_num_batched_tokens`` (times two with async scheduling);
+    ``prefix_caching`` (vLLM's default) doubles the blocks of linear-attention / SSM
+    states. Not modelled: where a state page is larger than an attention page vLLM raises
+    the attention block size until they match (pass the block size it chose), and where
+    attention kinds differ in page size it grows the smaller pages' block size instead of
+    padding them."""
+    integer(budget, "budget", minimum=0)
     integer(context, "context")
+    integer(block_size, "block_size")
     integer(in_flight_tokens, "in_flight_tokens")
-    groups = _kv_groups(spec)
-    state = sum(layer.state_bytes(state_element_bytes) for layer in spec.layers)
-    block_bytes = _block_bytes(spec, budget, block_size, kv_dtype, weights_dtype, mla_cache) or state
-    if not block_bytes:
+    fmt = kv_format(kv_dtype, weights_dtype)
+    _check_mla(mla_cache)
+    groups = _kv_groups(_pages(spec, block_size, fmt, mla_cache, state_element_bytes))
+    if not groups:
         raise ValueError(f"{spec.name} keeps no cache (no attention or state layers): blocks have no size")
-    blocks = sum(_blocks_per_sequence(group[0], context, block_size, in_flight_tokens) for group in groups)
-    blocks += -(-state // block_bytes)
+    blocks = sum(_blocks_per_sequence(kind, layer, context, block_size, in_flight_tokens, prefix_caching)
+                 for (kind, layer, _), *_ in groups)
+    block_bytes = _block_bytes(groups)
     return KVPool(block_size=block_size, block_bytes=block_bytes, num_blocks=budget // block_bytes,
                   blocks_per_sequence=blocks, context=context)
 
 
-def _block_bytes(spec, budget: int, block_size: int, kv_dtype: Any, weights_dtype: str, mla_cache: str) -> int:
-    """Bytes of one KV block: ``block_size`` tokens in every layer of the widest group
-    (0 when the model keeps no KV)."""
-    integer(budget, "budget", minimum=0)
-    integer(block_size, "block_size")
-    fmt = kv_format(kv_dtype, weights_dtype)
-    _check_mla(mla_cache)
-    widest = max((sum(_layer_token_bytes(layer, fmt, mla_cache) for layer in group) for group in _kv_groups(spec)),
-                 default=0)
-    return int(math.ceil(widest * block_size))
-
-
 def kv_blocks(spec, budget: int, block_size: int = 16, kv_dtype: Any = "auto", weights_dtype: str = "bfloat16",
-              mla_cache: str = "latent") -> int:
-    """How many KV blocks of ``block_size`` tokens fit in ``budget`` bytes, as vLLM counts
+              mla_cache: str = "latent", state_element_bytes: int = 2) -> int:
+    """How many blocks of ``block_size`` tokens fit in ``budget`` bytes, as vLLM counts
     them (see ``kv_pool``; for a model of one kind of layer, budget // (block_size x bytes
     per token))."""
-    block_bytes = _block_bytes(spec, budget, block_size, kv_dtype, weights_dtype, mla_cache)
-    if not block_bytes:
+    if not any(layer.has_kv for layer in spec.layers):
         raise ValueError(f"{spec.name} keeps no KV cache (no attention layers): blocks have no size")
-    return budget // block_bytes
+    context = 1  # blocks do not depend on it
+    pool = kv_pool(spec, budget, context, block_size, kv_dtype, weights_dtype, mla_cache, state_element_bytes)
+    return pool.num_blocks
 
 
 def max_concurrent_sequences(spec, budget: int, context: int, block_size: int = 16, kv_dtype: Any = "auto",
                              weights_dtype: str = "bfloat16", mla_cache: str = "latent",
-                             state_element_bytes: int = 2, in_flight_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
-    """How many sequences of ``context`` tokens fit in ``budget`` bytes of KV pages, as
+                             state_element_bytes: int = 2, in_flight_tokens: int = DEFAULT_PREFILL_CHUNK,
+                             prefix_caching: bool = True) -> int:
+    """How many sequences of ``context`` tokens fit in ``budget`` bytes of cache pages, as
     vLLM reserves them (``kv_pool``: sliding layers hold their window and the tokens in
-    flight; SSM layers their state)."""
+    flight; linear-attention / SSM layers a page of state, two with prefix caching)."""
     return kv_pool(spec, budget, context, block_size, kv_dtype, weights_dtype, mla_cache, state_element_bytes,
-                   in_flight_tokens).max_sequences
+                   in_flight_tokens, prefix_caching).max_sequences
 
 
 def auto_reserve(spec, devices: list, context: int | None, batch: int = 1, weights_dtype: str = "bfloat16",

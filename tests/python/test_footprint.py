@@ -371,6 +371,19 @@ def test_hybrid_layers_grouped_and_padded_as_vllm(types, block_layers, groups):
     assert pool.blocks_per_sequence == sum(7 if kind == "full" else 4 for kind in groups)
 
 
+def test_linear_attention_states_take_a_padded_page_each_two_with_prefix_caching():
+    _, _, spec = tiny("qwen3_next")   # 3 linear-attention layers, then a full one
+    state = spec.layers[0].state_bytes(4)
+    assert state == (256 + 256) * 4 < TINY_PAGE   # conv and recurrent state, fp32: padded to a KV page
+    # four groups of one page each (3 states, 1 full), so a block is one KV page
+    pool = F.kv_pool(spec, 100 * TINY_PAGE, 100, block_size=16, kv_dtype="float32", state_element_bytes=4)
+    assert (pool.block_bytes, pool.num_blocks) == (TINY_PAGE, 100)
+    assert pool.blocks_per_sequence == 7 + 3 * 2 and pool.max_sequences == 100 // 13
+    assert F.max_concurrent_sequences(spec, 100 * TINY_PAGE, 100, 16, "float32", state_element_bytes=4,
+                                      prefix_caching=False) == 100 // (7 + 3)
+    assert F.kv_blocks(spec, 100 * TINY_PAGE, 16, "float32", state_element_bytes=4) == 100
+
+
 def test_kv_pool_of_a_model_of_one_kind_is_budget_over_bytes_per_token(llama8b):
     budget = 5 * 2**30 + 12345
     pool = F.kv_pool(llama8b, budget, 1000, block_size=16)

@@ -24,7 +24,7 @@ CONTEXT = 1000               # not a whole number of blocks
 # holds beyond its window (vLLM's max_in_flight_tokens)
 BATCHED_TOKENS = 256
 MODELS = ("llama-gqa", "qwen3", "gemma3-hybrid", "gemma3-padded", "mistral-sliding", "qwen3-moe",
-          "deepseek-v2-mla")
+          "deepseek-v2-mla", "qwen3-next")
 CAPACITY_LOG = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: "
                           r"([\d.]+)x")
 
