@@ -10,12 +10,18 @@ tokens, up to 900) and output lengths (median 40; clients ask for 128 or 256), 8
 of Zipf popularity; the embedded tiny model (512 KV bytes a token) at temperature 1,
 output lengths steered by a logit bias on EOS. The server's KV budget is ``--budget``
 (default 1 MiB = 2048 tokens), and memwarden's host allocator is torch's CPU allocator in
-the server process with a memory limit of what is allocated at start + 2 x the KV budget
-(a request's pages grow by doubling) + the activations of the longest prompt's prefill
-(the engine runs one prefill at a time) + ``max_concurrency`` (8) x those of a decode
-step, both measured there -- so running out is a real OutOfMemoryError.
+the server process with a memory limit of what is reserved at start + 1.25 x the KV budget
+(a request's pages grow by a quarter at a time) + the activations of the longest prompt's
+prefill (the engine runs one prefill at a time) + ``max_concurrency`` (32) x (a page and
+a decode step's activations), measured there, in whole 2 MiB segments plus one (the
+allocator's small-tensor segments, and their fragmentation) -- so running out is a real
+OutOfMemoryError.
 
-Per policy: completed, lost (5xx other than 503, timeouts), rejected by reason, OOMs
+Degradation is off unless ``--degradation``: it changes what is generated (shorter, less
+random answers under pressure), so with it the policies would not serve the same work.
+
+Per policy: completed, truncated (an answer stopped before the model ended it and before
+the ``max_tokens`` asked: shrunk or cut short), lost (5xx other than 503, timeouts), rejected by reason, OOMs
 (memwarden's allocator), preemptions, goodput (completion tokens of completed requests
 per second of the replay), p50/p99 latency of completed requests, peak memory. Ratios:
 goodput against the better of reserve/optimistic, p99 against optimistic. Goals (issue):
@@ -36,11 +42,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 POLICIES = ("admit_all", "reserve", "optimistic", "memwarden")
 MAX_CONCURRENCY = 8
+GROWTH = 1.25  # a request's pages grow by a quarter at a time
 SEGMENT = 2 << 20  # the allocator reserves small tensors in segments of 2 MiB
 TRACE = dict(prompt_median=150, prompt_max=600, output_median=100, max_tokens=(256, 512))
 
 
-def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float) -> dict:
+def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float, degrade: bool) -> dict:
     """In this process: the server under ``policy`` with the allocator limit, the trace replayed."""
     import torch
 
@@ -56,7 +63,8 @@ def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float) -
         trace = [TraceRequest(**r) for r in json.load(f)]
     config = MemwardenConfig.load(env={}, overrides={
         "server.port": 0, "server.max_memory": budget, "server.max_concurrency": MAX_CONCURRENCY,
-        "admission.policy": policy, "admission.queue_timeout": queue_timeout})
+        "admission.policy": policy, "admission.queue_timeout": queue_timeout,
+        "degradation.enabled": degrade})
     server = Server(config)
     engine = server.engine
     alloc.install("cpu")
@@ -73,7 +81,10 @@ def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float) -
         engine.model(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
         decode = alloc.max_memory_allocated("cpu") - before
         del cache
-    need = alloc.memory_reserved("cpu") + 2 * parse_bytes(budget) + prefill + MAX_CONCURRENCY * decode
+    alloc.empty_cache("cpu")  # the measurement's cached segments are not the server's
+    page = 16 * engine.bytes_per_token  # a request's last page may be partly filled
+    need = (alloc.memory_reserved("cpu") + int(GROWTH * parse_bytes(budget)) + MAX_CONCURRENCY * (page + decode)
+            + prefill)
     limit = (-(-need // SEGMENT) + 1) * SEGMENT  # whole segments, and one for fragmentation
     alloc.set_memory_limit("cpu", limit)
     alloc.reset_peak_memory_stats("cpu")
@@ -86,6 +97,9 @@ def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float) -
     finally:
         server.stop(thread)
     summary = summarize(outcomes, wall)
+    asked = {r.index: r.max_tokens for r in trace}
+    summary["truncated"] = sum(o.status == "completed" and o.finish_reason == "length"
+                               and o.completion_tokens < asked[o.index] for o in outcomes)
     summary.update(policy=policy, ooms=alloc.memory_stats("cpu")["num_ooms"] - ooms_before,
                    preemptions=stats["preempted_count"], cut_short=stats["cut_short_count"],
                    server_rejections=stats["rejections_by_reason"],
@@ -98,7 +112,7 @@ def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float) -
 def table(results: dict) -> str:
     best_other = max((results[p]["goodput_tok_s"] for p in ("reserve", "optimistic") if p in results), default=None)
     optimistic_p99 = results.get("optimistic", {}).get("latency_p99_s")
-    head = (f"{'policy':<11} {'done':>5} {'lost':>5} {'rej':>4} {'OOMs':>5} {'preempt':>7} {'goodput':>8} "
+    head = (f"{'policy':<11} {'done':>5} {'trunc':>5} {'lost':>5} {'rej':>4} {'OOMs':>5} {'preempt':>7} {'goodput':>8} "
             f"{'x best':>6} {'p50 s':>6} {'p99 s':>6} {'x opt':>6} {'peak MiB':>8}  rejections")
     lines = [head, "-" * len(head)]
     for policy, r in results.items():
@@ -107,7 +121,7 @@ def table(results: dict) -> str:
         p99_ratio = f"{p99 / optimistic_p99:.2f}" if p99 is not None and optimistic_p99 else "-"
         fmt = (lambda v: f"{v:.2f}" if v is not None else "-")
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected_by_reason"].items())) or "-"
-        lines.append(f"{policy:<11} {r['completed']:>5} {r['lost']:>5} {r['rejected']:>4} {r['ooms']:>5} "
+        lines.append(f"{policy:<11} {r['completed']:>5} {r['truncated']:>5} {r['lost']:>5} {r['rejected']:>4} {r['ooms']:>5} "
                      f"{r['preemptions']:>7} {r['goodput_tok_s']:>8.1f} {ratio:>6} {fmt(r['latency_p50_s']):>6} "
                      f"{fmt(p99):>6} {p99_ratio:>6} {r['peak_bytes'] / 2**20:>8.2f}  {reasons}")
     return "\n".join(lines)
@@ -162,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", default="1MiB", help="the server's KV budget")
     parser.add_argument("--queue-timeout", type=float, default=60.0)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--degradation", action="store_true",
+                        help="degrade under pressure too (off: every policy serves the same requests as asked)")
     parser.add_argument("--json", default="benchmarks/results/bench_serve.json")
     parser.add_argument("--plot", default="benchmarks/results/bench_serve.png")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: serve one policy
@@ -170,7 +186,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.one:
         with open(args.out, "w") as f:
-            json.dump(serve_one(args.one, args.trace, args.budget, args.queue_timeout), f)
+            json.dump(serve_one(args.one, args.trace, args.budget, args.queue_timeout, args.degradation), f)
         return 0
 
     from memwarden.serve.trace import make_trace
@@ -185,7 +201,8 @@ def main(argv=None) -> int:
         for policy in args.policies.split(","):
             out = os.path.join(tmp, f"{policy}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", policy, "--trace", trace_path, "--out", out,
-                   "--budget", args.budget, "--queue-timeout", str(args.queue_timeout)]
+                   "--budget", args.budget, "--queue-timeout", str(args.queue_timeout)] + \
+                (["--degradation"] if args.degradation else [])
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
             if proc.returncode != 0:

@@ -120,3 +120,14 @@ def test_policies_without_preemption_never_preempt(policy):
     assert traffic.memory_stats()["preempted_count"] == 0
     for t in tickets:
         traffic.release(t)
+
+
+def test_degradation_off_serves_every_request_as_asked():
+    config = MemwardenConfig.load(env={}, overrides={"admission.policy": "reserve", "degradation.enabled": "false"})
+    traffic = TrafficController(config, BUDGET, PER_TOKEN)
+    first = traffic.acquire(None, 45, 50)  # 95 of the 100 tokens reserved; 45 held
+    assert traffic.progress(first, 50) == CONTINUE  # 95 held: emergency pressure
+    second = traffic.acquire("new-session", 1, 4, temperature=1.0, top_p=1.0)
+    assert not second.applied.degraded and second.max_tokens == 4 and second.applied.level == "low"
+    for ticket in (first, second):
+        traffic.release(ticket)

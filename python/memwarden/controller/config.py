@@ -147,6 +147,7 @@ class DegradationConfig:
     thresholds: tuple[float, ...] = _option((0.70, 0.80, 0.85, 0.90), "fractions",
                                             check=_increasing_fractions)
     hysteresis: float = _option(0.02, "float", check=_reserve_fraction)
+    enabled: bool = _option(True, "bool")  # false: every request as asked, whatever the pressure
     max_tokens_factors: tuple[float, ...] = _option((1.0, 0.9, 0.7, 0.5, 0.3), "fractions",
                                                     check=_decreasing_factors)
 

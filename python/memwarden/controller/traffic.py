@@ -129,7 +129,8 @@ class TrafficController:
         """Admit one request or raise :class:`Rejected`; may wait in the queue. Without a
         ``session_id`` the request counts against no session."""
         # admit_all is the uncontrolled baseline: it never degrades or refuses either
-        level = self.degradation.update(0.0 if self.admission.policy == "admit_all" else min(self.pressure(), 1.0))
+        degrading = self.config.degradation.enabled and self.admission.policy != "admit_all"
+        level = self.degradation.update(min(self.pressure(), 1.0) if degrading else 0.0)
         sessions = self.sessions if session_id is not None else None
         new_session = sessions is None or sessions.get(session_id) is None
         if new_session and self.degradation.policy.refuse_new_sessions:

@@ -183,7 +183,9 @@ class _Tier:
         if need > len(self.free_slots):
             if not grow:
                 return None
-            slots = max(2 * self.slots, self.used_slots + need, 4)
+            # a quarter more, not double: an unbudgeted cache (a server's request) then holds
+            # at most ~1.25x its tokens, at a few more copies while it grows
+            slots = max(self.slots + self.slots // 4, self.used_slots + need, 4)
             self.free_slots.extend(range(slots - 1, self.slots - 1, -1))
             self.slots = slots
             self._allocate()
