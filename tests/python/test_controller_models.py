@@ -1,7 +1,8 @@
 """Model lifecycle policies: hand-computed footprints, can_load_model verdicts and
 adjustments, should_swap_models against each never-evict rule (fake clock), the registry's
 transitions and thread safety; hypothesis properties of swap decisions (budget kept, the
-protected models stay, same state -> same decision)."""
+protected models stay, same state -> same decision); the baseline policies (Ollama-like,
+LRU, never-unload) against hand-computed cases and the same properties."""
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 
 from memwarden.controller.models import (
-    Adjustment, LoadRequirements, ModelRegistry, ServedModel, SwapDecision, SystemState, can_load_model,
-    should_swap_models,
+    SWAP_POLICIES, Adjustment, LoadRequirements, ModelRegistry, ServedModel, SwapDecision, SystemState,
+    can_load_model, lru_swap_models, never_unload_swap_models, ollama_swap_models, should_swap_models,
 )
 
 MiB, GiB = 2**20, 2**30
@@ -336,3 +337,90 @@ def test_swap_decision_properties(models, pending, headroom_gib):
         assert s.running == 0 and s.spec.tier <= top_tier and s.status == "loaded"
         assert s.now - s.loaded_at >= s.spec.min_residency_s
     assert not set(d.swap_in) & resident
+
+
+# --- the baselines ----------------------------------------------------------------------
+
+def baseline_setup():
+    """'a' (2 GiB, loaded at 100, last used at 500) and 'b' (4 GiB, loaded at 200, last used
+    at 300) in 8 GiB at t=1000; 'c' (6 GiB) and 'd' (1 GiB) unloaded."""
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    for name, gib in [("a", 2), ("b", 4), ("c", 6), ("d", 1)]:
+        reg.register(spec(name, weights=gib * GiB, per_token=0))
+    load(reg, clock, "a", 100)
+    load(reg, clock, "b", 200)
+    for name, at in [("b", 300), ("a", 500)]:
+        clock.now = at
+        reg.begin_request(name)
+        reg.end_request(name)
+    clock.now = 1000
+    return reg
+
+
+def test_lru_evicts_the_least_recently_used_first():
+    reg = baseline_setup()
+    d = lru_swap_models(reg, {"c": 1}, 8 * GiB)  # 2 GiB free, 4 short: b (used at 300) is enough
+    assert (d.swap_out, d.swap_in) == (["b"], ["c"]) and "least recently used" in d.reason
+    reg.begin_request("b")
+    d = lru_swap_models(reg, {"c": 1}, 8 * GiB)  # a alone frees 2 of the 4 short
+    assert d == SwapDecision([], [], d.reason) and "b has 1 running request" in d.reason
+
+
+def test_ollama_unloads_the_first_idle_by_name_and_keeps_max_loaded():
+    reg = baseline_setup()
+    hour = 3600.0  # nothing expires
+    d = ollama_swap_models(reg, {"c": 1}, 8 * GiB, keep_alive_s=hour)  # a first (by name): 2 GiB, short; then b
+    assert (d.swap_out, d.swap_in) == (["a", "b"], ["c"])
+    d = ollama_swap_models(reg, {"d": 1}, 64 * GiB, keep_alive_s=hour, max_loaded=2)  # room, no slot: a goes
+    assert (d.swap_out, d.swap_in) == (["a"], ["d"])
+    assert ollama_swap_models(reg, {"d": 1}, 64 * GiB, keep_alive_s=hour).swap_out == []
+
+
+def test_ollama_keep_alive_expires_idle_models():
+    reg = baseline_setup()
+    d = ollama_swap_models(reg, {"c": 1}, 8 * GiB, keep_alive_s=600)  # b idle 700 s: gone, then c fits
+    assert (d.swap_out, d.swap_in) == (["b"], ["c"])
+    d = ollama_swap_models(reg, {}, 8 * GiB, keep_alive_s=600)
+    assert (d.swap_out, d.swap_in) == (["b"], []) and "expired: b" in d.reason
+
+
+def test_never_unload_loads_everything_over_budget():
+    reg = baseline_setup()
+    d = never_unload_swap_models(reg, {"c": 1, "d": 3}, 8 * GiB)
+    assert (d.swap_out, d.swap_in) == ([], ["d", "c"])  # most waiting first
+    assert "nothing to swap in" in never_unload_swap_models(reg, {"a": 2}, 8 * GiB).reason
+
+
+def test_memwarden_on_the_same_state_keeps_the_cheap_busy_model():
+    reg = baseline_setup()
+    d = should_swap_models(reg, {"c": 1}, 8 * GiB)  # a (used at 500) has more demand per byte than b
+    assert (d.swap_out, d.swap_in) == (["b"], ["c"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(models=models_strategy, pending=st.lists(st.integers(0, 9), min_size=6, max_size=6),
+       headroom_gib=st.integers(-4, 8), policy=st.sampled_from(sorted(SWAP_POLICIES)),
+       max_loaded=st.integers(1, 4))
+def test_every_policy_keeps_the_budget_and_spares_busy_models(models, pending, headroom_gib, policy, max_loaded):
+    reg = build(models)
+    states = {s.name: s for s in reg.states()}
+    resident = {n for n, s in states.items() if s.status in ("loading", "loaded")}
+    budget = max(1, sum(states[n].footprint_bytes for n in resident) // GiB + headroom_gib) * GiB
+    pending = {f"m{i}": count for i, count in enumerate(pending[:len(models)])}
+    options = {"max_loaded": max_loaded} if policy == "ollama" else {}
+    d = SWAP_POLICIES[policy](reg, pending, budget, **options)
+    assert d == SWAP_POLICIES[policy](build(models), pending, budget, **options)
+    assert d.reason
+    waiting = {n for n, c in pending.items() if c and states[n].status in ("unloaded", "offloaded")}
+    assert set(d.swap_in) <= waiting and not set(d.swap_out) & set(d.swap_in)
+    for name in d.swap_out:
+        assert states[name].running == 0 and states[name].status == "loaded"
+    if policy == "never":
+        assert d.swap_out == [] and set(d.swap_in) == waiting
+        return
+    if d.swap_in:
+        after = (resident - set(d.swap_out)) | set(d.swap_in)
+        assert sum(states[n].footprint_bytes for n in after) <= budget
+        if policy == "ollama":
+            assert len(after) <= max_loaded

@@ -14,7 +14,10 @@ here; the caller loads, offloads and unloads, and reports it to the :class:`Mode
 * :func:`can_load_model` -- a :class:`LoadVerdict`: feasible or not, the bottleneck and
   ranked :class:`Adjustment` s that would make room.
 * :func:`should_swap_models` -- a :class:`SwapDecision` for pending requests of models
-  that are not loaded.
+  that are not loaded. Beside it, with the same signature, the baselines it is measured
+  against (:data:`SWAP_POLICIES`): :func:`ollama_swap_models` (keep-alive, then the first
+  idle model by name, at most ``max_loaded``), :func:`lru_swap_models` and
+  :func:`never_unload_swap_models`; they keep only one rule, never a busy model.
 
 Footprint of a model on the device: ``weights + kv_bytes_per_token x context + buffers``
 (buffers: activation peak and fixed buffers). With ``host_layers=N`` decoder layers in host
@@ -54,6 +57,7 @@ from memwarden._units import format_bytes, parse_bytes
 __all__ = [
     "STATUSES", "BOTTLENECKS", "ADJUSTMENTS", "ServedModel", "ModelState", "ModelRegistry", "SystemState",
     "LoadRequirements", "Adjustment", "LoadVerdict", "SwapDecision", "can_load_model", "should_swap_models",
+    "ollama_swap_models", "lru_swap_models", "never_unload_swap_models", "SWAP_POLICIES",
 ]
 
 STATUSES = ("unloaded", "loading", "loaded", "offloaded")
@@ -521,6 +525,75 @@ def _pending_counts(pending_requests: Any) -> dict:
     return counts
 
 
+
+def _swap_candidates(registry: ModelRegistry, pending_requests: Any, device_budget: Any,
+                     now: float | None) -> tuple[int, list, list, dict]:
+    """(budget, the models on the device, the pending models that are not, waiting
+    requests by name) -- a pending model's snapshot carries its waiting requests in its
+    demand."""
+    budget = parse_bytes(device_budget, "device_budget")
+    counts = _pending_counts(pending_requests)
+    states = {s.name: s for s in registry.states(now)}
+    unknown = sorted(n for n in counts if n not in states)
+    if unknown:
+        raise KeyError(f"pending model(s) not registered: {', '.join(map(repr, unknown))}")
+    candidates = [replace(states[name], demand=states[name].demand + count) for name, count in counts.items()
+                  if count and states[name].status in ("unloaded", "offloaded")]
+    resident = [s for s in states.values() if s.status in _ON_DEVICE]
+    return budget, resident, candidates, counts
+
+
+def _busy(state: ModelState, _candidate: ModelState) -> str | None:
+    """The baselines' only rule: a model that is loading or serving stays."""
+    if state.status != "loaded":
+        return f"{state.name} is {state.status}"
+    if state.running:
+        return f"{state.name} has {state.running} running request(s)"
+    return None
+
+
+def _plan_swaps(budget: int, candidates: list, resident: list, blocker: Callable, order_words: str,
+                max_loaded: int | None = None, swap_out: Iterable = ()) -> SwapDecision:
+    """Take each candidate, in order, that fits ``budget`` once enough ``resident`` models
+    (in eviction order) give way; ``blocker(state, candidate)`` says why one may not.
+    ``max_loaded``: at most that many models on the device. ``swap_out``: models already
+    chosen to go (kept-alive ones that expired); the caller removed them from ``resident``."""
+    resident = list(resident)
+    swap_out, swap_in, refusals = list(swap_out), [], []
+    free = budget - sum(s.footprint_bytes for s in resident)
+    for cand in candidates:
+        short = cand.footprint_bytes - free
+        slots_short = len(resident) + len(swap_in) + 1 - max_loaded if max_loaded else 0
+        victims, blockers = [], []
+        for state in resident:
+            if short - sum(v.footprint_bytes for v in victims) <= 0 and len(victims) >= slots_short:
+                break
+            why = blocker(state, cand)
+            (blockers if why else victims).append(why or state)
+        freed = sum(v.footprint_bytes for v in victims)
+        if freed < short or len(victims) < slots_short:
+            why = "; ".join(blockers) or "nothing else is loaded"
+            need = (f"needs {format_bytes(short)} more than is free (budget {format_bytes(budget)})" if freed < short
+                    else f"needs one of {max_loaded} model slots")
+            refusals.append(f"{cand.name} {need}: {why}")
+            continue
+        for victim in victims:
+            resident.remove(victim)
+        swap_out += [v.name for v in victims]
+        swap_in.append(cand.name)
+        free += freed - cand.footprint_bytes
+    if not swap_in:
+        reason = "nothing can be swapped in: " + " | ".join(refusals) if refusals else \
+            "nothing to swap in: no pending request for a model that is not loaded"
+        return SwapDecision(swap_out, [], reason + (f"; expired: {', '.join(swap_out)}" if swap_out else ""))
+    reason = f"swap in {', '.join(swap_in)}"
+    if swap_out:
+        reason += f", swap out {', '.join(swap_out)} ({order_words})"
+    if refusals:
+        reason += "; skipped: " + " | ".join(refusals)
+    return SwapDecision(swap_out, swap_in, reason)
+
+
 def should_swap_models(registry: ModelRegistry, pending_requests: Any, device_budget: Any,
                        now: float | None = None) -> SwapDecision:
     """Which pending models to load into ``device_budget`` bytes, and which loaded models to
@@ -535,47 +608,57 @@ def should_swap_models(registry: ModelRegistry, pending_requests: Any, device_bu
     is below the candidate's, so a busier model per byte is never pushed out by a quieter
     one. A candidate that cannot be placed is skipped; the reason names the blockers.
     """
-    budget = parse_bytes(device_budget, "device_budget")
-    counts = _pending_counts(pending_requests)
-    states = {s.name: s for s in registry.states(now)}
-    unknown = sorted(n for n in counts if n not in states)
-    if unknown:
-        raise KeyError(f"pending model(s) not registered: {', '.join(map(repr, unknown))}")
-    candidates = []
-    for name, count in counts.items():
-        state = states[name]
-        if count and state.status in ("unloaded", "offloaded"):
-            candidates.append(replace(state, demand=state.demand + count))
+    budget, resident, candidates, _ = _swap_candidates(registry, pending_requests, device_budget, now)
     candidates.sort(key=lambda s: (-s.spec.tier, -s.score, s.name))
-    if not candidates:
+    return _plan_swaps(budget, candidates, sorted(resident, key=_eviction_order),
+                       lambda state, cand: _eviction_blocker(state, cand.spec.tier, cand.score),
+                       "lowest tier, then least demand per byte")
+
+
+def _by_waiting(candidates: list, counts: dict) -> list:
+    # the baselines know no tiers or demand: the model with the most waiting requests first
+    return sorted(candidates, key=lambda s: (-counts[s.name], s.name))
+
+
+def ollama_swap_models(registry: ModelRegistry, pending_requests: Any, device_budget: Any,
+                       now: float | None = None, *, keep_alive_s: float = 300.0,
+                       max_loaded: int = 3) -> SwapDecision:
+    """The baseline of Ollama's scheduler (``server/sched.go``): a model idle for
+    ``keep_alive_s`` is unloaded; a model that does not fit, or finds ``max_loaded``
+    models on the device (``OLLAMA_MAX_LOADED_MODELS``), unloads idle ones in the order of
+    ``findRunnerToUnload`` -- by keep-alive, then by name (one keep-alive for all here, so
+    by name) -- until it fits. Same signature as :func:`should_swap_models`."""
+    keep_alive_s = _seconds(keep_alive_s, "keep_alive_s")
+    max_loaded = integer(max_loaded, "max_loaded")
+    budget, resident, candidates, counts = _swap_candidates(registry, pending_requests, device_budget, now)
+    expired = [s for s in resident if s.status == "loaded" and not s.running
+               and s.now - (s.last_used if s.last_used is not None else s.loaded_at) >= keep_alive_s]
+    resident = sorted((s for s in resident if s not in expired), key=lambda s: s.name)
+    return _plan_swaps(budget, _by_waiting(candidates, counts), resident, _busy, "the first idle by name",
+                       max_loaded=max_loaded, swap_out=sorted(s.name for s in expired))
+
+
+def lru_swap_models(registry: ModelRegistry, pending_requests: Any, device_budget: Any,
+                    now: float | None = None) -> SwapDecision:
+    """The plain LRU baseline: unload the least recently used idle models until the pending
+    one fits. Same signature as :func:`should_swap_models`."""
+    budget, resident, candidates, counts = _swap_candidates(registry, pending_requests, device_budget, now)
+    resident.sort(key=lambda s: (s.last_used if s.last_used is not None else s.loaded_at or 0.0, s.name))
+    return _plan_swaps(budget, _by_waiting(candidates, counts), resident, _busy, "least recently used")
+
+
+def never_unload_swap_models(registry: ModelRegistry, pending_requests: Any, device_budget: Any,
+                             now: float | None = None) -> SwapDecision:
+    """The baseline that never unloads: every pending model is loaded whether it fits or
+    not -- on a real device, the out-of-memory error it runs into. Same signature as
+    :func:`should_swap_models`."""
+    budget, _, candidates, counts = _swap_candidates(registry, pending_requests, device_budget, now)
+    names = [s.name for s in _by_waiting(candidates, counts)]
+    if not names:
         return SwapDecision([], [], "nothing to swap in: no pending request for a model that is not loaded")
-    resident = sorted((s for s in states.values() if s.status in _ON_DEVICE), key=_eviction_order)
-    free = budget - sum(s.footprint_bytes for s in resident)
-    swap_out, swap_in, refusals = [], [], []
-    for cand in candidates:
-        short = cand.footprint_bytes - free
-        victims, blockers = [], []
-        for state in resident:
-            if short - sum(v.footprint_bytes for v in victims) <= 0:
-                break
-            blocker = _eviction_blocker(state, cand.spec.tier, cand.score)
-            (blockers if blocker else victims).append(blocker or state)
-        freed = sum(v.footprint_bytes for v in victims)
-        if freed < short:
-            why = "; ".join(blockers) or "nothing else is loaded"
-            refusals.append(f"{cand.name} needs {format_bytes(short)} more than is free "
-                            f"(budget {format_bytes(budget)}): {why}")
-            continue
-        for victim in victims:
-            resident.remove(victim)
-        swap_out += [v.name for v in victims]
-        swap_in.append(cand.name)
-        free += freed - cand.footprint_bytes
-    if not swap_in:
-        return SwapDecision([], [], "nothing can be swapped in: " + " | ".join(refusals))
-    reason = f"swap in {', '.join(swap_in)}"
-    if swap_out:
-        reason += f", swap out {', '.join(swap_out)} (lowest tier, then least demand per byte)"
-    if refusals:
-        reason += "; skipped: " + " | ".join(refusals)
-    return SwapDecision(swap_out, swap_in, reason)
+    return SwapDecision([], names, f"swap in {', '.join(names)} (never unloads; budget {format_bytes(budget)} "
+                        "not checked)")
+
+
+SWAP_POLICIES = {"memwarden": should_swap_models, "ollama": ollama_swap_models, "lru": lru_swap_models,
+                 "never": never_unload_swap_models}
