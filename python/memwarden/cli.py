@@ -5,8 +5,9 @@ should each piece go?
     memwarden estimate MODEL [--dtype bf16] [--context 8192] [--batch 1] [--gpus 2x16GiB] [--cpu 64GiB]
     memwarden plan MODEL --gpus 2x16GiB [--cpu 64GiB] [--reserve 2GiB|auto] [--json]
     memwarden fit MODEL --gpus 2x24GiB [--batch 1] [--gpu-layers N --cpu 64GiB]
-    memwarden serve [MODEL] [--max-memory 2GiB] [--host 127.0.0.1 --port 8000] [--config FILE]
-                    [--policy memwarden] [--max-requests N] [--print-config]
+    memwarden serve [MODEL] [--model A --model B ...] [--swap-policy memwarden] [--max-memory 2GiB]
+                    [--host 127.0.0.1 --port 8000] [--config FILE] [--policy memwarden] [--max-requests N]
+                    [--print-config]
     memwarden serve --upstream URL [--upstream-model NAME|CONFIG] [--upstream-poll-interval S]
                     [--upstream-timeout S] [...]
     memwarden top [--url http://127.0.0.1:8000] [--interval 1] [--sessions 5] [--once]
@@ -186,7 +187,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible server under the memory controller")
     p.add_argument("model", nargs="?", default=None,
                    help="a local model folder or hub id (default: an embedded tiny model, no download)")
-    p.add_argument("--max-memory", default=None, help="KV cache budget, e.g. 2GiB (default 512MiB)")
+    p.add_argument("--model", dest="models", action="append", default=None,
+                   help="a model to serve, repeatable: several share the device, swapped in and out by demand")
+    p.add_argument("--swap-policy", default=None, help="with several models: memwarden, ollama, lru, never")
+    p.add_argument("--max-memory", default=None,
+                   help="KV cache budget, e.g. 2GiB (default 512MiB); with several models, their weights' budget")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need allow_remote)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--policy", default=None, help="admission policy: memwarden, reserve, optimistic, admit_all")
@@ -224,8 +229,11 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_serve(args) -> int:
     from memwarden.controller.config import MemwardenConfig
 
-    overrides = {"server.model": args.model, "server.max_memory": args.max_memory, "server.host": args.host,
-                 "server.port": args.port, "admission.policy": args.policy, "server.upstream": args.upstream,
+    models = ([args.model] if args.model else []) + (args.models or [])
+    overrides = {"server.model": models[0] if len(models) == 1 else None,
+                 "server.models": models if len(models) > 1 else None, "server.swap_policy": args.swap_policy,
+                 "server.max_memory": args.max_memory, "server.host": args.host, "server.port": args.port,
+                 "admission.policy": args.policy, "server.upstream": args.upstream,
                  "server.upstream_model": args.upstream_model,
                  "server.upstream_poll_interval": args.upstream_poll_interval,
                  "server.upstream_timeout": args.upstream_timeout}

@@ -7,7 +7,7 @@ loaded in layers, each over the one before::
 :meth:`MemwardenConfig.load` reads them and records where every value came from
 (:meth:`~MemwardenConfig.sources`, :meth:`~MemwardenConfig.describe`). Values are parsed
 to the key's type: sizes go through :func:`memwarden._units.parse_bytes` (so ``"512MiB"``;
-a bare ``"512"`` is refused), lists of fractions are TOML arrays or comma-separated text,
+a bare ``"512"`` is refused), lists of fractions and of names are TOML arrays or comma-separated text,
 booleans are ``true/false/1/0/yes/no/on/off``, and a key that may be unset takes ``""``
 or ``"none"`` for ``None``. An unknown section or key, or a value that does not parse or
 is out of range, raises :class:`ConfigError` naming the key and its source, e.g.
@@ -39,9 +39,10 @@ from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["ConfigError", "MemwardenConfig", "AllocatorConfig", "AdmissionConfig",
            "SessionsConfig", "DegradationConfig", "MonitorConfig", "ServerConfig",
-           "ADMISSION_POLICIES"]
+           "ADMISSION_POLICIES", "SWAP_POLICIES"]
 
 ADMISSION_POLICIES = ("memwarden", "reserve", "optimistic", "admit_all")
+SWAP_POLICIES = ("memwarden", "ollama", "lru", "never")  # controller.models.SWAP_POLICIES, by name
 ENV_PREFIX = "MEMWARDEN_"
 
 
@@ -55,8 +56,8 @@ Check = Callable[[Any], "str | None"]  # a problem with a parsed value, or None
 
 
 def _option(default: Any, kind: str, *, optional: bool = False, check: Check | None = None) -> Any:
-    """A dataclass field holding one key. ``kind``: int, float, bool, str, size (bytes) or
-    fractions (a tuple of floats)."""
+    """A dataclass field holding one key. ``kind``: int, float, bool, str, size (bytes),
+    fractions (a tuple of floats) or names (a tuple of non-empty strings)."""
     return field(default=default, metadata={"kind": kind, "optional": optional, "check": check})
 
 
@@ -95,6 +96,14 @@ def _port(v: int) -> str | None:
 def _policy(v: str) -> str | None:
     return None if v in ADMISSION_POLICIES else \
         f"must be one of {', '.join(ADMISSION_POLICIES)}, got {v!r}"
+
+
+def _swap_policy(v: str) -> str | None:
+    return None if v in SWAP_POLICIES else f"must be one of {', '.join(SWAP_POLICIES)}, got {v!r}"
+
+
+def _distinct(vs: tuple[str, ...]) -> str | None:
+    return None if len(set(vs)) == len(vs) else f"must not repeat a name, got {list(vs)}"
 
 
 def _url(v: str) -> str | None:
@@ -170,8 +179,9 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """``memwarden serve``: where it listens, its memory budget and model, or the upstream
-    engine it admits requests for (``upstream``; timeouts and the poll interval in seconds)."""
+    """``memwarden serve``: where it listens, its memory budget and its model or models, or
+    the upstream engine it admits requests for (``upstream``; timeouts and the poll interval
+    in seconds)."""
 
     host: str = _option("127.0.0.1", "str", check=_non_empty)
     port: int = _option(8000, "int", check=_port)
@@ -185,6 +195,21 @@ class ServerConfig:
     upstream_poll_interval: float = _option(1.0, "float", check=_positive)  # seconds between /metrics reads
     upstream_timeout: float = _option(300.0, "float", check=_positive)  # for a response, or between chunks
     upstream_connect_timeout: float = _option(5.0, "float", check=_positive)  # also bounds probes
+
+    # Several models (``memwarden serve --model A --model B``): with more than one,
+    # ``max_memory`` is the device budget for their weights and ``kv_memory`` the KV budget;
+    # ``device_limit`` makes memwarden's host allocator, so limited, stand in for the device
+    # on a CPU (what a real device's out-of-memory error would be).
+    models: tuple[str, ...] = _option((), "names", check=_distinct)
+    swap_policy: str = _option("memwarden", "str", check=_swap_policy)
+    kv_memory: int | None = _option(None, "size", optional=True)
+    device_limit: int | None = _option(None, "size", optional=True)
+    host_memory: int | None = _option(None, "size", optional=True)  # for parked weights (None: no bound)
+    load_timeout: float = _option(30.0, "float", check=_positive)  # how long a request waits for its model
+    min_residency: float = _option(30.0, "float", check=_at_least(0))  # memwarden: seconds safe after a load
+    demand_half_life: float = _option(300.0, "float", check=_positive)  # memwarden: seconds
+    keep_alive: float = _option(300.0, "float", check=_at_least(0))  # ollama: idle seconds before unloading
+    max_loaded: int = _option(3, "int", check=_at_least(1))  # ollama: models on the device at most
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -213,8 +238,11 @@ def _from_native(kind: str, optional: bool, value: Any, key: str) -> Any:
     if kind == "fractions" and isinstance(value, (list, tuple)) and all(
             _is_number(v) and math.isfinite(v) for v in value):
         return tuple(float(v) for v in value)
+    if kind == "names" and isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip()
+                                                                    for v in value):
+        return tuple(v.strip() for v in value)
     expected = {"int": "an integer", "float": "a finite number", "bool": "true or false",
-                "str": "a string", "fractions": "a list of numbers"}[kind]
+                "str": "a string", "fractions": "a list of numbers", "names": "a list of non-empty strings"}[kind]
     raise ValueError(f"expected {expected}, got {value!r}")
 
 
@@ -230,6 +258,8 @@ def _from_text(kind: str, optional: bool, text: str, key: str) -> Any:
             return _from_native(kind, optional, float(stripped), key)
         if kind == "fractions":
             return tuple(float(part) for part in stripped.split(","))
+        if kind == "names":
+            return _from_native(kind, optional, stripped.split(",") if stripped else [], key)
     except ValueError:
         expected = {"int": "an integer", "float": "a finite number",
                     "fractions": "comma-separated numbers"}[kind]
@@ -389,12 +419,15 @@ class MemwardenConfig:
             self._refuse(f"thresholds must increase: warning {m.warning} < critical {m.critical} "
                          f"< emergency {m.emergency}",
                          "monitor.warning", "monitor.critical", "monitor.emergency")
-        if srv.upstream is not None and srv.model is not None:
+        if srv.upstream is not None and (srv.model is not None or srv.models):
             self._refuse("a server generates with its own model or proxies to an upstream, not both",
-                         "server.model", "server.upstream")
+                         "server.models" if srv.models else "server.model", "server.upstream")
         if srv.upstream_model is not None and srv.upstream is None:
             self._refuse("upstream_model describes the upstream's model: set server.upstream too",
                          "server.upstream_model", "server.upstream")
+        if srv.model is not None and srv.models:
+            self._refuse("name one model in server.model or several in server.models, not both",
+                         "server.model", "server.models")
         if not _is_loopback(srv.host) and not srv.allow_remote:
             self._refuse(f"host {srv.host!r} is not a loopback address and the API has no "
                          f"authentication; set server.allow_remote = true to serve it remotely",
@@ -421,7 +454,7 @@ class MemwardenConfig:
         tree = {}
         for section, options in _SECTIONS.items():
             values = getattr(self, section)
-            tree[section] = {name: list(getattr(values, name)) if options[name]["kind"] == "fractions"
+            tree[section] = {name: list(getattr(values, name)) if options[name]["kind"] in ("fractions", "names")
                              else getattr(values, name) for name in options}
         return tree
 
@@ -443,6 +476,8 @@ def _show(kind: str, value: Any) -> str:
         return format_bytes(value)
     if kind == "fractions":
         return ", ".join(f"{v:g}" for v in value)
+    if kind == "names":
+        return ", ".join(value) or "none"
     if kind == "bool":
         return str(value).lower()
     return str(value)

@@ -2,18 +2,23 @@
 (:mod:`memwarden.controller.traffic`) -- admission, sessions (``X-Session-ID`` header),
 degradation -- before the engine generates it. OpenAI-compatible ``/v1/completions`` and
 ``/v1/chat/completions`` (server-sent events with ``"stream": true``), ``/v1/models``,
-``/memory_stats`` (the seed's keys), ``/healthz`` and Prometheus ``/metrics``.
+``/memory_stats`` (the seed's keys, and ``models``: each model's state), ``/healthz`` and
+Prometheus ``/metrics``. A request names its model (``model``; none: the first); the
+:class:`~memwarden.serve.pool.ModelPool` loads it, swapping others out, and holds it while
+the request generates.
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 for
 malformed JSON, unknown fields or out-of-range values (the message names the field) and
 for prompts longer than the model's context; 429 when a session limit refuses a request,
-503 when the pool is full, both with ``Retry-After``. A degraded response says so in its
+503 when the pool is full, both with ``Retry-After``; 404 for a model not served here;
+503 when the request's model cannot be loaded (``model_load_timeout``, ``out_of_memory``). A degraded response says so in its
 ``memwarden`` field and the ``X-Memwarden-Degraded`` header. Tests drive it on loopback
 with the official ``openai`` client.
 
 May import: fastapi, :mod:`memwarden.controller`, :mod:`memwarden.serve.metrics`,
-:mod:`memwarden.serve.schemas`, :mod:`memwarden.serve.engine` and the layers below the
-controller. Never :mod:`memwarden.cli`.
+:mod:`memwarden.serve.schemas`, :mod:`memwarden.serve.engine`, :mod:`memwarden.serve.pool`
+(the last two, and torch, only in :func:`create_app`: the gateway shares the helpers without
+them) and the layers below the controller. Never :mod:`memwarden.cli`.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from memwarden.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:  # the engine imports torch; the gateway shares this module without it
     from memwarden.serve.engine import Engine
+    from memwarden.serve.pool import ModelPool
 
 __all__ = ["admission_notice", "context_exceeded", "create_app", "error_response", "refusal_response",
            "refuse_invalid_requests", "retry_after_header", "unknown_model"]
@@ -59,8 +65,10 @@ def refusal_response(refused: Rejected, metrics: Metrics) -> JSONResponse:
                           code=refused.reason, headers=retry_after_header(refused.retry_after))
 
 
-def unknown_model(asked: str, served: str) -> JSONResponse:
-    return error_response(404, f"model {asked!r} is not served here; /v1/models lists {served!r}", param="model",
+def unknown_model(asked: str, served) -> JSONResponse:
+    """404 for a model not served here; ``served``: the name, or the names, that are."""
+    listed = repr(served) if isinstance(served, str) else ", ".join(map(repr, served))
+    return error_response(404, f"model {asked!r} is not served here; /v1/models lists {listed}", param="model",
                           code="model_not_found")
 
 
@@ -123,12 +131,17 @@ def refuse_invalid_requests(app: FastAPI) -> None:
         return error_response(400, message, param=field)
 
 
-def create_app(engine: Engine, controller: TrafficController, on_response: Optional[Callable[[], None]] = None):
-    """The app over one engine and controller; ``on_response`` is called after every
-    completed response (the CLI counts them to stop after ``--max-requests``)."""
+def create_app(pool: "ModelPool", controller: TrafficController, on_response: Optional[Callable[[], None]] = None):
+    """The app over a pool of models and one controller; ``on_response`` is called after
+    every completed response (the CLI counts them to stop after ``--max-requests``)."""
+    import torch
+
+    from memwarden.serve.pool import ModelUnavailable
+
     app = FastAPI(title="memwarden", docs_url=None, redoc_url=None)
-    metrics = Metrics(controller)
-    app.state.engine, app.state.controller, app.state.metrics = engine, controller, metrics
+    metrics = Metrics(controller, pool)
+    engine = pool.engine(pool.default)
+    app.state.pool, app.state.engine, app.state.controller, app.state.metrics = pool, engine, controller, metrics
     refuse_invalid_requests(app)
 
     @app.get("/healthz")
@@ -137,29 +150,37 @@ def create_app(engine: Engine, controller: TrafficController, on_response: Optio
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
-                                             "owned_by": "memwarden"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": pool.engine(name).created,
+                                             "owned_by": "memwarden"} for name in pool.names]}
 
     @app.get("/memory_stats")
     def memory_stats():
-        return {**controller.memory_stats(), **device_memory()}
+        return {**controller.memory_stats(), **device_memory(), **pool.stats()}
 
     @app.get("/metrics")
     def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def _engine_for(body) -> Optional["Engine"]:
+        name = pool.default if body.model is None else body.model
+        return pool.engine(name) if name in pool.names else None
+
     @app.post("/v1/completions")
     def completions(body: CompletionRequest, x_session_id: Optional[str] = Header(None)):
-        return _serve(body, engine.encode_prompt(body.text()), body.max_tokens, x_session_id, chat=False)
+        engine = _engine_for(body)
+        if engine is None:
+            return unknown_model(body.model, pool.names)
+        return _serve(body, engine, engine.encode_prompt(body.text()), body.max_tokens, x_session_id, chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatCompletionRequest, x_session_id: Optional[str] = Header(None)):
+        engine = _engine_for(body)
+        if engine is None:
+            return unknown_model(body.model, pool.names)
         prompt = engine.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
-        return _serve(body, prompt, body.output_limit(), x_session_id, chat=True)
+        return _serve(body, engine, prompt, body.output_limit(), x_session_id, chat=True)
 
-    def _serve(body, prompt: list[int], max_tokens: int, session_id: Optional[str], chat: bool):
-        if body.model is not None and body.model != engine.name:
-            return unknown_model(body.model, engine.name)
+    def _serve(body, engine: "Engine", prompt: list[int], max_tokens: int, session_id: Optional[str], chat: bool):
         biases = body.token_biases()
         unknown = [token for token in biases if token >= engine.vocab_size]
         if unknown:
@@ -169,17 +190,27 @@ def create_app(engine: Engine, controller: TrafficController, on_response: Optio
         if room < 1:
             return context_exceeded(len(prompt), engine.max_context, chat)
         try:
+            hold = pool.hold(engine.name)
+        except ModelUnavailable as e:
+            return error_response(503, e.message, kind="server_overloaded", param="model", code=e.reason,
+                                  headers=retry_after_header(e.retry_after))
+        try:
             ticket = controller.acquire(session_id, len(prompt), min(max_tokens, room), body.temperature, body.top_p)
         except Rejected as e:
+            hold.release()
             return refusal_response(e, metrics)
-        steps = _Steps(engine, controller, ticket, prompt, body.seed, biases)  # releases the ticket when closed
+        steps = _Steps(engine, controller, ticket, prompt, body.seed, biases, hold)  # releases both when closed
         try:
-            return _respond(body, steps, ticket, prompt, chat)
+            return _respond(body, engine, steps, ticket, prompt, chat)
+        except torch.OutOfMemoryError as e:  # the device ran out during the forward (a policy that overfills it)
+            steps.close()
+            return error_response(503, f"out of device memory while generating: {str(e).splitlines()[0]}",
+                                  kind="server_overloaded", code="out_of_memory")
         except BaseException:
             steps.close()
             raise
 
-    def _respond(body, steps: "_Steps", ticket: Ticket, prompt: list[int], chat: bool):
+    def _respond(body, engine: "Engine", steps: "_Steps", ticket: Ticket, prompt: list[int], chat: bool):
         headers, info = admission_notice(ticket, metrics)
         response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -211,12 +242,12 @@ def _finish_reason(ticket: Ticket) -> str:
 
 
 class _Steps:
-    """The request's text pieces; its reservation goes back however they end (done, client
-    gone, an error), and on :meth:`close` even if they never started."""
+    """The request's text pieces; its reservation and its hold on the model go back however
+    they end (done, client gone, an error), and on :meth:`close` even if they never started."""
 
-    def __init__(self, engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed,
-                 logit_bias: dict[int, float]):
-        self._controller, self._ticket, self._released = controller, ticket, False
+    def __init__(self, engine: "Engine", controller: TrafficController, ticket: Ticket, prompt: list[int], seed,
+                 logit_bias: dict[int, float], hold):
+        self._controller, self._ticket, self._hold, self._released = controller, ticket, hold, False
         self._pieces = _pieces(engine, controller, ticket, prompt, seed, logit_bias)
 
     def __iter__(self):
@@ -230,6 +261,7 @@ class _Steps:
         if not self._released:
             self._released = True
             self._controller.release(self._ticket)
+            self._hold.release()
 
 
 def _pieces(engine: Engine, controller: TrafficController, ticket: Ticket, prompt: list[int], seed, logit_bias):

@@ -1,9 +1,11 @@
-"""Running the server: the engine, the controller over its KV budget and uvicorn, on
+"""Running the server: the model pool, the controller over its KV budget and uvicorn, on
 loopback unless the configuration allows more, optionally for a bounded number of
-responses (tests, demos). With ``server.upstream`` it is the gateway instead
-(:mod:`memwarden.serve.gateway`): the controller in front of an upstream engine.
+responses (tests, demos). With one model ``server.max_memory`` is the KV budget; with
+several it is the device budget of their weights, and ``server.kv_memory`` the KV budget.
+With ``server.upstream`` it is the gateway instead (:mod:`memwarden.serve.gateway`): the
+controller in front of an upstream engine.
 
-May import: uvicorn, :mod:`memwarden.serve.app`, :mod:`memwarden.serve.engine`,
+May import: uvicorn, :mod:`memwarden.serve.app`, :mod:`memwarden.serve.pool`,
 :mod:`memwarden.serve.gateway`, :mod:`memwarden.controller` and the bottom layers.
 """
 from __future__ import annotations
@@ -21,19 +23,21 @@ DEFAULT_KV_BUDGET = parse_bytes("512MiB")
 
 
 def build(config: MemwardenConfig, on_response: Optional[Callable[[], None]] = None):
-    """(app, engine, controller) for ``config`` (its server.model, or the embedded model);
-    with server.upstream, the gateway's (the engine is then the upstream's model)."""
+    """(app, engine, controller) for ``config``: its server.models (or server.model, or the
+    embedded model); the engine is the first model's, the pool ``app.state.pool``. With
+    server.upstream, the gateway's (the engine is then the upstream's model)."""
     if config.server.upstream is not None:
         from memwarden.serve.gateway import build_gateway
 
         return build_gateway(config, on_response)
     from memwarden.serve.app import create_app
-    from memwarden.serve.engine import load_engine
+    from memwarden.serve.pool import ModelPool
 
-    engine = load_engine(config.server.model, max_concurrency=config.server.max_concurrency)
-    budget = config.server.max_memory or DEFAULT_KV_BUDGET
-    controller = TrafficController(config, budget, engine.bytes_per_token)
-    return create_app(engine, controller, on_response), engine, controller
+    pool = ModelPool.from_config(config)
+    budget = (config.server.kv_memory if len(pool.names) > 1 else config.server.max_memory) or DEFAULT_KV_BUDGET
+    controller = TrafficController(config, budget, pool.bytes_per_token)
+    app = create_app(pool, controller, on_response)
+    return app, app.state.engine, controller
 
 
 class Server:
@@ -46,6 +50,7 @@ class Server:
         self._remaining = max_requests
         self._lock = threading.Lock()
         self.app, self.engine, self.controller = build(config, self._count)
+        self.pool = getattr(self.app.state, "pool", None)  # the gateway has none
         self._uvicorn = uvicorn.Server(uvicorn.Config(self.app, host=config.server.host, port=config.server.port,
                                                       log_level="warning", lifespan="off"))
         self.budget = self.controller.budget_bytes
@@ -68,10 +73,18 @@ class Server:
         return self._uvicorn.servers[0].sockets[0].getsockname()[1]
 
     def describe(self) -> str:
+        served = self.engine.name if self.pool is None else ", ".join(self.pool.names)
         via = f" from the upstream {self.upstream}" if self.upstream is not None else ""
-        return (f"memwarden serving {self.engine.name} on http://{self._uvicorn.config.host}:{self.port}{via} "
+        return (f"memwarden serving {served} on http://{self._uvicorn.config.host}:{self.port}{via} "
                 f"(KV budget {format_bytes(self.budget)}, {self.engine.bytes_per_token} B/token, "
-                f"admission {self.controller.admission.policy})")
+                f"admission {self.controller.admission.policy}{self._describe_pool()})")
+
+    def _describe_pool(self) -> str:
+        if self.pool is None or len(self.pool.names) == 1:
+            return ""
+        budget = self.pool.stats()["weights_budget_bytes"]
+        return (f"; weights budget {format_bytes(budget) if budget is not None else 'unbounded'}, "
+                f"swap policy {self.pool.policy_name}")
 
     def run(self) -> None:
         """Serve until stopped (or ``max_requests`` responses)."""
@@ -91,5 +104,7 @@ class Server:
         self._uvicorn.should_exit = True
         if thread is not None:
             thread.join(timeout)
-        if self.upstream is not None:
+        if self.pool is None:
             self.engine.close()  # the gateway's metrics thread and client
+        else:
+            self.pool.close()

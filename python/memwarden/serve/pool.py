@@ -1,0 +1,363 @@
+"""``ModelPool``: several models behind one server, their weights within a device budget.
+
+Every model is an :class:`~memwarden.serve.engine.Engine` (its tokenizer and config stay)
+whose weights come and go:
+
+* ``loaded`` -- on the device, counted by the budget; requests run only here;
+* ``offloaded`` -- parked in host memory (within ``host_memory``): coming back is a copy;
+* ``unloaded`` -- gone: loading builds it again (an embedded model from its config and
+  seed, a checkpoint with ``from_pretrained``).
+
+A request holds its model (:meth:`ModelPool.hold`) for as long as it generates. To get
+it loaded the pool asks its swap policy (one of :data:`memwarden.controller.models.SWAP_POLICIES`,
+all with the signature of ``should_swap_models``) with the waiting requests of every
+model that is not loaded, carries the decision out -- park (or unload, when the host
+budget is full) what it swaps out, then load what it swaps in -- and otherwise waits
+(until ``load_timeout``), asking again as requests end. Every move goes through the
+:class:`~memwarden.controller.models.ModelRegistry`, which refuses to move a model with a
+running request. A request the pool cannot serve gets :class:`ModelUnavailable` with its
+reason: ``model_load_timeout`` (no room was made in time) or ``out_of_memory`` (the load
+ran out of device memory: what a policy that never unloads runs into).
+
+The CPU stand-in (``device_limit``): memwarden's host allocator is installed as torch's CPU
+allocator with that limit, so the "device" is its pool (weights, KV pages, activations)
+and a load beyond it fails with the allocator's out-of-memory error; parked weights live
+in numpy's memory, outside that pool, so parking really gives the device bytes back.
+
+The embedded models (:data:`EMBEDDED_MODELS`) need no download: the server's own tiny
+random Llama and larger variants with their own seeds.
+
+May import: torch, transformers (lazily), :mod:`memwarden.serve.engine`,
+:mod:`memwarden.controller`, :mod:`memwarden.alloc`, :mod:`memwarden.kv` and the bottom
+layers. Never :mod:`memwarden.serve.app` or :mod:`memwarden.cli`.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from memwarden import alloc
+from memwarden.controller.models import SWAP_POLICIES, ModelRegistry, ServedModel
+from memwarden.kv.attention import ATTENTION_NAME
+from memwarden.serve.engine import EMBEDDED_NAME, Engine, load_engine
+
+__all__ = ["EMBEDDED_MODELS", "MODEL_STATES", "ModelPool", "ModelUnavailable"]
+
+# config changes over the embedded tiny model, and the seed of its random weights
+EMBEDDED_MODELS = {
+    EMBEDDED_NAME: ({}, 0),  # load_engine(None)'s model, weight for weight
+    "memwarden-small-random": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+                                "num_attention_heads": 8}, 1),
+    "memwarden-base-random": ({"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 6,
+                               "num_attention_heads": 8}, 2),
+}
+MODEL_STATES = {"unloaded": 0, "offloaded": 1, "loaded": 2, "loading": 3}  # memwarden:model_state values
+UNBOUNDED = 2**62  # a budget no model reaches
+_POLL_S = 0.05  # a waiting request asks again this often (minimum residencies expire unannounced)
+
+
+class ModelUnavailable(Exception):
+    """A request's model could not be loaded for it: ``reason`` (a code) and a sentence."""
+
+    def __init__(self, reason: str, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.reason, self.message, self.retry_after = reason, message, retry_after
+
+
+@dataclass
+class _Slot:
+    """One parameter or buffer of a model: ``table[name]`` of a module's ``_parameters`` or ``_buffers``."""
+
+    table: dict
+    name: str
+
+    def get(self) -> torch.Tensor:
+        return self.table[self.name]
+
+    def set(self, tensor: torch.Tensor) -> None:
+        if isinstance(self.table[self.name], torch.nn.Parameter):
+            self.table[self.name].data = tensor  # the same Parameter: tied weights stay tied
+        else:
+            self.table[self.name] = tensor
+
+
+def _slots(model: torch.nn.Module) -> list[_Slot]:
+    seen, slots = set(), []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    slots.append(_Slot(table, name))
+    return slots
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(slot.get().nbytes for slot in _slots(model))
+
+
+def _parked_copy(tensor: torch.Tensor, outside_pool: bool) -> torch.Tensor:
+    if not outside_pool:
+        return tensor.detach().to("cpu", copy=True)
+    # numpy's memory, which memwarden's host allocator (the stand-in device) does not serve
+    raw = np.empty(tensor.nbytes, dtype=np.uint8)
+    return torch.from_numpy(raw).view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+
+@dataclass
+class _Model:
+    """What the pool keeps of one model besides the registry's books."""
+
+    engine: Engine
+    build: Callable[[], torch.nn.Module]  # its weights, freshly made on the device
+    parked: Optional[list] = None  # host copies of its slots' tensors while offloaded
+    swaps_in: int = 0
+    swaps_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class _Hold:
+    """A request's hold on its model; :meth:`release` (once) lets the model move again."""
+
+    def __init__(self, pool: "ModelPool", name: str):
+        self._pool, self.name, self._released = pool, name, False
+        self.engine = pool.engine(name)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._release(self.name)
+
+
+class ModelPool:
+    """``models``: ``{name: (engine, build)}`` -- ``build()`` makes the model's weights on
+    the device. ``weights_budget``: device bytes for weights (None: no bound).
+    ``policy``: a name of :data:`SWAP_POLICIES`; ``policy_options`` go to it (``keep_alive_s``,
+    ``max_loaded`` for ``ollama``). The first model is loaded now."""
+
+    def __init__(self, models: dict, weights_budget: Optional[int] = None, policy: str = "memwarden", *,
+                 policy_options: Optional[dict] = None, host_memory: Optional[int] = None,
+                 load_timeout: float = 30.0, min_residency_s: float = 30.0, demand_half_life_s: float = 300.0,
+                 device_limit: Optional[int] = None, clock: Callable[[], float] = time.monotonic):
+        if not models:
+            raise ValueError("models: a pool needs at least one model")
+        if policy not in SWAP_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(SWAP_POLICIES)}, got {policy!r}")
+        self.policy_name = policy
+        self._policy = functools.partial(SWAP_POLICIES[policy], **(policy_options or {}))
+        self.weights_budget = UNBOUNDED if weights_budget is None else int(weights_budget)
+        self.host_memory = UNBOUNDED if host_memory is None else int(host_memory)
+        self.load_timeout = float(load_timeout)
+        self.registry = ModelRegistry(clock=clock, demand_half_life_s=demand_half_life_s)
+        self._models: dict[str, _Model] = {}
+        for name, (engine, build) in models.items():
+            self._models[name] = _Model(engine, build)
+            weights = _weight_bytes(engine.model)  # exact even on the meta device
+            self.registry.register(ServedModel(name=name, weights_bytes=weights, kv_bytes_per_token=0, context=1,
+                                               min_residency_s=min_residency_s))
+        self.names = tuple(self._models)
+        self.default = self.names[0]
+        self.device = torch.device("cpu")  # where build() makes the weights (a GPU pool is still to come)
+        self._outside_pool = False
+        self._restore_device: list[Callable[[], Any]] = []
+        if device_limit is not None:
+            self._stand_in(int(device_limit))
+        self._cond = threading.Condition()
+        self._waiting: Counter = Counter()
+        self.out_of_memory = 0
+        with self._cond:  # the first model is there from the start, when it fits
+            if self.registry.state(self.default).footprint_bytes <= self.weights_budget:
+                self._load(self.default)
+
+    # ---- building ----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "ModelPool":
+        """The pool of ``config.server``: its ``models`` (or its one ``model``, the embedded
+        model when none) and the swap settings; ``overrides`` replace keyword arguments."""
+        server = config.server
+        names = list(server.models) or [server.model or EMBEDDED_NAME]
+        several = len(names) > 1
+        engines = {name: _engine(name, server.max_concurrency) for name in names}
+        options = {"keep_alive_s": server.keep_alive, "max_loaded": server.max_loaded} \
+            if server.swap_policy == "ollama" else {}
+        kwargs = dict(weights_budget=server.max_memory if several else None, policy=server.swap_policy,
+                      policy_options=options, host_memory=server.host_memory, load_timeout=server.load_timeout,
+                      min_residency_s=server.min_residency, demand_half_life_s=server.demand_half_life,
+                      device_limit=server.device_limit)
+        return cls(engines, **{**kwargs, **overrides})
+
+    def _stand_in(self, limit: int) -> None:
+        self._outside_pool = True
+        previous = alloc.get_memory_limit("cpu")
+        if alloc.install("cpu"):
+            self._restore_device.append(lambda: alloc.uninstall("cpu"))
+        alloc.set_memory_limit("cpu", limit)
+        self._restore_device.append(lambda: alloc.set_memory_limit("cpu", previous))
+
+    def close(self) -> None:
+        """Give the CPU allocator back as it was (the stand-in device)."""
+        while self._restore_device:
+            self._restore_device.pop()()
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def engine(self, name: str) -> Engine:
+        try:
+            return self._models[name].engine
+        except KeyError:
+            raise KeyError(f"model {name!r} is not served here") from None
+
+    @property
+    def bytes_per_token(self) -> int:
+        """The most KV bytes a token takes in any model: what one KV budget prices a token at."""
+        return max(m.engine.bytes_per_token for m in self._models.values())
+
+    def stats(self) -> dict:
+        """Per model: state, footprint, running and served requests, swaps, bytes moved and
+        bytes parked; and the pool's budget, loaded bytes, policy and out-of-memory loads."""
+        with self._cond:
+            models = {}
+            for state in self.registry.states():
+                books = self._models[state.name]
+                models[state.name] = {
+                    "state": state.status, "footprint_bytes": state.footprint_bytes, "running": state.running,
+                    "requests": state.use_count, "swaps_in": books.swaps_in, "swaps_out": books.swaps_out,
+                    "bytes_in": books.bytes_in, "bytes_out": books.bytes_out,
+                    "offloaded_bytes": sum(t.nbytes for t in books.parked) if books.parked else 0}
+            loaded = sum(m["footprint_bytes"] for m in models.values() if m["state"] in ("loaded", "loading"))
+            return {"models": models, "swap_policy": self.policy_name, "weights_loaded_bytes": loaded,
+                    "weights_budget_bytes": None if self.weights_budget == UNBOUNDED else self.weights_budget,
+                    "out_of_memory": self.out_of_memory}
+
+    # ---- serving ----------------------------------------------------------------------
+
+    def hold(self, name: str) -> _Hold:
+        """Wait until ``name`` is loaded and hold it there; :class:`ModelUnavailable` when it
+        cannot be, ``KeyError`` for a model not served here."""
+        self.engine(name)
+        deadline = time.monotonic() + self.load_timeout
+        with self._cond:
+            self._waiting[name] += 1
+            try:
+                while self.registry.state(name).status != "loaded":
+                    decision = self._policy(self.registry, self._pending(), self.weights_budget)
+                    self._carry_out(decision, name)
+                    if self.registry.state(name).status == "loaded":
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ModelUnavailable("model_load_timeout", f"model {name!r} could not be loaded within "
+                                               f"{self.load_timeout:g} s: {decision.reason}", retry_after=1.0)
+                    self._cond.wait(min(remaining, _POLL_S))
+                self.registry.begin_request(name)
+            finally:
+                self._waiting[name] -= 1
+        return _Hold(self, name)
+
+    def _release(self, name: str) -> None:
+        with self._cond:
+            self.registry.end_request(name)
+            self._cond.notify_all()
+
+    def _pending(self) -> dict:
+        loaded = {s.name for s in self.registry.states() if s.status in ("loaded", "loading")}
+        return {name: count for name, count in self._waiting.items() if count and name not in loaded}
+
+    def _carry_out(self, decision, wanted: str) -> None:
+        for name in decision.swap_out:
+            self._evict(name)
+        for name in decision.swap_in:
+            error = self._load(name)
+            if error is not None and name == wanted:
+                raise ModelUnavailable("out_of_memory", f"loading model {name!r} ran out of device memory: {error}")
+
+    # ---- moves (under the lock) -------------------------------------------------------
+
+    def _load(self, name: str) -> Optional[str]:
+        """Bring ``name`` onto the device (restore it when parked, else build it); the
+        error when the device runs out of memory, which leaves it unloaded."""
+        books = self._models[name]
+        self.registry.mark_loading(name)
+        try:
+            if books.parked is not None:
+                for slot, host in zip(_slots(books.engine.model), books.parked):
+                    slot.set(torch.empty_like(host, device=self.device).copy_(host))
+                books.parked = None
+            else:
+                model = books.build()
+                model.set_attn_implementation(ATTENTION_NAME)
+                books.engine.model = model
+        except torch.OutOfMemoryError as exc:
+            self.out_of_memory += 1
+            if books.parked is None:
+                books.engine.model.to("meta")  # whatever part of it was made
+            self.registry.mark_unloaded(name)
+            return str(exc).splitlines()[0]
+        nbytes = _weight_bytes(books.engine.model)
+        self.registry.mark_loaded(name, measured_bytes=nbytes)
+        books.swaps_in += 1
+        books.bytes_in += nbytes
+        return None
+
+    def _evict(self, name: str) -> None:
+        """Park ``name`` in host memory when the host budget has room, else unload it."""
+        books = self._models[name]
+        model = books.engine.model
+        nbytes = _weight_bytes(model)
+        parked = sum(sum(t.nbytes for t in m.parked) for m in self._models.values() if m.parked)
+        if parked + nbytes <= self.host_memory:
+            slots = _slots(model)
+            books.parked = [_parked_copy(slot.get(), self._outside_pool) for slot in slots]
+            for slot, host in zip(slots, books.parked):
+                slot.set(host)
+            self.registry.mark_offloaded(name)
+        else:
+            model.to("meta")
+            self.registry.mark_unloaded(name)
+        books.swaps_out += 1
+        books.bytes_out += nbytes
+
+
+# ---- the engines --------------------------------------------------------------------------
+
+def _engine(name: str, max_concurrency: int) -> tuple[Engine, Callable[[], torch.nn.Module]]:
+    """(an engine over the model's skeleton on the meta device, how to build its weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name in EMBEDDED_MODELS:
+        tiny = _tiny_engine()
+        changes, seed = EMBEDDED_MODELS[name]
+        config = type(tiny.model.config)(**{**tiny.model.config.to_dict(), **changes})
+        tokenizer = tiny.tokenizer
+
+        def build() -> torch.nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    else:
+        config = AutoConfig.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+
+        def build() -> torch.nn.Module:
+            return AutoModelForCausalLM.from_pretrained(name).eval()
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if name in EMBEDDED_MODELS
+                                                    else getattr(config, "dtype", None)).eval()
+    return Engine(skeleton, tokenizer, name, max_concurrency=max_concurrency), build
+
+
+@functools.cache
+def _tiny_engine() -> Engine:
+    """The embedded model's config and tokenizer, which the variants start from."""
+    return load_engine(None)
+
