@@ -204,7 +204,12 @@ class ModelPool:
         self._restore_device.append(lambda: alloc.set_memory_limit("cpu", previous))
 
     def close(self) -> None:
-        """Give the CPU allocator back as it was (the stand-in device)."""
+        """Let every model's weights go and give the CPU allocator back as it was (the
+        stand-in device); the pool serves nothing after."""
+        with self._cond:
+            for books in self._models.values():
+                books.engine.model.to("meta")
+                books.parked = None
         while self._restore_device:
             self._restore_device.pop()()
 

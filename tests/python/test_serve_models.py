@@ -1,0 +1,231 @@
+"""Several models in one server: the multi-model server on loopback with the official openai
+client (swaps happen, each model answers as it did when it never left), per-model
+/memory_stats and /metrics, a busy model never moved, the CPU stand-in device (memwarden's
+host pool with a limit) where never-unloading runs out of memory and memwarden's policy does
+not; and hypothesis properties of the pool under every swap policy (budget kept, busy
+models stay, every request served or refused with a reason)."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+from memwarden.controller.config import MemwardenConfig  # noqa: E402
+from memwarden.controller.models import SWAP_POLICIES  # noqa: E402
+from memwarden.serve.engine import load_engine  # noqa: E402
+from memwarden.serve.pool import EMBEDDED_MODELS, ModelPool, ModelUnavailable  # noqa: E402
+from memwarden.serve.server import Server  # noqa: E402
+
+TINY, SMALL, BASE = EMBEDDED_MODELS  # 0.41, 2.38 and 4.57 MiB of float32 weights
+MiB = 2**20
+# tiny fits beside either other model; small and base do not fit together
+BUDGET = "5.5MiB"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared with CI
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(**overrides):
+    return MemwardenConfig.load(env={}, overrides={"server.port": 0, "server.models": list(EMBEDDED_MODELS),
+                                                    "server.max_memory": BUDGET, "server.min_residency": 0.0,
+                                                    # demand fades in a fifth of a second: a quiet model
+                                                    # gives way to a waiting one within the test's patience
+                                                    "server.demand_half_life": 0.2, **overrides})
+
+
+def start(**overrides):
+    server = Server(config(**overrides))
+    return server, server.start()
+
+
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
+def post(url, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+PROMPT = "swap me"
+
+
+@pytest.fixture(scope="module")
+def never_left():
+    """Each model's greedy answer from a pool that holds them all, so none ever leaves."""
+    pool = ModelPool.from_config(config(**{"server.max_memory": None}))
+    answers = {}
+    for name in pool.names:
+        hold = pool.hold(name)
+        try:
+            engine = hold.engine
+            answers[name] = engine.tokenizer.decode([s.token for s in engine.generate(
+                engine.encode_prompt(PROMPT), 12, 0.0) if s.token is not None])
+        finally:
+            hold.release()
+    return answers
+
+
+@pytest.fixture(scope="module")
+def served():
+    server, thread = start()
+    yield server, f"http://127.0.0.1:{server.port}"
+    server.stop(thread)
+
+
+def test_tiny_is_the_single_model_servers_model(never_left):
+    engine = load_engine(None)
+    want = engine.tokenizer.decode([s.token for s in engine.generate(engine.encode_prompt(PROMPT), 12, 0.0)
+                                    if s.token is not None])
+    assert never_left[TINY] == want
+
+
+def test_models_listed_and_swapped_with_answers_as_if_never_left(served, never_left):
+    server, base = served
+    c = client(base)
+    assert [m.id for m in c.models.list().data] == [TINY, SMALL, BASE]
+    for name in [SMALL, BASE, SMALL, TINY, BASE]:
+        r = c.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+        assert r.model == name and r.choices[0].text == never_left[name]
+    stats = json.loads(get(base + "/memory_stats"))
+    models = stats["models"]
+    assert stats["swap_policy"] == "memwarden" and stats["out_of_memory"] == 0
+    assert models[SMALL]["swaps_in"] == 2 and models[SMALL]["swaps_out"] >= 1
+    assert models[BASE]["state"] == "loaded" and models[SMALL]["state"] == "offloaded"
+    assert models[SMALL]["offloaded_bytes"] == models[SMALL]["footprint_bytes"] > 2 * MiB
+    assert stats["weights_loaded_bytes"] <= stats["weights_budget_bytes"] == 5.5 * MiB
+    assert {models[n]["requests"] for n in (SMALL, BASE)} == {2}
+    text = get(base + "/metrics")
+    assert re.search(rf'memwarden:model_state\{{model="{SMALL}"\}} 1\.0', text)
+    assert re.search(rf'memwarden:model_state\{{model="{BASE}"\}} 2\.0', text)
+    assert re.search(rf'memwarden:model_swaps_total\{{direction="out",model="{SMALL}"\}} [1-9]', text)
+    assert re.search(rf'memwarden:offloaded_bytes\{{model="{SMALL}"\}} [1-9]', text)
+
+
+def test_default_and_unknown_model(served, never_left):
+    _, base = served
+    status, payload = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert status == 200 and payload["model"] == TINY and payload["choices"][0]["text"] == never_left[TINY]
+    status, payload = post(base + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
+    assert status == 404 and payload["error"]["code"] == "model_not_found" and SMALL in payload["error"]["message"]
+
+
+def test_a_busy_model_is_never_moved():
+    server, thread = start(**{"server.load_timeout": 0.3})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        hold = server.pool.hold(SMALL)  # a request generating on small
+        try:
+            status, payload = post(base + "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2})
+            assert status == 503 and payload["error"]["code"] == "model_load_timeout"
+            assert "running request" in payload["error"]["message"]
+            assert server.pool.registry.state(SMALL).status == "loaded"
+        finally:
+            hold.release()
+        status, _ = post(base + "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2})
+        assert status == 200
+    finally:
+        server.stop(thread)
+
+
+@pytest.mark.parametrize("policy, served_base", [("never", False), ("memwarden", True)])
+def test_stand_in_device_out_of_memory_only_without_unloading(policy, served_base):
+    # memwarden's host pool limited to 7 MiB is the device: tiny and small (2.8 MiB) fit,
+    # all three (7.4 MiB) do not
+    server, thread = start(**{"server.swap_policy": policy, "server.device_limit": "7MiB"})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert post(base + "/v1/completions", {"model": SMALL, "prompt": "x", "max_tokens": 2})[0] == 200
+        status, payload = post(base + "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2})
+        stats = server.pool.stats()
+        if served_base:
+            assert (status, stats["out_of_memory"], stats["models"][SMALL]["state"]) == (200, 0, "offloaded"), payload
+        else:
+            assert status == 503 and payload["error"]["code"] == "out_of_memory"
+            assert stats["out_of_memory"] == 1 and stats["models"][BASE]["state"] == "unloaded"
+            # the pool still serves what it holds
+            assert post(base + "/v1/completions", {"model": SMALL, "prompt": "x", "max_tokens": 2})[0] == 200
+    finally:
+        server.stop(thread)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    """One pool per policy, reused across examples: the properties hold from any state."""
+    made = {}
+    for policy in sorted(SWAP_POLICIES):
+        options = {"max_loaded": 2} if policy == "ollama" else {}
+        made[policy] = ModelPool.from_config(config(**{"server.swap_policy": policy}), load_timeout=0.05,
+                                             policy_options=options)
+    return made
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(policy=st.sampled_from(sorted(SWAP_POLICIES)),
+       requests=st.lists(st.tuples(st.sampled_from([TINY, SMALL, BASE]), st.booleans()), min_size=1, max_size=8))
+def test_pool_properties_under_every_policy(pools, policy, requests):
+    pool = pools[policy]
+    open_holds = []
+    try:
+        for name, keep in requests:
+            before = {s.name: s for s in pool.registry.states()}
+            try:
+                hold = pool.hold(name)
+            except ModelUnavailable as refused:
+                assert refused.reason in ("model_load_timeout", "out_of_memory") and refused.message
+            else:
+                assert pool.registry.state(name).status == "loaded"
+                (open_holds.append(hold) if keep else hold.release())
+            for state in pool.registry.states():
+                if before[state.name].running:  # a model with a running request stayed
+                    assert state.status == "loaded"
+            if policy != "never":
+                assert pool.stats()["weights_loaded_bytes"] <= pool.weights_budget
+            if len(open_holds) > 1:
+                open_holds.pop(0).release()
+    finally:
+        for hold in open_holds:
+            hold.release()
+    assert all(s.running == 0 for s in pool.registry.states())
+
+
+def test_concurrent_requests_across_models(served, never_left):
+    _, base = served
+    c = client(base)
+    names = [SMALL, BASE, TINY] * 2
+    answers = [None] * len(names)
+
+    def ask(i):
+        answers[i] = c.completions.create(model=names[i], prompt=PROMPT, max_tokens=12, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.choices[0].text for a in answers] == [never_left[n] for n in names]
