@@ -34,6 +34,7 @@ layers. Never :mod:`memwarden.serve.app` or :mod:`memwarden.cli`.
 from __future__ import annotations
 
 import functools
+import gc
 import threading
 import time
 from collections import Counter
@@ -53,10 +54,10 @@ __all__ = ["EMBEDDED_MODELS", "MODEL_STATES", "ModelPool", "ModelUnavailable"]
 # config changes over the embedded tiny model, and the seed of its random weights
 EMBEDDED_MODELS = {
     EMBEDDED_NAME: ({}, 0),  # load_engine(None)'s model, weight for weight
-    "memwarden-small-random": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+    "memwarden-small-random": ({"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 6,
                                 "num_attention_heads": 8}, 1),
-    "memwarden-base-random": ({"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 6,
-                               "num_attention_heads": 8}, 2),
+    "memwarden-base-random": ({"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 8,
+                               "num_attention_heads": 12}, 2),
 }
 MODEL_STATES = {"unloaded": 0, "offloaded": 1, "loaded": 2, "loading": 3}  # memwarden:model_state values
 UNBOUNDED = 2**62  # a budget no model reaches
@@ -303,15 +304,17 @@ class ModelPool:
                 books.engine.model = model
         except torch.OutOfMemoryError as exc:
             self.out_of_memory += 1
-            if books.parked is None:
-                books.engine.model.to("meta")  # whatever part of it was made
-            self.registry.mark_unloaded(name)
-            return str(exc).splitlines()[0]
-        nbytes = _weight_bytes(books.engine.model)
-        self.registry.mark_loaded(name, measured_bytes=nbytes)
-        books.swaps_in += 1
-        books.bytes_in += nbytes
-        return None
+            error = str(exc).splitlines()[0]
+        else:
+            nbytes = _weight_bytes(books.engine.model)
+            self.registry.mark_loaded(name, measured_bytes=nbytes)
+            books.swaps_in += 1
+            books.bytes_in += nbytes
+            return None
+        # the half-made model is held by the traceback's reference cycles: free it now
+        gc.collect()
+        self.registry.mark_unloaded(name)
+        return error
 
     def _evict(self, name: str) -> None:
         """Park ``name`` in host memory when the host budget has room, else unload it."""
