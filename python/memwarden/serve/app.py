@@ -11,9 +11,9 @@ Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 
 malformed JSON, unknown fields or out-of-range values (the message names the field) and
 for prompts longer than the model's context; 429 when a session limit refuses a request,
 503 when the pool is full, both with ``Retry-After``; 404 for a model not served here;
-503 when the request's model cannot be loaded (``model_load_timeout``, ``out_of_memory``). A degraded response says so in its
-``memwarden`` field and the ``X-Memwarden-Degraded`` header. Tests drive it on loopback
-with the official ``openai`` client.
+503 when the request's model cannot be loaded (``model_load_timeout``, ``out_of_memory``).
+A degraded response says so in its ``memwarden`` field and the ``X-Memwarden-Degraded``
+header. Tests drive it on loopback with the official ``openai`` client.
 
 May import: fastapi, :mod:`memwarden.controller`, :mod:`memwarden.serve.metrics`,
 :mod:`memwarden.serve.schemas`, :mod:`memwarden.serve.engine`, :mod:`memwarden.serve.pool`
