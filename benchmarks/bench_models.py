@@ -271,8 +271,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the server's requests run in threads of their own
     rate = args.rate or (15.0 if args.quick else 20.0)
     phase = args.phase or (2.0 if args.quick else 8.0)
-    # memwarden's time constants scaled to the trace: demand halves in a quarter of a phase
-    timing = {"half_life": phase / 4, "min_residency": phase / 20}
+    # memwarden's time constants scaled to the trace: demand halves in a tenth of a phase
+    # (longer: fewer swaps, waiting requests wait longer), and a loaded model is safe for
+    # a fortieth of one
+    timing = {"half_life": phase / 10, "min_residency": phase / 40}
     trace = shifting_zipf_trace(len(PHASE_RANKINGS), phase, rate)
     rows = [replay(policy, trace, args.clients, timing) for policy in POLICIES]
     by_policy = {row["policy"]: row for row in rows}

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -172,7 +172,8 @@ class ModelPool:
         if device_limit is not None:
             self._stand_in(int(device_limit))
         self._cond = threading.Condition()
-        self._waiting: Counter = Counter()
+        self._waiting: dict[str, list] = {name: [] for name in self._models}  # since when each request waits
+        self._half_life = float(demand_half_life_s)
         self.out_of_memory = 0
         with self._cond:  # the first model is there from the start, when it fits
             if self.registry.state(self.default).footprint_bytes <= self.weights_budget:
@@ -252,7 +253,8 @@ class ModelPool:
         self.engine(name)
         deadline = time.monotonic() + self.load_timeout
         with self._cond:
-            self._waiting[name] += 1
+            since = time.monotonic()
+            self._waiting[name].append(since)
             try:
                 while self.registry.state(name).status != "loaded":
                     decision = self._policy(self.registry, self._pending(), self.weights_budget)
@@ -266,7 +268,7 @@ class ModelPool:
                     self._cond.wait(min(remaining, _POLL_S))
                 self.registry.begin_request(name)
             finally:
-                self._waiting[name] -= 1
+                self._waiting[name].remove(since)
         return _Hold(self, name)
 
     def _release(self, name: str) -> None:
@@ -275,8 +277,14 @@ class ModelPool:
             self._cond.notify_all()
 
     def _pending(self) -> dict:
+        """Waiting requests of the models not loaded, each counted 2 ** (its wait in demand
+        half-lives): the mirror of the decay of served requests, so a waiting model's
+        demand overtakes an idle model's within log2 of their ratio half-lives and no
+        model starves behind a busier one."""
         loaded = {s.name for s in self.registry.states() if s.status in ("loaded", "loading")}
-        return {name: count for name, count in self._waiting.items() if count and name not in loaded}
+        now = time.monotonic()
+        return {name: sum(math.ceil(2 ** ((now - since) / self._half_life)) for since in waits)
+                for name, waits in self._waiting.items() if waits and name not in loaded}
 
     def _carry_out(self, decision, wanted: str) -> None:
         for name in decision.swap_out:
