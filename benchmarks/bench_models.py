@@ -264,17 +264,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 6 s trace and a 4-layer offloader model (CI)")
     parser.add_argument("--json", default="benchmarks/results/bench_models.json")
-    parser.add_argument("--rate", type=float, help="requests a second (default 20, --quick 15)")
+    parser.add_argument("--rate", type=float, help="requests a second (default 12, --quick 15)")
     parser.add_argument("--phase", type=float, help="seconds a popularity ranking lasts (default 8, --quick 2)")
     parser.add_argument("--clients", type=int, default=16, help="requests in flight at most (client threads)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the server's requests run in threads of their own
-    rate = args.rate or (15.0 if args.quick else 20.0)
+    rate = args.rate or (15.0 if args.quick else 12.0)  # what two shared cores sustain for 24 s
     phase = args.phase or (2.0 if args.quick else 8.0)
-    # memwarden's time constants scaled to the trace: demand halves in a tenth of a phase
+    # memwarden's time constants scaled to the trace: demand halves in a twentieth of a phase
     # (longer: fewer swaps, waiting requests wait longer), and a loaded model is safe for
     # a fortieth of one
-    timing = {"half_life": phase / 10, "min_residency": phase / 40}
+    timing = {"half_life": phase / 20, "min_residency": phase / 40}
     trace = shifting_zipf_trace(len(PHASE_RANKINGS), phase, rate)
     rows = [replay(policy, trace, args.clients, timing) for policy in POLICIES]
     by_policy = {row["policy"]: row for row in rows}

@@ -21,8 +21,9 @@ ran out of device memory: what a policy that never unloads runs into).
 
 The CPU stand-in (``device_limit``): memwarden's host allocator is installed as torch's CPU
 allocator with that limit, so the "device" is its pool (weights, KV pages, activations)
-and a load beyond it fails with the allocator's out-of-memory error; parked weights live
-in numpy's memory, outside that pool, so parking really gives the device bytes back.
+and a load beyond it fails with the allocator's out-of-memory error (once an
+out-of-memory callback has collected cyclic garbage); parked weights live in numpy's
+memory, outside that pool, so parking really gives the device bytes back.
 
 The embedded models (:data:`EMBEDDED_MODELS`) need no download: the server's own tiny
 random Llama and larger variants with their own seeds.
@@ -142,12 +143,15 @@ class ModelPool:
     """``models``: ``{name: (engine, build)}`` -- ``build()`` makes the model's weights on
     the device. ``weights_budget``: device bytes for weights (None: no bound).
     ``policy``: a name of :data:`SWAP_POLICIES`; ``policy_options`` go to it (``keep_alive_s``,
-    ``max_loaded`` for ``ollama``). The first model is loaded now."""
+    ``max_loaded`` for ``ollama``). ``max_concurrency``: requests holding a model at once,
+    all models together (each engine bounds only its own, which several models multiply).
+    The first model is loaded now."""
 
     def __init__(self, models: dict, weights_budget: Optional[int] = None, policy: str = "memwarden", *,
                  policy_options: Optional[dict] = None, host_memory: Optional[int] = None,
                  load_timeout: float = 30.0, min_residency_s: float = 30.0, demand_half_life_s: float = 300.0,
-                 device_limit: Optional[int] = None, clock: Callable[[], float] = time.monotonic):
+                 device_limit: Optional[int] = None, max_concurrency: Optional[int] = None,
+                 clock: Callable[[], float] = time.monotonic):
         if not models:
             raise ValueError("models: a pool needs at least one model")
         if policy not in SWAP_POLICIES:
@@ -175,6 +179,7 @@ class ModelPool:
         self._waiting: dict[str, list] = {name: [] for name in self._models}  # since when each request waits
         self._half_life = float(demand_half_life_s)
         self.out_of_memory = 0
+        self._holding = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         with self._cond:  # the first model is there from the start, when it fits
             if self.registry.state(self.default).footprint_bytes <= self.weights_budget:
                 self._load(self.default)
@@ -194,7 +199,7 @@ class ModelPool:
         kwargs = dict(weights_budget=server.max_memory if several else None, policy=server.swap_policy,
                       policy_options=options, host_memory=server.host_memory, load_timeout=server.load_timeout,
                       min_residency_s=server.min_residency, demand_half_life_s=server.demand_half_life,
-                      device_limit=server.device_limit)
+                      device_limit=server.device_limit, max_concurrency=server.max_concurrency)
         return cls(engines, **{**kwargs, **overrides})
 
     def _stand_in(self, limit: int) -> None:
@@ -204,6 +209,9 @@ class ModelPool:
             self._restore_device.append(lambda: alloc.uninstall("cpu"))
         alloc.set_memory_limit("cpu", limit)
         self._restore_device.append(lambda: alloc.set_memory_limit("cpu", previous))
+        # finished requests' caches can sit in reference cycles: collect them before an
+        # allocation is refused (the allocator retries after its callbacks)
+        self._restore_device.append(alloc.on_oom(lambda _nbytes: gc.collect() > 0, "cpu").remove)
 
     def close(self) -> None:
         """Let every model's weights go and give the CPU allocator back as it was (the
@@ -266,12 +274,16 @@ class ModelPool:
                         raise ModelUnavailable("model_load_timeout", f"model {name!r} could not be loaded within "
                                                f"{self.load_timeout:g} s: {decision.reason}", retry_after=1.0)
                     self._cond.wait(min(remaining, _POLL_S))
-                self.registry.begin_request(name)
+                self.registry.begin_request(name)  # from here the model stays, even while the request queues
             finally:
                 self._waiting[name].remove(since)
+        if self._holding is not None:
+            self._holding.acquire()
         return _Hold(self, name)
 
     def _release(self, name: str) -> None:
+        if self._holding is not None:
+            self._holding.release()
         with self._cond:
             self.registry.end_request(name)
             self._cond.notify_all()
