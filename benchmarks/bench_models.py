@@ -271,10 +271,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the server's requests run in threads of their own
     rate = args.rate or (15.0 if args.quick else 12.0)  # what two shared cores sustain for 24 s
     phase = args.phase or (2.0 if args.quick else 8.0)
-    # memwarden's time constants scaled to the trace: demand halves in a twentieth of a phase
-    # (longer: fewer swaps, waiting requests wait longer), and a loaded model is safe for
-    # a fortieth of one
-    timing = {"half_life": phase / 20, "min_residency": phase / 40}
+    # memwarden's time constants scaled to the trace: demand halves in a fortieth of a phase
+    # (longer: fewer swaps, but the requests of a model that is not loaded wait longer), and
+    # no minimum residency: a parked model comes back in a copy of tens of milliseconds
+    timing = {"half_life": phase / 40, "min_residency": 0.0}
     trace = shifting_zipf_trace(len(PHASE_RANKINGS), phase, rate)
     rows = [replay(policy, trace, args.clients, timing) for policy in POLICIES]
     by_policy = {row["policy"]: row for row in rows}
