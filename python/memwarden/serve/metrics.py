@@ -16,17 +16,21 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
+from typing import TYPE_CHECKING, Optional
+
 from memwarden.controller.traffic import TrafficController
-from memwarden.serve.pool import MODEL_STATES, ModelPool
+
+if TYPE_CHECKING:  # the pool imports torch; the gateway's metrics have no pool
+    from memwarden.serve.pool import ModelPool
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
 
 class Metrics:
-    def __init__(self, controller: TrafficController, pool: ModelPool):
+    def __init__(self, controller: TrafficController, pool: Optional["ModelPool"] = None):
         self.controller, self.pool = controller, pool
         self.registry = r = CollectorRegistry()
-        self.kv_usage = Gauge("memwarden:kv_cache_usage_perc", "KV budget in use (reserved / budget), 0..1",
+        self.kv_usage = Gauge("memwarden:kv_cache_usage_perc", "KV budget in use (held by running requests / budget), 0..1",
                               registry=r)
         self.running = Gauge("memwarden:num_requests_running", "Requests generating now", registry=r)
         self.waiting = Gauge("memwarden:num_requests_waiting", "Requests in the admission queue", registry=r)
@@ -63,6 +67,13 @@ class Metrics:
                                      ("preemptions", self.preemptions, c.admission.preemptions)):
             counter.inc(total - self._counted[name])
             self._counted[name] = total
+        if self.pool is not None:
+            self._render_models()
+        return generate_latest(self.registry)
+
+    def _render_models(self) -> None:
+        from memwarden.serve.pool import MODEL_STATES
+
         for model, books in self.pool.stats()["models"].items():
             self.model_state.labels(model=model).set(MODEL_STATES[books["state"]])
             self.offloaded.labels(model=model).set(books["offloaded_bytes"])
@@ -71,4 +82,3 @@ class Metrics:
                 self.model_swaps.labels(model=model, direction=direction).inc(
                     total - self._swaps_counted.get((model, direction), 0))
                 self._swaps_counted[model, direction] = total
-        return generate_latest(self.registry)
