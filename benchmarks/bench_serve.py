@@ -170,7 +170,7 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short trace (CI smoke run)")
-    parser.add_argument("--requests", type=int, help="requests in the trace (default 120, --quick 16)")
+    parser.add_argument("--requests", type=int, help="requests in the trace (default 120, --quick 12)")
     parser.add_argument("--rate", type=float, default=4.0, help="arrivals a second")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", default="1MiB", help="the server's KV budget")
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
 
     from memwarden.serve.trace import make_trace
 
-    count = args.requests or (16 if args.quick else 120)
+    count = args.requests or (12 if args.quick else 120)
     trace = make_trace(count, args.rate, args.seed, **TRACE)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup.sh) and runs every test: the C++ core tests
-# (ctest), the same under AddressSanitizer + UndefinedBehaviorSanitizer, a smoke run
-# of each benchmark, and the Python tests (pytest). Exits non-zero on any failure.
+# Sets everything up (scripts/setup.sh, and a CPU build of vLLM: scripts/setup-vllm.sh,
+# unless MEMWARDEN_SKIP_VLLM=1) and runs every test: the C++ core tests (ctest), the same
+# under AddressSanitizer + UndefinedBehaviorSanitizer, a smoke run of each benchmark, and
+# the Python tests (pytest, with the parity and gateway tests against the real vLLM).
+# Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$(pwd)/.venv/bin:$PATH"
@@ -31,6 +33,9 @@ benchmarks_smoke() {
 }
 
 phase "setup (venv, build, install)" scripts/setup.sh
+if [ "${MEMWARDEN_SKIP_VLLM:-0}" != 1 ]; then  # the real vLLM the parity and gateway tests run against
+  phase "vLLM CPU build (.venv-vllm)" scripts/setup-vllm.sh
+fi
 phase "C++ core tests" core_tests build/core-tests -DCMAKE_BUILD_TYPE=Release
 phase "C++ core tests, ASan+UBSan" core_tests build/core-asan -DCMAKE_BUILD_TYPE=Debug -DMEMWARDEN_SANITIZE=ON
 phase "benchmark smoke runs" benchmarks_smoke
