@@ -55,7 +55,8 @@ For ``reserve`` and ``memwarden`` the sum of reservations never exceeds ``budget
 Queueing is strict FIFO: while requests wait, new arrivals queue behind them (reason
 ``"behind_queue"``) even if they would fit, so none is overtaken; :meth:`finish` (and
 :meth:`expire_queue`) admit from the head while the head fits. ``queue_limit`` bounds the
-queue (a request that finds it full is rejected ``"queue_full"``; with ``queue_limit=0``
+queue of newcomers (a request that finds it full is rejected ``"queue_full"``; a resumed
+one waits at the head regardless; with ``queue_limit=0``
 nothing queues and a request that does not fit now is rejected ``"pool_full"``). A
 request waiting ``queue_timeout`` seconds (by ``clock``, which must be monotonic) is
 rejected ``"queue_timeout"``.
