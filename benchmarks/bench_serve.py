@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 POLICIES = ("admit_all", "reserve", "optimistic", "memwarden")
-MAX_CONCURRENCY = 8
+MAX_CONCURRENCY = 32
 GROWTH = 1.25  # a request's pages grow by a quarter at a time
 SEGMENT = 2 << 20  # the allocator reserves small tensors in segments of 2 MiB
 TRACE = dict(prompt_median=150, prompt_max=600, output_median=100, max_tokens=(256, 512))
@@ -109,6 +110,17 @@ def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float, d
     return summary
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The median of every figure over repeated runs (the first run's outcomes for the plot);
+    OOMs and lost requests summed, since one is already too many."""
+    merged = dict(runs[0], repeats=len(runs))
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs if r[key] is not None]
+            merged[key] = (sum(values) if key in ("ooms", "lost") else statistics.median(values)) if values else None
+    return merged
+
+
 def table(results: dict) -> str:
     best_other = max((results[p]["goodput_tok_s"] for p in ("reserve", "optimistic") if p in results), default=None)
     optimistic_p99 = results.get("optimistic", {}).get("latency_p99_s")
@@ -121,8 +133,8 @@ def table(results: dict) -> str:
         p99_ratio = f"{p99 / optimistic_p99:.2f}" if p99 is not None and optimistic_p99 else "-"
         fmt = (lambda v: f"{v:.2f}" if v is not None else "-")
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected_by_reason"].items())) or "-"
-        lines.append(f"{policy:<11} {r['completed']:>5} {r['truncated']:>5} {r['lost']:>5} {r['rejected']:>4} {r['ooms']:>5} "
-                     f"{r['preemptions']:>7} {r['goodput_tok_s']:>8.1f} {ratio:>6} {fmt(r['latency_p50_s']):>6} "
+        lines.append(f"{policy:<11} {r['completed']:>5g} {r['truncated']:>5g} {r['lost']:>5g} {r['rejected']:>4g} "
+                     f"{r['ooms']:>5g} {r['preemptions']:>7g} {r['goodput_tok_s']:>8.1f} {ratio:>6} {fmt(r['latency_p50_s']):>6} "
                      f"{fmt(p99):>6} {p99_ratio:>6} {r['peak_bytes'] / 2**20:>8.2f}  {reasons}")
     return "\n".join(lines)
 
@@ -176,6 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", default="1MiB", help="the server's KV budget")
     parser.add_argument("--queue-timeout", type=float, default=60.0)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each policy; the table shows medians")
     parser.add_argument("--degradation", action="store_true",
                         help="degrade under pressure too (off: every policy serves the same requests as asked)")
     parser.add_argument("--json", default="benchmarks/results/bench_serve.json")
@@ -193,25 +206,28 @@ def main(argv=None) -> int:
 
     count = args.requests or (12 if args.quick else 120)
     trace = make_trace(count, args.rate, args.seed, **TRACE)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         trace_path = os.path.join(tmp, "trace.json")
         with open(trace_path, "w") as f:
             json.dump([r.to_dict() for r in trace], f)
-        for policy in args.policies.split(","):
-            out = os.path.join(tmp, f"{policy}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", policy, "--trace", trace_path, "--out", out,
-                   "--budget", args.budget, "--queue-timeout", str(args.queue_timeout)] + \
-                (["--degradation"] if args.degradation else [])
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-            if proc.returncode != 0:
-                print(proc.stdout, proc.stderr, file=sys.stderr)
-                raise SystemExit(f"bench_serve: the {policy} run failed")
-            with open(out) as f:
-                results[policy] = json.load(f)
-            print(f"  {policy}: {results[policy]['completed']}/{count} completed in {results[policy]['wall_s']:.1f} s",
-                  flush=True)
+        runs: dict[str, list[dict]] = {policy: [] for policy in args.policies.split(",")}
+        for repeat in range(args.repeats):  # policies interleaved, so a slow spell hits them alike
+            for policy in runs:
+                out = os.path.join(tmp, f"{policy}-{repeat}.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", policy, "--trace", trace_path, "--out",
+                       out, "--budget", args.budget, "--queue-timeout", str(args.queue_timeout)] + \
+                    (["--degradation"] if args.degradation else [])
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+                if proc.returncode != 0:
+                    print(proc.stdout, proc.stderr, file=sys.stderr)
+                    raise SystemExit(f"bench_serve: the {policy} run failed")
+                with open(out) as f:
+                    runs[policy].append(json.load(f))
+                run = runs[policy][-1]
+                print(f"  {policy} #{repeat + 1}: {run['completed']}/{count} completed in {run['wall_s']:.1f} s, "
+                      f"goodput {run['goodput_tok_s']:.1f} tok/s, p99 {run['latency_p99_s'] or 0:.2f} s", flush=True)
+    results = {policy: median_run(policy_runs) for policy, policy_runs in runs.items()}
     print(f"trace: {count} requests at {args.rate}/s (seed {args.seed}), KV budget {args.budget}, "
           f"max_concurrency {MAX_CONCURRENCY}")
     print(table(results))
@@ -220,7 +236,8 @@ def main(argv=None) -> int:
         print(f"  {'met ' if ok else 'MISS'} {goal}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"trace": {"requests": count, "rate": args.rate, "seed": args.seed, "budget": args.budget},
+        json.dump({"trace": {"requests": count, "rate": args.rate, "seed": args.seed, "budget": args.budget,
+                             "repeats": args.repeats, "max_concurrency": MAX_CONCURRENCY},
                    "results": results, "goals": reached}, f, indent=1)
     if args.plot:
         try:
