@@ -309,3 +309,43 @@ def test_logit_bias_steers_the_tokens(served):
     r = client(base).completions.create(model=server.engine.name, prompt="z", max_tokens=5, temperature=0,
                                         logit_bias={str(ord("q")): 100})
     assert r.choices[0].text == "qqqqq"
+
+
+def test_long_prompts_are_routed_to_the_other_pool():
+    # admission.route_above_tokens=20: a 31-token prompt goes to the upstream pool (a fake
+    # vLLM answering " w0 w1 ..."), a 6-token one is generated here
+    from fake_vllm import FakeVLLM
+
+    upstream = FakeVLLM().start()
+    server, thread = start(**{"admission.route_above_tokens": 20, "admission.upstream_url": upstream.url})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, headers, payload = post(base + "/v1/completions", {"prompt": "x" * 30, "max_tokens": 3})
+        assert status == 200 and headers["x-memwarden-routed"] == upstream.url
+        assert payload["choices"][0]["text"] == " w0 w1 w2"
+        assert "model" not in upstream.received[-1] and upstream.received[-1]["prompt"] == "x" * 30
+        chunks = list(client(base).completions.create(model=server.engine.name, prompt="y" * 30, max_tokens=2,
+                                                      stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == " w0 w1"
+        local = client(base).completions.create(model=server.engine.name, prompt="short", max_tokens=2)
+        assert local.model == server.engine.name and len(upstream.received) == 2
+        stats = json.loads(get(base + "/memory_stats"))
+        assert stats["routed_count"] == 2 and stats["rejected_count"] == 0 and stats["kv_reserved_mb"] == 0
+        assert 'memwarden:admission_decisions_total{decision="route",reason="too_large_routed"} 2.0' in get(
+            base + "/metrics")
+        upstream.mode = "overloaded"
+        status, headers, payload = post(base + "/v1/completions", {"prompt": "z" * 30, "max_tokens": 3})
+        assert status == 503 and payload["error"]["code"] == "upstream_overloaded" and headers["retry-after"] == "7"
+    finally:
+        server.stop(thread)
+        upstream.stop()
+
+
+def test_routing_needs_a_pool_and_the_memwarden_policy():
+    from memwarden.controller.config import ConfigError
+
+    with pytest.raises(ConfigError, match="admission.route_above_tokens.*admission.upstream_url"):
+        MemwardenConfig.load(env={}, overrides={"admission.route_above_tokens": 20})
+    with pytest.raises(ConfigError, match="admission.policy"):
+        MemwardenConfig.load(env={}, overrides={"admission.route_above_tokens": 20, "admission.policy": "reserve",
+                                                "admission.upstream_url": "http://127.0.0.1:9"})

@@ -419,6 +419,13 @@ class MemwardenConfig:
             self._refuse(f"thresholds must increase: warning {m.warning} < critical {m.critical} "
                          f"< emergency {m.emergency}",
                          "monitor.warning", "monitor.critical", "monitor.emergency")
+        a = self.admission
+        if (a.route_above_tokens is None) != (a.upstream_url is None):
+            self._refuse("routing needs both: the prompt length to route above and the pool to route to",
+                         "admission.route_above_tokens", "admission.upstream_url")
+        if a.route_above_tokens is not None and a.policy != "memwarden":
+            self._refuse(f"routing is a 'memwarden' policy option, not {a.policy!r}",
+                         "admission.route_above_tokens", "admission.policy")
         if srv.upstream is not None and (srv.model is not None or srv.models):
             self._refuse("a server generates with its own model or proxies to an upstream, not both",
                          "server.models" if srv.models else "server.model", "server.upstream")

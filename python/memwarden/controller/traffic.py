@@ -27,7 +27,7 @@ from memwarden.controller.config import MemwardenConfig
 from memwarden.controller.degradation import DEFAULT_POLICIES, Applied, Degradation, Level
 from memwarden.controller.sessions import SessionTable
 
-__all__ = ["CONTINUE", "PREEMPTED", "STOP", "Rejected", "Ticket", "TrafficController"]
+__all__ = ["CONTINUE", "PREEMPTED", "STOP", "Rejected", "Routed", "Ticket", "TrafficController"]
 
 log = logging.getLogger("memwarden.controller")  # one JSON object per line: decisions, levels, evictions
 
@@ -45,6 +45,15 @@ class Rejected(Exception):
     def __init__(self, status: int, reason: str, message: str, retry_after: Optional[float]):
         super().__init__(message)
         self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
+
+
+class Routed(Exception):
+    """A request admission sends to the other pool at ``url`` (``admission.upstream_url``):
+    its prompt is above ``admission.route_above_tokens``, or it could never fit here."""
+
+    def __init__(self, url: str, decision: Decision):
+        super().__init__(f"routed to {url} ({decision.reason})")
+        self.url, self.decision = url, decision
 
 
 @dataclass
@@ -83,7 +92,8 @@ class TrafficController:
                                      global_limit=min(s.global_limit, budget_bytes), idle_timeout=s.idle_timeout,
                                      clock=clock)
         a = config.admission
-        self.admission = AdmissionController(budget_bytes, bytes_per_token, policy=a.policy, queue_limit=a.queue_limit,
+        self.admission = AdmissionController(budget_bytes, bytes_per_token, policy=a.policy,
+                                             route_above_tokens=a.route_above_tokens, queue_limit=a.queue_limit,
                                              queue_timeout=a.queue_timeout, clock=clock,
                                              session_check=self._session_check)
         d = config.degradation
@@ -153,6 +163,11 @@ class TrafficController:
         _event("admission", request=request_id, session=session_id, decision=decision.verdict,
                reason=decision.reason, prompt_tokens=prompt_tokens, max_tokens=decision.granted_max_tokens,
                needed_bytes=decision.needed_bytes, free_bytes=decision.free_bytes, level=applied.level)
+        if decision.verdict == "route":
+            if sessions is not None:
+                sessions.end_request(session_id)
+            self._count("routed")
+            raise Routed(self.config.admission.upstream_url, decision)
         if not decision.admitted:
             if sessions is not None:
                 sessions.end_request(session_id)

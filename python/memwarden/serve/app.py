@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from memwarden.controller.traffic import PREEMPTED, STOP, Rejected, Ticket, TrafficController
+from memwarden.controller.traffic import PREEMPTED, STOP, Rejected, Routed, Ticket, TrafficController
 from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from memwarden.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # the engine imports torch; the gateway shares this module wi
     from memwarden.serve.pool import ModelPool
 
 __all__ = ["admission_notice", "context_exceeded", "create_app", "error_response", "refusal_response",
-           "refuse_invalid_requests", "retry_after_header", "unknown_model"]
+           "refuse_invalid_requests", "retry_after_header", "sse_data", "sse_event", "unknown_model",
+           "upstream_error_response"]
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
@@ -63,6 +64,21 @@ def refusal_response(refused: Rejected, metrics: Metrics) -> JSONResponse:
     return error_response(refused.status, refused.message,
                           kind="server_overloaded" if refused.status == 503 else "rate_limit_exceeded",
                           code=refused.reason, headers=retry_after_header(refused.retry_after))
+
+
+def upstream_error_response(exc) -> JSONResponse:
+    """The OpenAI-shaped error for a :class:`memwarden.serve.upstream.UpstreamError`."""
+    kind = "upstream_error" if exc.status >= 500 else "invalid_request_error"
+    return error_response(exc.status, exc.message, kind=kind, code=exc.reason,
+                          headers=retry_after_header(exc.retry_after))
+
+
+def sse_data(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def sse_event(payload: dict) -> str:
+    return sse_data(json.dumps(payload))
 
 
 def unknown_model(asked: str, served) -> JSONResponse:
@@ -199,6 +215,10 @@ def create_app(pool: "ModelPool", controller: TrafficController, on_response: Op
         except Rejected as e:
             hold.release()
             return refusal_response(e, metrics)
+        except Routed as routed:
+            hold.release()
+            metrics.observe("route", routed.decision.reason)
+            return _route(body, routed.url, chat)
         steps = _Steps(engine, controller, ticket, prompt, body.seed, biases, hold)  # releases both when closed
         try:
             return _respond(body, engine, steps, ticket, prompt, chat)
@@ -209,6 +229,45 @@ def create_app(pool: "ModelPool", controller: TrafficController, on_response: Op
         except BaseException:
             steps.close()
             raise
+
+    routes = app.state.routes = {}  # upstream url -> its client, made at the first request routed there
+
+    def _route(body, url: str, chat: bool):
+        """The request as asked, answered by the pool at ``url`` (streams relayed event by
+        event); its ``model`` is left to that pool, which may name it otherwise."""
+        import anyio
+
+        from memwarden.serve.upstream import Upstream, UpstreamError
+
+        server = controller.config.server
+        upstream = routes.get(url) or routes.setdefault(url, Upstream(url, server.upstream_timeout,
+                                                                      server.upstream_connect_timeout))
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        payload = body.model_dump(exclude_none=True, exclude={"model"})
+        headers = {"X-Memwarden-Routed": url}
+        try:
+            if not body.stream:
+                answer = anyio.from_thread.run(upstream.complete, path, payload)
+                if on_response is not None:
+                    on_response()
+                return JSONResponse(answer, headers=headers)
+            events = anyio.from_thread.run(upstream.events, path, payload)
+        except UpstreamError as e:
+            return upstream_error_response(e)
+
+        async def relay():
+            try:
+                async for data, _ in events.chunks():
+                    yield sse_data(data)
+            except UpstreamError as e:
+                yield sse_event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}})
+            finally:
+                await events.aclose()
+            if on_response is not None:
+                on_response()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
 
     def _respond(body, engine: "Engine", steps: "_Steps", ticket: Ticket, prompt: list[int], chat: bool):
         headers, info = admission_notice(ticket, metrics)

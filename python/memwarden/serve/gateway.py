@@ -53,7 +53,8 @@ from starlette.concurrency import run_in_threadpool
 from memwarden.controller.config import MemwardenConfig
 from memwarden.controller.traffic import CONTINUE, Rejected, Ticket, TrafficController
 from memwarden.serve.app import (admission_notice, context_exceeded, error_response, refusal_response,
-                                 refuse_invalid_requests, retry_after_header, unknown_model)
+                                 refuse_invalid_requests, sse_data, sse_event, unknown_model,
+                                 upstream_error_response)
 from memwarden.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from memwarden.serve.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, CompletionRequest
 from memwarden.serve.upstream import EngineMetrics, Events, MetricsPoller, Upstream, UpstreamError
@@ -229,20 +230,6 @@ def _has_output(choice: dict) -> bool:
     return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
 
 
-def _upstream_error(exc: UpstreamError) -> JSONResponse:
-    kind = "upstream_error" if exc.status >= 500 else "invalid_request_error"
-    return error_response(exc.status, exc.message, kind=kind, code=exc.reason,
-                          headers=retry_after_header(exc.retry_after))
-
-
-def _data_line(data: str) -> str:
-    return f"data: {data}\n\n"
-
-
-def _event(payload: dict) -> str:
-    return _data_line(json.dumps(payload))
-
-
 class _Admitted:
     """An admitted request's way out: its reservation goes back, and its upstream stream
     (if any) is closed, exactly once however it ends."""
@@ -351,7 +338,7 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
             answer = await upstream.complete(path, forward)
         except UpstreamError as e:
             await admitted.close()
-            return _upstream_error(e)
+            return upstream_error_response(e)
         except BaseException:
             await admitted.close()
             raise
@@ -373,14 +360,14 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
                     _account(controller, ticket, _completion_tokens(chunk, generated))
                     if not choices and not wants_usage:
                         continue  # the usage chunk the gateway asked for, not the client
-                yield _data_line(data)
+                yield sse_data(data)
                 if any(_has_output(choice) for choice in choices):
                     generated += 1
                     if not _account(controller, ticket, generated):  # no room for more: stop here
-                        ending = _event({**head, "choices": [_length_finish(chat)]}) + ending
+                        ending = sse_event({**head, "choices": [_length_finish(chat)]}) + ending
                         break
         except UpstreamError as e:
-            ending = _event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}}) + ending
+            ending = sse_event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}}) + ending
         except BaseException:  # the client left: the upstream's request is aborted too
             await admitted.close()
             raise

@@ -108,3 +108,5 @@ class Server:
             self.engine.close()  # the gateway's metrics thread and client
         else:
             self.pool.close()
+            for upstream in self.app.state.routes.values():  # clients of the pools it routed to
+                upstream.close()
