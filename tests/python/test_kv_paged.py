@@ -139,6 +139,21 @@ def test_round_trip_int8_within_step(dtype, kv_dtype, chunks):
     assert s.pages_compressed == math.ceil(sum(chunks) / P) and s.pages_resident == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_stats_report_the_error_of_pages_written_as_int8(dtype):
+    # kv_dtype="int8" writes INT8 pages from the start (nothing is ever compressed): the
+    # stats' INT8 error must still be the error of those pages, not 0
+    cache, ref = make(1, dtype, kv_dtype="int8")
+    gen = torch.Generator().manual_seed(1)
+    for n in [5, 1, 1, 6]:
+        step(cache, ref, n, gen)
+    error = cache.stats().compression_error
+    keys = ref.keys[0][0].transpose(0, 1).float()  # layer 0, first sequence: [tokens, heads, dim]
+    seen = (cache.get(0)[0][0].transpose(0, 1).float() - keys).abs().amax() / keys.abs().amax()
+    assert 0 < error <= 1 / 254 + 1e-6
+    assert error >= 0.5 * seen.item()  # the same order as what get() gives back
+
+
 def test_int8_residual_window_stays_exact():
     # residual_length: the newest tokens are kept in full precision (KIVI)
     cache, ref = make(1, torch.float16, kv_dtype="int8", residual_length=2 * P)

@@ -291,6 +291,7 @@ class PagedKVCache:
         self._clock = 0
         self._evicted = self._removed = self._reads = self._offloaded_reads = 0
         self._compression_error = 0.0
+        self._write_error: Optional[torch.Tensor] = None  # the same, of tokens written as INT8 (kept on the device)
         self._runs_cache = None
         self._run_tables: dict = {}
         self._next = 0
@@ -426,6 +427,11 @@ class PagedKVCache:
             ops.reshape_and_cache_flash(key[b].transpose(0, 1).to(kc.device), value[b].transpose(0, 1).to(kc.device),
                                         kc, vc, slots, "auto" if page.kind == "fp" else "int8_per_token_head",
                                         k_scale_cache=ksc, v_scale_cache=vsc)
+        if page.kind == "q" and layer == 0:  # written as INT8 (never compressed): measure its error too
+            pid, sequence_key = page.ids[0], key[0].transpose(0, 1).to(kc.device).float()
+            back = kc[pid, offset:offset + n].float() * ksc[pid, offset:offset + n].unsqueeze(-1)
+            error = (back - sequence_key).abs().amax() / sequence_key.abs().amax().clamp(min=1e-30)
+            self._write_error = error if self._write_error is None else torch.maximum(self._write_error, error)
         page.last_use = self._clock
 
     # ------------------------------------------------------------------ reading
@@ -838,13 +844,14 @@ class PagedKVCache:
             if kinds or where == _DEVICE:
                 by_state[name] = sum(n * self.page_bytes(kind) * self.batch_size for kind, n in kinds.items())
         device = self._tiers[_DEVICE]
+        compression_error = max(self._compression_error, 0.0 if self._write_error is None else float(self._write_error))
         return KVCacheStats(
             tokens=len(self), pages_resident=census[_DEVICE, "fp"], pages_compressed=census[_DEVICE, "q"],
             pages_offloaded=sum(n for (tier, _), n in census.items() if tier != _DEVICE),
             pages_evicted=self._evicted, bytes_by_state=by_state,
             budget_bytes=self.max_memory,
             budget_used=None if self.max_memory is None else device.used_slots / max(device.slots, 1),
-            offloaded_reads=self._offloaded_reads, reads=self._reads, compression_error=self._compression_error,
+            offloaded_reads=self._offloaded_reads, reads=self._reads, compression_error=compression_error,
             tokens_removed=self._removed)
 
     @property
