@@ -21,7 +21,7 @@ echo "== installing $TORCH_SPEC and build/test tools"
 $PY -m pip install -q --disable-pip-version-check "$TORCH_SPEC" numpy \
   "scikit-build-core>=0.10" "cmake>=3.26" ninja pytest hypothesis expecttest psutil \
   transformers==5.18.0 accelerate huggingface_hub gguf import-linter matplotlib rich \
-  "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" openai
+  "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" openai nbmake ipykernel
 
 if [ ! -f /usr/include/gtest/gtest.h ] && command -v apt-get >/dev/null; then
   echo "== installing GoogleTest (libgtest-dev)"

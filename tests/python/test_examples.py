@@ -1,7 +1,15 @@
-"""The README's first command runs examples/demo.py: it must keep running and saying the right things."""
+"""The examples must keep running and saying the right things: the README's first command
+(examples/demo.py), the other scripts, and the tour notebook (stored stripped, run with nbmake)."""
+import json
+import os
 import pathlib
 import re
 import runpy
+import subprocess
+import sys
+import time
+
+import pytest
 
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
@@ -36,3 +44,36 @@ def test_estimate_any_model_example_prices_a_config_json_and_a_gguf_header(capsy
     assert "OLMoE-1B-7B from its config.json: 6.92B parameters (64 experts, top 8)" in out
     assert "describing 8.03B parameters in Q4_K_M" in out
     assert "llama.cpp gpu_layers=16" in out and "fits" in out
+
+
+TOUR = DEMO.parent / "memwarden_tour.ipynb"
+
+
+def test_tour_notebook_is_stored_without_outputs():
+    # the repository keeps the notebook stripped: no outputs, no execution counts, minimal metadata
+    notebook = json.loads(TOUR.read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code, "the tour has no code cells"
+    for cell in code:
+        assert cell["outputs"] == [] and cell["execution_count"] is None, "".join(cell["source"])[:80]
+    for cell in notebook["cells"]:
+        assert cell["metadata"] == {}, cell["metadata"]
+    assert set(notebook["metadata"]) <= {"kernelspec", "language_info"}, notebook["metadata"]
+
+
+def test_tour_notebook_runs_on_the_cpu_within_two_minutes():
+    # nbmake runs every cell in a kernel; PYTHONPATH points it at the memwarden this test imports
+    # (python/ with PYTHONPATH=python, or the installed build), so the notebook tests this tree
+    pytest.importorskip("nbmake")
+    import memwarden
+
+    package_root = str(pathlib.Path(memwarden.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pytest", "--nbmake", "--nbmake-timeout=120", str(TOUR),
+                             "-q", "-p", "no:cacheprovider"], cwd=TOUR.parents[1], env=env,
+                            capture_output=True, text=True, timeout=180)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout, result.stdout[-3000:]
+    assert seconds < 120, f"the tour took {seconds:.0f}s"
