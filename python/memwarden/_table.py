@@ -49,7 +49,8 @@ def format_table(title: str | None, header: Sequence[Any], rows: Iterable[Sequen
 def html_table(title: str | None, header: Sequence[Any], rows: Iterable[Sequence[Any]],
                footer: Iterable[Any] = ()) -> str:
     """The table of :func:`format_table` as HTML (every cell escaped; the first column
-    left-aligned, the others right-aligned), for Jupyter's ``_repr_html_``."""
+    left-aligned, the others right-aligned; footer lines keep their spaces), for Jupyter's
+    ``_repr_html_``."""
     from html import escape
 
     head, body = _cells(header, rows)
@@ -61,7 +62,8 @@ def html_table(title: str | None, header: Sequence[Any], rows: Iterable[Sequence
     parts = [f"<b>{escape(title)}</b>"] if title else []
     if head:
         parts.append("<table>" + row(head, "th") + "".join(row(r, "td") for r in body) + "</table>")
-    parts += [f"<div>{escape(str(line))}</div>" for line in footer]
+    # footers separate their fields with runs of spaces (as the text table does): keep them
+    parts += [f'<div style="white-space:pre-wrap">{escape(str(line))}</div>' for line in footer]
     return "<div>" + "".join(parts) + "</div>"
 
 

@@ -59,6 +59,14 @@ def test_html_table_escapes_and_aligns():
     assert html_table("only a title", [], []) == "<div><b>only a title</b></div>"
 
 
+def test_html_table_footer_keeps_the_spaces_between_its_fields():
+    # "retries: 4   OOMs: 1" must not collapse to "retries: 4 OOMs: 1" in a browser
+    from memwarden._table import html_table
+
+    html = html_table("t", ["a"], [["1"]], ["retries: 4   OOMs: 1"])
+    assert '<div style="white-space:pre-wrap">retries: 4   OOMs: 1</div>' in html
+
+
 def test_notebook_displays_of_estimate_plan_and_kv_stats():
     import torch
 
