@@ -61,14 +61,16 @@ def test_tour_notebook_is_stored_without_outputs():
     assert set(notebook["metadata"]) <= {"kernelspec", "language_info"}, notebook["metadata"]
 
 
-def test_tour_notebook_runs_on_the_cpu_within_two_minutes():
+def test_tour_notebook_runs_on_the_cpu_within_two_minutes(tmp_path):
     # nbmake runs every cell in a kernel; PYTHONPATH points it at the memwarden this test imports
-    # (python/ with PYTHONPATH=python, or the installed build), so the notebook tests this tree
+    # (python/ with PYTHONPATH=python, or the installed build), so the notebook tests this tree;
+    # TMPDIR keeps the files it writes (the snapshot, PyTorch's segment page) in tmp_path
     pytest.importorskip("nbmake")
     import memwarden
 
     package_root = str(pathlib.Path(memwarden.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+               TMPDIR=str(tmp_path))
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pytest", "--nbmake", "--nbmake-timeout=120", str(TOUR),
                              "-q", "-p", "no:cacheprovider"], cwd=TOUR.parents[1], env=env,
@@ -77,3 +79,5 @@ def test_tour_notebook_runs_on_the_cpu_within_two_minutes():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "1 passed" in result.stdout, result.stdout[-3000:]
     assert seconds < 120, f"the tour took {seconds:.0f}s"
+    pages = list(tmp_path.glob("memwarden-tour-*/segments.html"))
+    assert len(pages) == 1 and "<html" in pages[0].read_text().lower(), pages
