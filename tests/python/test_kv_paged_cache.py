@@ -483,7 +483,7 @@ def test_plot_stacks_the_page_bytes_under_the_budget_line():
         edge = {(round(x, 6), round(y, 6)) for x, y in area.get_paths()[0].vertices}
         assert {(s.step, round(top, 6)) for s, top in zip(steps, tops[name])} <= edge, name
     (line,) = ax.get_lines()
-    assert line.get_label() == f"budget {format_bytes(budget)}" and list(line.get_ydata()) == [budget / 1024] * 2
+    assert line.get_label() == f"device budget {format_bytes(budget)}" and list(line.get_ydata()) == [budget / 1024] * 2
     assert f"{steps[-1].tokens} tokens at step {steps[-1].step}" in ax.get_title()
     fig.savefig(io.BytesIO(), format="png")
 

@@ -278,7 +278,8 @@ class PagedCache(Cache):
 
     def plot(self):
         """A matplotlib Figure of :attr:`history`: the bytes of the resident, compressed
-        (INT8) and offloaded pages at each step as stacked areas, and the budget."""
+        (INT8) and offloaded pages at each step as stacked areas, and the device budget (which
+        the offloaded pages, stacked on top, are not part of)."""
         from memwarden._plot import figure
 
         steps = self.history
@@ -293,7 +294,8 @@ class PagedCache(Cache):
                      labels=["resident (full precision)", "compressed (INT8)", "offloaded (host or disk)"],
                      colors=["#3b7dd8", "#6bbf59", "#e8a33d"])
         if budget is not None:
-            ax.axhline(budget / scale, color="black", linestyle="--", linewidth=1, label=f"budget {format_bytes(budget)}")
+            ax.axhline(budget / scale, color="black", linestyle="--", linewidth=1,
+                       label=f"device budget {format_bytes(budget)}")  # offloaded pages are outside it
         ax.set_xlabel("step")
         ax.set_ylabel(unit)
         last = f"{steps[-1].tokens} tokens at step {steps[-1].step}" if steps else "no steps yet"
