@@ -93,8 +93,14 @@ def test_plots_return_figures_with_the_numbers_drawn():
     p = plan.plan("mixtral-8x7b", max_memory={0: "48GiB", 1: "48GiB"}, reserve="2GiB")
     fig = p.plot()
     ax = fig.axes[0]
-    weights = [bar.get_height() for bar in ax.containers[0]]
-    assert weights == pytest.approx([p.load[d] / 2**30 for d in p.devices])
+    labels = [c.get_label() for c in ax.containers]
+    assert labels[-2:] == ["reserve (KV, activations)", "free"] and "routed experts" in labels
+    weights = [sum(c[i].get_height() for c in ax.containers[:-2]) for i in range(len(p.devices))]
+    assert weights == pytest.approx([p.load[d] / 2**30 for d in p.devices])  # the kinds add up to the load
+    experts = ax.containers[labels.index("routed experts")]
+    assert [bar.get_height() for bar in experts] == pytest.approx(
+        [sum(part.bytes for part, d in zip(p.parts, p.assignment) if part.kind == "expert" and d == dev) / 2**30
+         for dev in p.devices])
     assert "imbalance" in ax.get_title()
     e = estimate.estimate("llama-3.1-8b", context=8192)
     fig = e.plot()

@@ -84,6 +84,13 @@ def parse_reserve(reserve: Any, memory: Mapping) -> dict:
     return out
 
 
+# the weights of each part kind, bottom to top in the plot (kinds as memwarden.models.Part names them)
+_KIND_COLORS = {"embed": "#9ecae1", "attn": "#3b7dd8", "mlp": "#08519c", "moe": "#74a9cf", "expert": "#2b8cbe",
+                "head": "#c6dbef"}
+_KIND_LABELS = {"embed": "embeddings", "attn": "attention", "mlp": "dense MLP", "moe": "MoE router, shared",
+                "expert": "routed experts", "head": "head"}
+
+
 @dataclass
 class Plan:
     """Where every part of a model goes, and how full each device is."""
@@ -240,19 +247,29 @@ class Plan:
         return html_table(*self.table())
 
     def plot(self):
-        """A matplotlib Figure: per device, stacked bars of the weights placed, the reserve
-        and what is left free, against the balanced target; the imbalance in the title."""
+        """A matplotlib Figure: per device, stacked bars of the weights placed by part kind
+        (embeddings, attention, dense MLP, routed experts, shared MoE parts, head), the
+        reserve (KV cache and activations) and what is left free, against the balanced
+        target; the imbalance in the title."""
         from memwarden._plot import GIB, figure
 
         fig = figure(max(5.0, 1.2 * len(self.devices) + 3), 3.5)
         ax = fig.add_subplot()
         names = [str(d) for d in self.devices]
-        weights = [self.load[d] / GIB for d in self.devices]
+        by_kind: dict[str, dict] = {}
+        for part, device in zip(self.parts, self.assignment if self.feasible else []):
+            kind = by_kind.setdefault(part.kind, dict.fromkeys(self.devices, 0))
+            kind[device] += part.bytes
+        bottom = [0.0] * len(self.devices)
+        for kind, color in _KIND_COLORS.items():
+            if kind in by_kind:
+                heights = [by_kind[kind][d] / GIB for d in self.devices]
+                ax.bar(names, heights, bottom=bottom, label=_KIND_LABELS[kind], color=color)
+                bottom = [b + h for b, h in zip(bottom, heights)]
         reserve = [self.reserve[d] / GIB for d in self.devices]
         free = [max(0, self.capacity[d] - self.load[d]) / GIB for d in self.devices]
-        ax.bar(names, weights, label="weights", color="#3b7dd8")
-        ax.bar(names, reserve, bottom=weights, label="reserve", color="#e8a33d")
-        ax.bar(names, free, bottom=[w + r for w, r in zip(weights, reserve)], label="free", color="#dddddd")
+        ax.bar(names, reserve, bottom=bottom, label="reserve (KV, activations)", color="#e8a33d")
+        ax.bar(names, free, bottom=[b + r for b, r in zip(bottom, reserve)], label="free", color="#dddddd")
         if self.feasible:
             ax.scatter(names, [self.target[d] / GIB for d in self.devices], marker="_", s=600, color="black",
                        label="balanced target", zorder=3)
