@@ -111,9 +111,10 @@ def serve_one(policy: str, trace_path: str, budget: str, queue_timeout: float, d
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The median of every figure over repeated runs (the first run's outcomes for the plot);
-    OOMs and lost requests summed, since one is already too many."""
-    merged = dict(runs[0], repeats=len(runs))
+    """The median of every figure over repeated runs (the plot draws the outcomes of the run
+    of median goodput); OOMs and lost requests summed, since one is already too many."""
+    middle = sorted(runs, key=lambda r: r["goodput_tok_s"])[len(runs) // 2]
+    merged = dict(middle, repeats=len(runs))
     for key, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [r[key] for r in runs if r[key] is not None]
@@ -173,8 +174,7 @@ def plot(results: dict, path: str) -> None:
         counts = [sum(o["status"] == status for o in results[p]["outcomes"]) for p in names]
         outcome.bar(names, counts, bottom=bottom, color=color, label=status)
         bottom = [b + c for b, c in zip(bottom, counts)]
-    outcome.set(ylabel="requests", title="outcomes (OOMs: " + ", ".join(
-        f"{p} {results[p]['ooms']}" for p in names) + ")")
+    outcome.set(ylabel="requests", title="outcomes; OOMs " + " / ".join(f"{results[p]['ooms']:g}" for p in names))
     outcome.legend()
     fig.savefig(path, dpi=110)
 
