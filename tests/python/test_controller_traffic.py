@@ -131,3 +131,24 @@ def test_degradation_off_serves_every_request_as_asked():
     assert not second.applied.degraded and second.max_tokens == 4 and second.applied.level == "low"
     for ticket in (first, second):
         traffic.release(ticket)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_idle_sessions_are_evicted_as_requests_come():
+    clock = FakeClock()
+    config = MemwardenConfig.load(env={}, overrides={"sessions.idle_timeout": 10})
+    traffic = TrafficController(config, BUDGET, PER_TOKEN, clock=clock)
+    traffic.release(traffic.acquire("alice", 5, 5))
+    clock.now = 5.0
+    traffic.release(traffic.acquire("bob", 5, 5))
+    clock.now = 12.0  # alice idle for 12 s, bob for 7
+    traffic.release(traffic.acquire("carol", 5, 5))
+    assert traffic.sessions.get("alice") is None and traffic.sessions.get("bob") is not None
+    assert traffic.sessions.evictions == 1

@@ -349,3 +349,36 @@ def test_routing_needs_a_pool_and_the_memwarden_policy():
     with pytest.raises(ConfigError, match="admission.policy"):
         MemwardenConfig.load(env={}, overrides={"admission.route_above_tokens": 20, "admission.policy": "reserve",
                                                 "admission.upstream_url": "http://127.0.0.1:9"})
+
+
+def test_pressure_shrinks_the_batch_and_relief_restores_it():
+    # at "high" (0.80) the batch factor is 0.75: 4 requests generating at once become 3
+    server, thread = start(**{"server.max_concurrency": 4})
+    try:
+        degradation, engine = server.controller.degradation, server.engine
+        assert engine.concurrency == 4
+        degradation.update(0.82)
+        assert degradation.level.label == "high" and engine.concurrency == 3
+        degradation.update(0.0)
+        assert engine.concurrency == 4
+    finally:
+        server.stop(thread)
+
+
+def test_a_lowered_limit_admits_no_one_until_the_running_finish():
+    import threading
+
+    from memwarden.serve.engine import _Limit
+
+    limit, entered = _Limit(2), []
+    limit.__enter__()
+    limit.__enter__()
+    limit.set(1)
+    limit.__exit__()  # one left running: still at the new limit
+    waiter = threading.Thread(target=lambda: (limit.__enter__(), entered.append(1)))
+    waiter.start()
+    waiter.join(0.2)
+    assert entered == []
+    limit.__exit__()
+    waiter.join(5)
+    assert entered == [1]

@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ log = logging.getLogger("memwarden.controller")  # one JSON object per line: dec
 
 _SESSION_REASONS = ("session_limit", "global_limit")
 _EXTEND_STEP = 16  # output tokens asked for at a time when a reservation runs out
+_SWEEP_INTERVAL = 1.0  # seconds between sweeps for idle sessions
 
 # what progress() tells the generating request
 CONTINUE, STOP, PREEMPTED = "continue", "stop", "preempted"
@@ -116,6 +118,7 @@ class TrafficController:
         self._decided: dict[str, Decision] = {}
         self._running: dict[str, Ticket] = {}  # admitted tickets, for preemption by id
         self._flow = threading.Lock()  # one request at a time grows, preempts or finishes
+        self._last_sweep = -math.inf
 
     # -- the request's way ----------------------------------------------------------------
 
@@ -141,6 +144,7 @@ class TrafficController:
         # admit_all is the uncontrolled baseline: it never degrades or refuses either
         degrading = self.config.degradation.enabled and self.admission.policy != "admit_all"
         level = self.degradation.update(min(self.pressure(), 1.0) if degrading else 0.0)
+        self._sweep_idle_sessions()
         sessions = self.sessions if session_id is not None else None
         new_session = sessions is None or sessions.get(session_id) is None
         if new_session and self.degradation.policy.refuse_new_sessions:
@@ -182,6 +186,16 @@ class TrafficController:
         with self._lock:
             self._running[request_id] = ticket
         return ticket
+
+    def _sweep_idle_sessions(self) -> None:
+        """Evict the sessions idle past ``sessions.idle_timeout``, at most once a second
+        (requests are what make time pass here)."""
+        now = self._clock()
+        with self._lock:
+            if now - self._last_sweep < _SWEEP_INTERVAL:
+                return
+            self._last_sweep = now
+        self.sessions.evict_idle(now)
 
     def _wait(self, request_id: str, decision: Decision) -> Decision:
         event = self._ready[request_id]

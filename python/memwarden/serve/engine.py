@@ -83,11 +83,19 @@ class Engine:
         # KV bytes of one token, every layer, K and V: what admission prices a request at
         self.bytes_per_token = store.page_bytes("q" if kv_dtype != "auto" else "fp") // store.page_size
         self.eos = getattr(tokenizer, "eos_token_id", None)
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = _Limit(max_concurrency)
         # one prefill at a time, as engines bound the tokens of a step: its activations (the
         # prompt's attention scores) are then those of one prompt, however many requests run
         self._prefill = threading.Lock()
         self.created = int(time.time())
+
+    def set_concurrency(self, limit: int) -> None:
+        """Requests generating at once from now on (at least 1)."""
+        self._slots.set(limit)
+
+    @property
+    def concurrency(self) -> int:
+        return self._slots.limit
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -141,6 +149,30 @@ class Engine:
             rest = self.tokenizer.decode(produced)[len(done):]
             if rest:  # bytes that never became a character
                 yield Step(None, rest)
+
+
+class _Limit:
+    """A semaphore whose limit can change while it is held (degradation shrinks the batch
+    under pressure): a lower limit lets the running finish and admits no one until they do."""
+
+    def __init__(self, limit: int):
+        self.limit, self._held = limit, 0
+        self._changed = threading.Condition()
+
+    def set(self, limit: int) -> None:
+        with self._changed:
+            self.limit = max(1, limit)
+            self._changed.notify_all()
+
+    def __enter__(self):
+        with self._changed:
+            self._changed.wait_for(lambda: self._held < self.limit)
+            self._held += 1
+
+    def __exit__(self, *exc):
+        with self._changed:
+            self._held -= 1
+            self._changed.notify_all()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

@@ -36,6 +36,10 @@ def build(config: MemwardenConfig, on_response: Optional[Callable[[], None]] = N
     pool = ModelPool.from_config(config)
     budget = (config.server.kv_memory if len(pool.names) > 1 else config.server.max_memory) or DEFAULT_KV_BUDGET
     controller = TrafficController(config, budget, pool.bytes_per_token)
+    # the degradation level's batch size: fewer requests generate at once under pressure
+    controller.degradation.on_change.append(lambda *_: [
+        pool.engine(name).set_concurrency(controller.degradation.policy.max_batch_size(config.server.max_concurrency))
+        for name in pool.names])
     app = create_app(pool, controller, on_response)
     return app, app.state.engine, controller
 
