@@ -28,13 +28,7 @@ TORCH_KEYS = [f"{stat}.{pool}.{metric}"
     "max_split_size"]
 
 
-@pytest.fixture(autouse=True)
-def never_left_installed():
-    was = ma.is_installed("cpu")
-    yield
-    if not was and ma.is_installed("cpu"):
-        ma.uninstall("cpu")
-        pytest.fail("test left memwarden's CPU allocator installed")
+pytestmark = pytest.mark.usefixtures("never_left_installed")
 
 
 @pytest.fixture

@@ -27,13 +27,7 @@ VIEWER_OPCODES = {"PROTO", "FRAME", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", 
                   "NEWTRUE", "NEWFALSE", "NONE", "BINFLOAT", "SHORT_BINUNICODE", "BINUNICODE"}
 
 
-@pytest.fixture(autouse=True)
-def never_left_installed():
-    was = ma.is_installed("cpu")
-    yield
-    if not was and ma.is_installed("cpu"):
-        ma.uninstall("cpu")
-        pytest.fail("test left memwarden's CPU allocator installed")
+pytestmark = pytest.mark.usefixtures("never_left_installed")
 
 
 @pytest.fixture

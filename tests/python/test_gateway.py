@@ -49,7 +49,7 @@ def start(upstream: FakeVLLM, model_config: str, **overrides):
     config = MemwardenConfig.load(env={}, overrides={
         "server.port": 0, "server.upstream": upstream.url, "server.upstream_model": model_config,
         "server.upstream_poll_interval": 0.05, "server.upstream_timeout": 2.0,
-        "server.upstream_connect_timeout": 1.0, **overrides})
+        "server.upstream_connect_timeout": 5.0, **overrides})
     server = Server(config)
     return server, server.start()
 

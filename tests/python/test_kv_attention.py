@@ -18,15 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa:
 import test_kv_paged_cache as C  # noqa: E402  (tiny models, prompts, greedy generate)
 from memwarden.kv import PagedCache, PagedKVCache, attention  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")]
 
 
 @contextlib.contextmanager

@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa:
 from memwarden._units import format_bytes  # noqa: E402
 from memwarden.kv import PagedCache, PagedKVCache  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
     # transformers 5.24 renames generate(past_key_values=...) to cache=...; the old name still works
-    "ignore:`past_key_values` is deprecated:FutureWarning")
+    "ignore:`past_key_values` is deprecated:FutureWarning")]
 
 VOCAB = 128
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -34,16 +34,6 @@ ARCHS = {
     "gemma2": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared CPU cores: one intra-op thread is ~10x faster than two that
-    contend with other processes (and keeps the float reduction order fixed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
