@@ -4,7 +4,9 @@ tiny model folders it writes under build/vllm-models, dummy weights, no tokenize
 
 * ``vllm_server``: an OpenAI-compatible server on a free loopback port, in its own
   process group (vLLM spawns an engine process and a worker), killed on exit however the
-  test ends; about 30 s to start on 2 idle cores.
+  test ends; about 30 s to start on 2 idle cores. The launcher itself is
+  :mod:`memwarden.serve.vllm_process` (benchmarks start the same server); this file adds
+  where the repository keeps vLLM and its models.
 
       with vllm_server(model_dir("llama-gqa"), kv_cache_bytes=10 * 2**20) as server:
           server.complete([1, 2, 3], max_tokens=4)
@@ -19,17 +21,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -38,7 +32,7 @@ MODELS_DIR = os.path.join(REPO, "build", "vllm-models")
 MAX_MODEL_LEN = 1024
 STARTUP_TIMEOUT_S = 240   # about 30 s alone on 2 cores; more when the machine is busy
 # model folders hold only a config.json: nothing to look up on the Hub (a lookup there
-# waits for a network timeout)
+# waits for a network timeout); the same as memwarden.serve.vllm_process.OFFLINE_ENV
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -57,97 +51,18 @@ def model_dir(name: str) -> str:
     return os.path.join(MODELS_DIR, name)
 
 
-@dataclass
-class VLLMServer:
-    url: str            # http://127.0.0.1:PORT
-    model: str          # the name it serves the model under: the folder as given
-    log_path: str
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def get(self, path: str, timeout: float = 10) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            return response.read().decode()
-
-    def post(self, path: str, body: dict, timeout: float = 60) -> dict:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-
-    def complete(self, prompt_token_ids: list, max_tokens: int) -> dict:
-        """/v1/completions of a token-id prompt (the server has no tokenizer)."""
-        return self.post("/v1/completions", {"model": self.model, "prompt": prompt_token_ids,
-                                             "max_tokens": max_tokens, "ignore_eos": True})
-
-    def metric_labels(self, name: str) -> dict:
-        """The labels of the first sample of ``name`` on /metrics (vllm:cache_config_info
-        carries the cache configuration as labels)."""
-        for line in self.get("/metrics").splitlines():
-            if line.startswith(name + "{"):
-                return dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.rindex("}")]))
-        raise KeyError(f"{name} is not on {self.url}/metrics")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(process: subprocess.Popen, server: VLLMServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {process.returncode} while starting:\n{server.log()[-4000:]}")
-        try:
-            server.get("/health", timeout=2)
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise TimeoutError(f"vLLM was not healthy within {timeout:.0f} s:\n{server.log()[-4000:]}")
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (the server stops its engine), then SIGKILL
-    to whatever of the group is left after 15 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @contextmanager
 def vllm_server(model: str, kv_cache_bytes: int, *, max_model_len: int = MAX_MODEL_LEN,
-                extra_args: tuple = (), timeout: float = STARTUP_TIMEOUT_S) -> Iterator[VLLMServer]:
+                extra_args: tuple = (), timeout: float = STARTUP_TIMEOUT_S) -> Iterator:
     """A vLLM OpenAI-compatible server on ``model`` (a folder with a config.json) with
-    ``kv_cache_bytes`` of KV cache, healthy when yielded and killed on exit."""
-    port = free_port()
-    log_file = tempfile.NamedTemporaryFile("w", prefix=f"vllm-{os.path.basename(model)}-", suffix=".log",
-                                           delete=False)
-    command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--load-format", "dummy", "--skip-tokenizer-init", "--enforce-eager", "--dtype", "bfloat16",
-               "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_cache_bytes),
-               "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    # the `vllm` console script does not start on this CPU build; the module does
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               cwd=REPO, env={**os.environ, **OFFLINE_ENV}, start_new_session=True)
-    log_file.close()
-    server = VLLMServer(url=f"http://127.0.0.1:{port}", model=model, log_path=log_file.name)
-    try:
-        _wait_healthy(process, server, timeout)
+    ``kv_cache_bytes`` of KV cache, healthy when yielded and killed on exit: a
+    :class:`memwarden.serve.vllm_process.VLLMServer`."""
+    # imported here: kv_capacity runs this file in .venv-vllm, where memwarden is not installed
+    from memwarden.serve import vllm_process
+
+    with vllm_process.vllm_server(VLLM_PYTHON, model, kv_cache_bytes, max_model_len=max_model_len,
+                                  extra_args=extra_args, timeout=timeout, cwd=REPO) as server:
         yield server
-    finally:
-        _kill_group(process)
-        os.unlink(log_file.name)   # failures quote its tail
 
 
 CAPACITY_MARK = "memwarden-kv-capacity "
