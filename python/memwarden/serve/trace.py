@@ -9,6 +9,14 @@ tokens) the model ends each step with probability ``e^b / (V - 1 + e^b)`` and an
 ``mean_output`` tokens on average (a geometric length), while ``max_tokens`` is what the
 client asks for -- as real clients ask for far more than they get.
 
+:func:`replay` has two switches for an engine without a tokenizer (vLLM with
+``--skip-tokenizer-init``): ``prompt_ids=True`` sends each prompt as ``prompt_tokens``
+token ids (:func:`prompt_token_ids`, drawn from the request's seed, none of them a special
+token), and ``exact_lengths=True`` sends ``max_tokens`` = the request's output length
+(``mean_output`` rounded) with ``ignore_eos``, so every request makes exactly that many
+tokens unless the server shrinks it -- identical work whoever serves it, where the EOS
+bias gives lengths that depend on the model's logits.
+
 :func:`replay` sends the trace with the official ``openai`` client, one thread per
 request at its arrival time, each with a timeout, and returns an :class:`Outcome` per
 request: ``completed`` (an answer), ``rejected`` (429/503 with the server's reason) or
@@ -28,7 +36,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-__all__ = ["Outcome", "TraceRequest", "eos_bias", "make_trace", "prompt_text", "replay", "summarize"]
+__all__ = ["Outcome", "TraceRequest", "eos_bias", "exact_output", "make_trace", "prompt_text", "prompt_token_ids", "replay",
+           "summarize"]
+
+_SPECIAL_IDS = 3  # ids below this are a llama-style vocabulary's pad/BOS/EOS
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,17 @@ def prompt_text(request: TraceRequest) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(request.prompt_tokens - 1))
 
 
+def prompt_token_ids(request: TraceRequest, vocab_size: int) -> list[int]:
+    """``prompt_tokens`` token ids in ``[3, vocab_size)`` (no BOS is added to an id prompt)."""
+    rng = random.Random(request.seed)
+    return [rng.randrange(_SPECIAL_IDS, vocab_size) for _ in range(request.prompt_tokens)]
+
+
+def exact_output(request: TraceRequest) -> int:
+    """The output length ``exact_lengths`` asks for: ``mean_output`` rounded, within ``max_tokens``."""
+    return max(1, min(request.max_tokens, round(request.mean_output)))
+
+
 @dataclass
 class Outcome:
     index: int
@@ -102,11 +124,16 @@ def _error_code(error) -> Optional[str]:
     return None
 
 
-def replay(base_url: str, model: str, trace: Sequence[TraceRequest], *, eos_token: int, vocab_size: int,
-           timeout: float = 120.0, stream: bool = False) -> tuple[list[Outcome], float]:
+def replay(base_url: str, model: str, trace: Sequence[TraceRequest], *, eos_token: Optional[int] = None,
+           vocab_size: int, timeout: float = 120.0, stream: bool = False, prompt_ids: bool = False,
+           exact_lengths: bool = False) -> tuple[list[Outcome], float]:
     """Send every request at its arrival time; returns the outcomes (trace order) and the
-    wall time from the first send to the last answer."""
+    wall time from the first send to the last answer. ``eos_token`` is needed unless
+    ``exact_lengths`` (see the module doc for both switches)."""
     import openai
+
+    if eos_token is None and not exact_lengths:
+        raise ValueError("replay: eos_token is needed to steer output lengths (or pass exact_lengths=True)")
 
     client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=timeout)
     outcomes: list[Optional[Outcome]] = [None] * len(trace)
@@ -117,9 +144,13 @@ def replay(base_url: str, model: str, trace: Sequence[TraceRequest], *, eos_toke
         if delay > 0:
             time.sleep(delay)
         sent = time.perf_counter()
-        kwargs = dict(model=model, prompt=prompt_text(request), max_tokens=request.max_tokens, temperature=1.0,
-                      seed=request.seed, logit_bias={str(eos_token): eos_bias(request.mean_output, vocab_size)},
-                      extra_headers={"X-Session-ID": request.session})
+        kwargs = dict(model=model, temperature=1.0, seed=request.seed, extra_headers={"X-Session-ID": request.session},
+                      prompt=prompt_token_ids(request, vocab_size) if prompt_ids else prompt_text(request))
+        if exact_lengths:
+            kwargs.update(max_tokens=exact_output(request), extra_body={"ignore_eos": True})
+        else:
+            kwargs.update(max_tokens=request.max_tokens,
+                          logit_bias={str(eos_token): eos_bias(request.mean_output, vocab_size)})
         outcome = Outcome(request.index, "lost", None, None, sent - start, 0.0)
         try:
             if stream:
