@@ -13,9 +13,11 @@ client asks for -- as real clients ask for far more than they get.
 ``--skip-tokenizer-init``): ``prompt_ids=True`` sends each prompt as ``prompt_tokens``
 token ids (:func:`prompt_token_ids`, drawn from the request's seed, none of them a special
 token), and ``exact_lengths=True`` sends ``max_tokens`` = the request's output length
-(``mean_output`` rounded) with ``ignore_eos``, so every request makes exactly that many
-tokens unless the server shrinks it -- identical work whoever serves it, where the EOS
-bias gives lengths that depend on the model's logits.
+(``mean_output`` rounded) with ``ignore_eos`` and no ``seed``, so every request makes
+exactly that many tokens unless the server shrinks it -- identical work whoever serves
+it, where the EOS bias gives lengths that depend on the model's logits. (vLLM's CPU
+build fails a seeded request whose prefill is split into chunks: "CPU Generator does not
+use offset", and the engine dies.)
 
 :func:`replay` sends the trace with the official ``openai`` client, one thread per
 request at its arrival time, each with a timeout, and returns an :class:`Outcome` per
@@ -144,12 +146,12 @@ def replay(base_url: str, model: str, trace: Sequence[TraceRequest], *, eos_toke
         if delay > 0:
             time.sleep(delay)
         sent = time.perf_counter()
-        kwargs = dict(model=model, temperature=1.0, seed=request.seed, extra_headers={"X-Session-ID": request.session},
+        kwargs = dict(model=model, temperature=1.0, extra_headers={"X-Session-ID": request.session},
                       prompt=prompt_token_ids(request, vocab_size) if prompt_ids else prompt_text(request))
-        if exact_lengths:
+        if exact_lengths:  # no seed: the length does not depend on what is sampled
             kwargs.update(max_tokens=exact_output(request), extra_body={"ignore_eos": True})
         else:
-            kwargs.update(max_tokens=request.max_tokens,
+            kwargs.update(max_tokens=request.max_tokens, seed=request.seed,
                           logit_bias={str(eos_token): eos_bias(request.mean_output, vocab_size)})
         outcome = Outcome(request.index, "lost", None, None, sent - start, 0.0)
         try:
