@@ -364,9 +364,10 @@ def overload_plot(results: dict, path: str) -> None:
         counts = [sum(o["status"] == status for o in results[c]["outcomes"]) for c in names]
         outcome.bar(names, counts, bottom=bottom, color=color, label=status)
         bottom = [b + c for b, c in zip(bottom, counts)]
-    outcome.set(ylabel="requests", title="outcomes (vLLM preemptions: " + ", ".join(
-        f"{c} {results[c]['preemptions']}" for c in names) + ")")
-    outcome.legend()
+    for i, case in enumerate(names):
+        outcome.text(i, bottom[i], f"{results[case]['preemptions']} preempted", ha="center", va="bottom")
+    outcome.set(ylabel="requests", ylim=(0, 1.25 * max(bottom)), title="outcomes, and vLLM's preemptions")
+    outcome.legend(loc="upper right", ncols=3, fontsize="small")
     fig.savefig(path, dpi=110)
 
 
