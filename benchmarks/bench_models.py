@@ -40,8 +40,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
-sys.path.insert(0, HERE)
+sys.path.insert(0, HERE)  # _timing; memwarden is the installed one (its extension built)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -38,8 +38,6 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 POLICIES = ("admit_all", "reserve", "optimistic", "memwarden")
 MAX_CONCURRENCY = 32
