@@ -120,9 +120,9 @@ def test_the_budget_is_vllms_own_kv_cache(vllm, gateway):
 
 
 def test_a_session_over_its_quota_gets_429_while_another_is_served(vllm, gateway):
-    # a stream of session "big" holds 200 prompt tokens and at least 16 of output (memwarden's
-    # least reservation) of its 512 while it runs: 296 at most are left, and a 300-token
-    # prompt cannot fit in them, whatever the learnt output estimate
+    # session "big" streams a request; its next one, 600 prompt tokens, is over the session's
+    # 512-token quota by itself -- refused whether or not vLLM has finished the stream by then
+    # (it can, in a second) -- while session "small" is served beside them
     headers = {"X-Session-ID": "big"}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", gateway + "/v1/completions", headers=headers,
@@ -130,7 +130,7 @@ def test_a_session_over_its_quota_gets_429_while_another_is_served(vllm, gateway
             assert held.status_code == 200
             lines = held.iter_lines()
             next(line for line in lines if line.startswith("data:"))  # running upstream now
-            over = client.post(gateway + "/v1/completions", headers=headers, json=body(vllm, ids(300), 200))
+            over = client.post(gateway + "/v1/completions", headers=headers, json=body(vllm, ids(600), 200))
             other = client.post(gateway + "/v1/completions", headers={"X-Session-ID": "small"},
                                 json=body(vllm, ids(200), 200))
             rest = [line for line in lines if line.startswith("data:")]
