@@ -347,26 +347,15 @@ def overload_goals(results: dict, latency_row: dict) -> dict:
 
 
 def overload_plot(results: dict, path: str) -> None:
-    from memwarden._plot import figure
+    from memwarden.serve.trace import replay_figure
 
-    fig = figure(10, 3.6)
-    latency, outcome = fig.subplots(1, 2)
-    for case, r in results.items():
-        done = sorted(o["latency"] for o in r["outcomes"] if o["status"] == "completed")
-        if done:
-            latency.step(done, [(i + 1) / r["requests"] for i in range(len(done))], where="post", label=case)
-    latency.set(xlabel="latency of completed requests (s)", ylabel="fraction of all requests",
-                title="completed by latency")
-    latency.legend()
-    names = list(results)
-    bottom = [0] * len(names)
-    for status, color in (("completed", "tab:green"), ("rejected", "tab:orange"), ("lost", "tab:red")):
-        counts = [sum(o["status"] == status for o in results[c]["outcomes"]) for c in names]
-        outcome.bar(names, counts, bottom=bottom, color=color, label=status)
-        bottom = [b + c for b, c in zip(bottom, counts)]
-    for i, case in enumerate(names):
-        outcome.text(i, bottom[i], f"{results[case]['preemptions']} preempted", ha="center", va="bottom")
-    outcome.set(ylabel="requests", ylim=(0, 1.25 * max(bottom)), title="outcomes, and vLLM's preemptions")
+    fig = replay_figure(results)
+    outcome = fig.axes[1]
+    for i, case in enumerate(results):
+        outcome.text(i, results[case]["requests"], f"{results[case]['preemptions']} preempted", ha="center",
+                     va="bottom")
+    outcome.set(ylim=(0, 1.25 * max(r["requests"] for r in results.values())),
+                title="outcomes, and vLLM's preemptions")
     outcome.legend(loc="upper right", ncols=3, fontsize="small")
     fig.savefig(path, dpi=110)
 

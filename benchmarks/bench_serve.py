@@ -155,24 +155,11 @@ def goals(results: dict) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
-    from memwarden._plot import figure
+    from memwarden.serve.trace import replay_figure
 
-    fig = figure(10, 3.6)
-    latency, outcome = fig.subplots(1, 2)
-    for policy, r in results.items():
-        done = sorted(o["latency"] for o in r["outcomes"] if o["status"] == "completed")
-        if done:
-            latency.step(done, [(i + 1) / r["requests"] for i in range(len(done))], where="post", label=policy)
-    latency.set(xlabel="latency of completed requests (s)", ylabel="fraction of all requests",
-                title="completed by latency")
-    latency.legend()
-    names = list(results)
-    bottom = [0] * len(names)
-    for status, color in (("completed", "tab:green"), ("rejected", "tab:orange"), ("lost", "tab:red")):
-        counts = [sum(o["status"] == status for o in results[p]["outcomes"]) for p in names]
-        outcome.bar(names, counts, bottom=bottom, color=color, label=status)
-        bottom = [b + c for b, c in zip(bottom, counts)]
-    outcome.set(ylabel="requests", title="outcomes; OOMs " + " / ".join(f"{results[p]['ooms']:g}" for p in names))
+    fig = replay_figure(results)
+    outcome = fig.axes[1]
+    outcome.set(title="outcomes; OOMs " + " / ".join(f"{results[p]['ooms']:g}" for p in results))
     outcome.legend()
     fig.savefig(path, dpi=110)
 

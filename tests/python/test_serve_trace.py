@@ -84,3 +84,20 @@ def test_a_short_overload_replay_loses_nothing(tmp_path):
     assert stats["rejected_count"] == summary["rejected"]
     assert stats["kv_reserved_mb"] == 0 and stats["num_requests_running"] == 0
     assert all(o.completion_tokens <= r.max_tokens for o, r in zip(outcomes, trace))
+
+
+def test_replay_figure_draws_each_case_s_outcomes():
+    pytest.importorskip("matplotlib")
+    from memwarden.serve.trace import replay_figure
+
+    def case(statuses, latencies):
+        outcomes = [Outcome(i, s, 200, None, 0.0, t).to_dict() for i, (s, t) in enumerate(zip(statuses, latencies))]
+        return {"requests": len(outcomes), "outcomes": outcomes}
+
+    results = {"a": case(["completed", "completed", "lost"], [1.0, 2.0, 0.1]),
+               "b": case(["completed", "rejected", "rejected"], [3.0, 0.0, 0.0])}
+    latency, outcome = replay_figure(results).axes
+    a_line = latency.get_lines()[0]
+    assert list(a_line.get_xdata()) == [1.0, 2.0] and list(a_line.get_ydata()) == pytest.approx([1 / 3, 2 / 3])
+    completed, rejected, lost = (list(bar.get_height() for bar in c) for c in outcome.containers)
+    assert (completed, rejected, lost) == ([2, 1], [0, 2], [1, 0])

@@ -211,3 +211,28 @@ def summarize(outcomes: Sequence[Outcome], wall: float) -> dict:
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p99_s": _quantile(latencies, 0.99),
     }
+
+
+def replay_figure(results: dict):
+    """A matplotlib Figure of replays, ``{case: summary with "requests" and "outcomes"}``:
+    the completed requests by latency, and each case's outcomes as stacked bars (the
+    second axes, for the caller's own annotations)."""
+    from memwarden._plot import figure
+
+    fig = figure(10, 3.6)
+    latency, outcome = fig.subplots(1, 2)
+    for case, r in results.items():
+        done = sorted(o["latency"] for o in r["outcomes"] if o["status"] == "completed")
+        if done:
+            latency.step(done, [(i + 1) / r["requests"] for i in range(len(done))], where="post", label=case)
+    latency.set(xlabel="latency of completed requests (s)", ylabel="fraction of all requests",
+                title="completed by latency")
+    latency.legend()
+    names = list(results)
+    bottom = [0] * len(names)
+    for status, color in (("completed", "tab:green"), ("rejected", "tab:orange"), ("lost", "tab:red")):
+        counts = [sum(o["status"] == status for o in results[c]["outcomes"]) for c in names]
+        outcome.bar(names, counts, bottom=bottom, color=color, label=status)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    outcome.set(ylabel="requests")
+    return fig
