@@ -10,7 +10,7 @@ import threading
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import settings
+from hypothesis import given as hypothesis_given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from memwarden.controller.admission import VERDICTS, AdmissionController, Decision, Request
@@ -539,3 +539,78 @@ TestOptimistic = MACHINE_SETTINGS(machine_for("optimistic")).TestCase
 TestMemwarden = MACHINE_SETTINGS(machine_for("memwarden")).TestCase
 TestMemwardenRouting = MACHINE_SETTINGS(machine_for("memwarden", ROUTE_ABOVE)).TestCase
 
+
+
+# -- lookahead: the projected peak, by hand and against a simulated batching engine -------
+
+def test_lookahead_admits_what_the_peak_leaves_room_for_and_reserve_does_not():
+    # budget 1000 tokens (1 B each). a: 400 prompt + 100 out; b: 100 prompt + 450 out.
+    # reserve: 500 + 550 > 1000. lookahead: a grows to 500 and leaves at t = 100, when b
+    # holds 200: U(100) = 700; then b alone grows to 550. Peak 700.
+    reserve, lookahead = controller("reserve", per_token=1), controller("lookahead", per_token=1)
+    for admission in (reserve, lookahead):
+        assert admission.admit(Request("a", 400, 100)).verdict == "accept"
+    assert numbers(reserve.admit(Request("b", 100, 450))) == ("queue", "pool_full", 0, 550, 500, 0)
+    # free: the budget less a's own peak (500)
+    assert numbers(lookahead.admit(Request("b", 100, 450))) == ("accept", "fits", 450, 550, 500, 550)
+    assert lookahead.reserved_bytes == 1050  # reservations may sum past the budget; the peak may not
+    # c would hold 301 at t = 100 beside a's 500 and b's 200: 1001; one token of prompt less fits
+    assert lookahead.check_admission(Request("c", 201, 300)).verdict == "queue"
+    assert lookahead.check_admission(Request("c", 200, 300)).verdict == "accept"
+    # in blocks of 128: 127 more tokens each, so a and b peak at 954 and c, even small, queues behind
+    blocks = controller("lookahead", per_token=1, block_tokens=128)
+    blocks.admit(Request("a", 400, 100))
+    assert numbers(blocks.admit(Request("b", 100, 450))) == ("accept", "fits", 450, 550, 373, 550)
+    tight = controller("lookahead", budget=900, per_token=1, block_tokens=128)
+    tight.admit(Request("a", 400, 100))
+    assert tight.admit(Request("b", 100, 450)).verdict == "queue"  # 954 > 900
+    with pytest.raises(ValueError, match="block_tokens"):
+        controller("lookahead", block_tokens=0)
+
+
+def test_lookahead_rejects_like_reserve():
+    admission = controller("lookahead")
+    assert numbers(admission.admit(Request("r", 50, 60))) == ("reject", "exceeds_budget", 0, 1100, 1000, 0)
+    assert admission.admit(Request("p", 100, 1)).reason == "prompt_too_long"
+
+
+@settings(max_examples=200, deadline=None)
+@pytest.mark.parametrize("block", [1, 16])
+@hypothesis_given(requests=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300), st.integers(0, 3)),
+                                    min_size=1, max_size=40))
+def test_lookahead_never_overfills_an_engine_that_advances_every_request_together(block, requests):
+    """A brute-force engine: each step admits arrivals (FIFO), gives every running request
+    one token, and ends those at their max_tokens. What it holds -- every running request's
+    prompt and output, in whole blocks -- is summed from scratch each step and must never
+    pass the budget (so the engine would never preempt), and every request must end."""
+    budget = 1024
+    admission = AdmissionController(budget, 1, policy="lookahead", queue_limit=len(requests), queue_timeout=1e9,
+                                    block_tokens=block)
+    arrivals = {}  # step -> requests arriving then
+    for index, (prompt, output, gap) in enumerate(requests):
+        arrivals.setdefault(index + gap, []).append(Request(index, prompt, output))
+    running, ended = {}, set()  # id -> [prompt, max_tokens, generated]
+    for step in range(10_000):
+        for request in arrivals.get(step, []):
+            decision = admission.admit(request)
+            if decision.admitted:
+                running[request.request_id] = [request.prompt_tokens, request.max_tokens, 0]
+            elif decision.verdict == "reject":
+                ended.add(request.request_id)
+                assert request.prompt_tokens + request.max_tokens > budget
+        for request_id, run in running.items():
+            run[2] += 1
+            admission.on_tokens(request_id, run[2])
+        held = sum(-(-(prompt + generated) // block) * block for prompt, _, generated in running.values())
+        assert held <= budget
+        for request_id in [rid for rid, run in running.items() if run[2] == run[1]]:
+            del running[request_id]
+            ended.add(request_id)
+            for decision in admission.finish(request_id):
+                assert decision.admitted
+                request_id = decision.request_id
+                prompt, output = requests[request_id][:2]
+                running[request_id] = [prompt, output, 0]
+        if len(ended) == len(requests):
+            break
+    assert len(ended) == len(requests) and not admission.running_ids() and not admission.queued_ids()

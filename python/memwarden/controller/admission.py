@@ -49,8 +49,22 @@ Policies (``policy=``):
   (verdict ``"route"``, reason ``"too_large_routed"``). Compared with ``reserve`` it
   admits more requests at once (reservations follow real output lengths); compared with
   ``optimistic`` it never overcommits, so it needs no preemption.
+* ``lookahead`` -- for an engine that batches continuously (vLLM: every running request
+  gains a token per step): reserve ``prompt + max_tokens`` like ``reserve``, but admit
+  when the *projected peak* fits, not the sum of reservations. Running request ``i`` holds
+  ``u_i`` tokens (prompt and output so far) and has ``r_i`` to go; ``t`` steps from now it
+  holds ``u_i + t`` if ``t <= r_i``, else nothing (it has finished), so the pool will hold
+  ``U(t) = sum over {i: r_i >= t} of (u_i + t)``, largest just before a request finishes:
+  the peak is ``max_k U(r_k)``, computed over the requests sorted by ``r`` (O(n log n)).
+  A request is admitted when the peak with it stays within the budget: a long request
+  finishing soon leaves room that ``reserve`` would keep for it until the end. With
+  ``block_tokens=B`` every request is counted in whole blocks (``B - 1`` tokens more each,
+  the most rounding can add), as a paged engine allocates them. Rejects and queues like
+  ``reserve``. The projection trusts the engine to advance the running requests together;
+  one that stalls (a slow client) while others finish can make the real peak higher.
 
-For ``reserve`` and ``memwarden`` the sum of reservations never exceeds ``budget_bytes``.
+For ``reserve`` and ``memwarden`` the sum of reservations never exceeds ``budget_bytes``;
+for ``lookahead`` the projected peak never does.
 
 Queueing is strict FIFO: while requests wait, new arrivals queue behind them (reason
 ``"behind_queue"``) even if they would fit, so none is overtaken; :meth:`finish` (and
@@ -72,7 +86,7 @@ rejected); for a rejection that can clear (``pool_full``, ``queue_full``,
 one finishes); ``None`` when retrying cannot help.
 
 Thread-safe: one lock around every method. Every decision is O(1) in the number of
-running requests. Pure Python, no torch.
+running requests (``lookahead``: O(n log n)). Pure Python, no torch.
 
 May import: :mod:`memwarden.controller.sessions`, :mod:`~memwarden.controller.degradation`,
 :mod:`memwarden.estimate`, :mod:`memwarden.footprint` and the bottom layers. Never
@@ -93,7 +107,7 @@ from memwarden._units import format_bytes, parse_bytes
 
 __all__ = ["POLICIES", "VERDICTS", "Request", "Decision", "AdmissionController"]
 
-POLICIES = ("admit_all", "reserve", "optimistic", "memwarden")
+POLICIES = ("admit_all", "reserve", "optimistic", "memwarden", "lookahead")
 VERDICTS = ("accept", "shrink", "route", "reject", "queue")
 
 _SAMPLE_WINDOW = 512  # finished requests the output-length estimate looks back over
@@ -177,7 +191,7 @@ class AdmissionController:
                  queue_timeout: float = 30.0, min_output_tokens: int = 16,
                  clock: Callable[[], float] = time.monotonic,
                  session_check: Callable[[Hashable, int], tuple[bool, str]] | None = None,
-                 *, output_quantile: float = 0.9, warmup_samples: int = 32):
+                 *, output_quantile: float = 0.9, warmup_samples: int = 32, block_tokens: int = 1):
         self._budget = parse_bytes(budget_bytes, "budget_bytes")
         if self._budget <= 0:
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
@@ -206,6 +220,7 @@ class AdmissionController:
             raise ValueError(f"output_quantile must be in (0, 1], got {output_quantile!r}")
         self._quantile = float(output_quantile)
         self._warmup = integer(warmup_samples, "warmup_samples", maximum=_SAMPLE_WINDOW)
+        self._block_tokens = integer(block_tokens, "block_tokens")
 
         self._lock = threading.Lock()
         self._running: dict[Hashable, _Running] = {}  # insertion order = admission order
@@ -232,7 +247,7 @@ class AdmissionController:
     @property
     def reserved_bytes(self) -> int:
         """The sum of the running requests' reservations (may exceed the budget only under
-        ``admit_all`` and ``optimistic``)."""
+        ``admit_all``, ``optimistic`` and ``lookahead``)."""
         return self._reserved_tokens * self._bytes_per_token
 
     @property
@@ -413,7 +428,7 @@ class AdmissionController:
         if self._policy == "admit_all":
             return self._grant(request, "accept", "admit_all", max_tokens, prompt + max_tokens,
                                (prompt + max_tokens) * per_token, free)
-        if self._policy == "reserve":
+        if self._policy in ("reserve", "lookahead"):
             output = fewest = max_tokens
         elif self._policy == "optimistic":
             output = fewest = 1  # the next token; the rest is paid as it is generated
@@ -430,15 +445,34 @@ class AdmissionController:
                 return self._refuse(request, "route", "too_large_routed", needed, free, None)
             reason = "prompt_too_long" if (prompt + 1) * per_token > self._budget else "exceeds_budget"
             return self._refuse(request, "reject", reason, needed, free, None)
+        if self._policy == "lookahead":  # free: what the running requests' peak leaves
+            free = max(0, self._budget - self._projected_peak() * per_token)
         if self._queue and not at_queue_head:
             return self._wait(request, "behind_queue", needed, free, at_queue_head)
-        if needed <= free:
+        fits = (self._projected_peak((prompt, output)) * per_token <= self._budget if self._policy == "lookahead"
+                else needed <= free)
+        if fits:
             return self._grant(request, "accept", "fits", max_tokens, prompt + output, needed, free)
         fitting_output = free // per_token - prompt
         if self._policy == "memwarden" and fitting_output >= fewest:
             return self._grant(request, "shrink", "shrunk_to_fit", fitting_output, prompt + fitting_output,
                                needed, free)
         return self._wait(request, "pool_full", needed, free, at_queue_head)
+
+    def _projected_peak(self, newcomer: tuple[int, int] | None = None) -> int:
+        """The most tokens the running requests (and ``newcomer``: prompt, output) will
+        hold at once, each gaining a token a step until it finishes (``lookahead``)."""
+        ahead = [(run.granted - run.generated, run.request.prompt_tokens + run.generated)
+                 for run in self._running.values()]
+        if newcomer is not None:
+            ahead.append((newcomer[1], newcomer[0]))
+        ahead.sort(reverse=True)  # most tokens to go first: each prefix is who is left at t = its last r
+        peak = held = count = 0
+        for to_go, tokens in ahead:
+            held += tokens + self._block_tokens - 1
+            count += 1
+            peak = max(peak, held + count * to_go)
+        return peak
 
     def _grant(self, request, verdict, reason, granted, reserved_tokens, needed, free):
         reserved = reserved_tokens * self._bytes_per_token

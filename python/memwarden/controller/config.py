@@ -41,7 +41,7 @@ __all__ = ["ConfigError", "MemwardenConfig", "AllocatorConfig", "AdmissionConfig
            "SessionsConfig", "DegradationConfig", "MonitorConfig", "ServerConfig",
            "ADMISSION_POLICIES", "SWAP_POLICIES"]
 
-ADMISSION_POLICIES = ("memwarden", "reserve", "optimistic", "admit_all")
+ADMISSION_POLICIES = ("memwarden", "reserve", "optimistic", "admit_all", "lookahead")
 SWAP_POLICIES = ("memwarden", "ollama", "lru", "never")  # controller.models.SWAP_POLICIES, by name
 ENV_PREFIX = "MEMWARDEN_"
 

@@ -86,7 +86,7 @@ class TrafficController:
     ``budget_bytes``, every token priced at ``bytes_per_token``."""
 
     def __init__(self, config: MemwardenConfig, budget_bytes: int, bytes_per_token: int, clock=time.monotonic,
-                 can_preempt: bool = True):
+                 can_preempt: bool = True, block_tokens: int = 1):
         self.config, self.budget_bytes, self.bytes_per_token = config, budget_bytes, bytes_per_token
         self.can_preempt = can_preempt  # False where requests cannot be recomputed (a gateway): they stop instead
         s = config.sessions
@@ -97,7 +97,7 @@ class TrafficController:
         self.admission = AdmissionController(budget_bytes, bytes_per_token, policy=a.policy,
                                              route_above_tokens=a.route_above_tokens, queue_limit=a.queue_limit,
                                              queue_timeout=a.queue_timeout, clock=clock,
-                                             session_check=self._session_check)
+                                             session_check=self._session_check, block_tokens=block_tokens)
         d = config.degradation
         levels = list(Level)
         self.degradation = Degradation(
@@ -245,11 +245,21 @@ class TrafficController:
                 self.sessions.reserve(ticket.session_id, more * self.bytes_per_token)
         self.admission.on_tokens(ticket.request_id, output)
         ticket.generated = generated
-        while self.admission.policy == "optimistic" and self.admission.reserved_bytes > self.budget_bytes:
+        while self._overcommitted():
             verdict = self._preempt_newest(ticket)
             if verdict is not CONTINUE:
                 return verdict
         return CONTINUE
+
+    def _overcommitted(self) -> bool:
+        """The pool's use is past the budget: ``optimistic`` admits into what is used now;
+        ``lookahead`` trusts a projection that requests generating at their own pace (not
+        in one batch) can outrun -- where they cannot be preempted, the engine's own
+        scheduler has the last word."""
+        policy = self.admission.policy
+        if policy == "optimistic":
+            return self.admission.reserved_bytes > self.budget_bytes
+        return policy == "lookahead" and self.can_preempt and self.admission.used_bytes > self.budget_bytes
 
     def _stop(self, ticket: Ticket) -> str:
         self._count("cut_short")

@@ -170,7 +170,9 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
     except ValueError:
         upstream.close()
         raise
-    controller = UpstreamTrafficController(config, budget, bytes_per_token, can_preempt=False)  # vLLM generates
+    # vLLM generates (nothing to recompute here) and allocates KV in blocks
+    controller = UpstreamTrafficController(config, budget, bytes_per_token, can_preempt=False,
+                                           block_tokens=first.block_size or 1)
     controller.upstream_usage = first.kv_cache_usage_perc or 0.0
 
     def on_read(metrics: EngineMetrics) -> None:
