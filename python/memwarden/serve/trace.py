@@ -173,7 +173,9 @@ def replay(base_url: str, model: str, trace: Sequence[TraceRequest], *, eos_toke
             outcome.http_status, outcome.reason = e.status_code, _error_code(e)
             outcome.status = "rejected" if e.status_code in (429, 503) else "lost"
         except (openai.APIConnectionError, openai.APITimeoutError) as e:
-            outcome.reason = type(e).__name__
+            # the transport's own error says how the connection broke
+            outcome.reason = type(e).__name__ + (f" ({type(e.__cause__).__name__}: {e.__cause__})"
+                                                 if e.__cause__ is not None else "")
         outcome.latency = time.perf_counter() - sent
         outcomes[request.index - trace[0].index] = outcome
 
