@@ -149,15 +149,15 @@ def test_failed_offload_copy_leaves_the_layer_in_place(shared_model, make, monke
     model, reference = shared_model
     offloader = make(model, memory_limit=BUDGET)
     before = [p.data_ptr() for p in model.parameters()]
-    real_copy, calls = offload._host_copy, []
+    real_copy, calls = offload._copy_in, []
 
-    def copy_then_fail(tensor, **kw):
+    def copy_then_fail(destination, tensor):
         calls.append(tensor)
-        if len(calls) == 3:  # mid-layer: two tensors were already copied
+        if len(calls) == 3:  # mid-layer: two tensors were already copied into the host buffer
             raise MemoryError("host memory short")
-        return real_copy(tensor, **kw)
+        real_copy(destination, tensor)
 
-    monkeypatch.setattr(offload, "_host_copy", copy_then_fail)
+    monkeypatch.setattr(offload, "_copy_in", copy_then_fail)
     action = offloader.step(0.95)
     assert (action.kind, action.moves) == ("offload", ())
     assert "MemoryError: host memory short" in action.error

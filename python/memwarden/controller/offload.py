@@ -11,15 +11,16 @@ offloaded index first), so the offloaded layers are always a suffix of the layer
 Every layer runs for every token, so none is used less than another; a suffix is chosen
 because it keeps the prefetch below simple (the next offloaded layer is the next to run).
 
-How an offloaded layer still runs: its parameters and buffers point at host copies; a
-forward pre-hook copies them onto the compute device for the layer's forward and a
-forward hook points them back at the host copies, so the device copies are freed and the
-output is bit-identical, only slower. On CUDA the host copies are pinned and, while one
-offloaded layer runs, the next offloaded one is copied on a side stream.
+How an offloaded layer still runs: its parameters and buffers point at views of one flat
+host buffer (:class:`WeightSlots`, each tensor at an aligned offset with its strides); a
+forward pre-hook copies that buffer onto the compute device in one copy for the layer's
+forward and a forward hook points them back at the host buffer, so the device copy is
+freed and the output is bit-identical, only slower. On CUDA the host buffer is pinned
+and, while one offloaded layer runs, the next offloaded one is copied on a side stream.
 
 The CPU stand-in (``device="cpu"``, ``offload_device="cpu"``): the "device" is memwarden's
 host allocator (``memwarden.alloc.use("cpu", memory_limit=...)``), whose pool is what the
-limit and the pressure count. Offloaded copies are allocated by numpy, outside that pool,
+limit and the pressure count. Host buffers are allocated by numpy, outside that pool,
 so offloading really lowers ``memwarden.alloc.memory_allocated("cpu")`` by the layer's
 bytes and a forward of an offloaded layer really borrows them back from the pool.
 
@@ -47,7 +48,7 @@ from memwarden import alloc
 from memwarden._devices import torch_device
 from memwarden._units import parse_bytes
 
-__all__ = ["AutomaticOffloader", "Action", "Move", "find_decoder_layers"]
+__all__ = ["AutomaticOffloader", "Action", "Move", "WeightSlots", "find_decoder_layers"]
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -123,27 +124,55 @@ def _storage_span(tensor: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
-def _host_copy(tensor: torch.Tensor, *, pinned: bool, outside_pool: bool) -> torch.Tensor:
-    """A host copy of ``tensor`` with its strides. ``outside_pool``: in numpy's memory, which
-    memwarden's host allocator does not serve (the CPU stand-in for leaving the device)."""
+_ALIGNMENT = 64  # bytes: each tensor in a flat buffer starts on a cache line, past any dtype's alignment
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where one tensor sits in a flat byte buffer, and how to view it there."""
+
+    offset: int
+    nbytes: int  # the bytes its strides reach
+    dtype: torch.dtype
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def view_of(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.offset:self.offset + self.nbytes].view(self.dtype).as_strided(self.shape, self.stride)
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[_Place], int]:
+    """Each tensor's place in one flat buffer, and the buffer's bytes."""
+    places, end = [], 0
+    for tensor in tensors:
+        offset = -(-end // _ALIGNMENT) * _ALIGNMENT
+        nbytes = _storage_span(tensor) * tensor.element_size()
+        places.append(_Place(offset, nbytes, tensor.dtype, tensor.shape, tensor.stride()))
+        end = offset + nbytes
+    return places, end
+
+
+def _host_buffer(nbytes: int, *, pinned: bool, outside_pool: bool) -> torch.Tensor:
+    """``nbytes`` of host memory. ``outside_pool``: numpy's, which memwarden's host allocator
+    does not serve (the CPU stand-in for leaving the device)."""
     if outside_pool:
-        span_bytes = _storage_span(tensor) * tensor.element_size()
-        buffer = torch.from_numpy(np.empty(span_bytes, dtype=np.uint8)).view(tensor.dtype)
-        copy = buffer.as_strided(tensor.shape, tensor.stride())
-    else:
-        copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu",
-                                   pin_memory=pinned)
-    return copy.copy_(tensor)
+        return torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
 
 
-def _device_copy(tensor: torch.Tensor, device: torch.device, *, non_blocking: bool) -> torch.Tensor:
-    copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
-    return copy.copy_(tensor, non_blocking=non_blocking)
+def _copy_in(destination: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy the bytes ``tensor``'s strides reach into ``destination``: gaps included, so it is
+    one contiguous copy even for a transposed or sliced tensor."""
+    destination.copy_(tensor.detach().as_strided((_storage_span(tensor),), (1,)).view(torch.uint8))
+
+
+def _device_copy(buffer: torch.Tensor, device: torch.device, *, non_blocking: bool) -> torch.Tensor:
+    return torch.empty(buffer.shape, dtype=buffer.dtype, device=device).copy_(buffer, non_blocking=non_blocking)
 
 
 @dataclass
 class _Slot:
-    """Where a unit's tensor lives: ``owner._parameters[name]`` or ``owner._buffers[name]``."""
+    """Where a module's tensor lives: ``owner._parameters[name]`` or ``owner._buffers[name]``."""
 
     owner: nn.Module
     name: str
@@ -159,26 +188,74 @@ class _Slot:
             self.owner._buffers[self.name] = tensor
 
 
-class _Unit:
-    def __init__(self, index: int, name: str, module: nn.Module):
-        self.index, self.name, self.module = index, name, module
+class WeightSlots:
+    """``module``'s parameters and buffers, each tensor once (tied weights are one slot, so
+    they stay tied), which can be parked in one flat host buffer and brought back.
+
+    :meth:`park` copies every tensor into one host byte buffer, each at a 64-byte aligned
+    offset with its strides, and only then points the slots at views of it (a failed copy
+    leaves them as they were). :meth:`restore` brings the whole buffer onto a device in one
+    copy and points the slots there; :meth:`device_copy` and :meth:`point_at` are its two
+    halves, for a copy that is used only for a while (the offloader's forward of an
+    offloaded layer)."""
+
+    def __init__(self, module: nn.Module):
         self.slots: list[_Slot] = []
         seen: set[int] = set()
         for owner in module.modules():
-            for kind, tensors in ((True, owner._parameters), (False, owner._buffers)):
-                for key, tensor in tensors.items():
-                    if tensor is not None and id(tensor) not in seen:  # a tied tensor moves once
+            for is_parameter, tensors in ((True, owner._parameters), (False, owner._buffers)):
+                for name, tensor in tensors.items():
+                    if tensor is not None and id(tensor) not in seen:
                         seen.add(id(tensor))
-                        self.slots.append(_Slot(owner, key, kind))
-        self.nbytes = sum(slot.get().numel() * slot.get().element_size() for slot in self.slots)
-        self.host: list[torch.Tensor] | None = None  # the host copies while offloaded
+                        self.slots.append(_Slot(owner, name, is_parameter))
+        self.host: torch.Tensor | None = None  # the flat host buffer while parked
+        self._places: list[_Place] = []
+
+    @property
+    def nbytes(self) -> int:
+        """The tensors' bytes (exact on the meta device too); the flat buffer adds the gaps of
+        strided tensors and under 64 bytes of alignment each."""
+        return sum(slot.get().numel() * slot.get().element_size() for slot in self.slots)
+
+    @property
+    def parked(self) -> bool:
+        return self.host is not None
+
+    def park(self, *, pinned: bool = False, outside_pool: bool = False) -> None:
+        """Move the tensors into one flat host buffer: ``pinned``, or in numpy's memory when
+        ``outside_pool`` (outside memwarden's host allocator: the CPU stand-in's host)."""
+        tensors = [slot.get() for slot in self.slots]
+        places, nbytes = _layout(tensors)
+        host = _host_buffer(nbytes, pinned=pinned, outside_pool=outside_pool)
+        for place, tensor in zip(places, tensors):
+            _copy_in(host[place.offset:place.offset + place.nbytes], tensor)
+        self.host, self._places = host, places
+        self.point_at(host)
+
+    def device_copy(self, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+        """The parked buffer copied onto ``device`` in one copy; the slots stay parked."""
+        return _device_copy(self.host, device, non_blocking=non_blocking)
+
+    def point_at(self, buffer: torch.Tensor) -> None:
+        """Point every slot at its view of ``buffer`` (the host buffer or a device copy)."""
+        for slot, place in zip(self.slots, self._places):
+            slot.set(place.view_of(buffer))
+
+    def restore(self, device: torch.device) -> None:
+        """Bring the parked tensors onto ``device`` (one blocking copy, so a failure raises
+        here and leaves them parked) and let the host buffer go."""
+        self.point_at(self.device_copy(device))
+        self.host = None
+
+
+class _Unit:
+    def __init__(self, index: int, name: str, module: nn.Module):
+        self.index, self.name, self.module = index, name, module
+        self.weights = WeightSlots(module)
+        self.nbytes = self.weights.nbytes
         self.offloaded_since = 0.0
         self.hooks: list[Any] = []
-        self.prefetched: tuple[list[torch.Tensor], Any] | None = None  # (device copies, CUDA event)
-
-    def point_at(self, tensors: Sequence[torch.Tensor]) -> None:
-        for slot, tensor in zip(self.slots, tensors):
-            slot.set(tensor)
+        self.prefetched: tuple[torch.Tensor, Any] | None = None  # (device copy of the host buffer, CUDA event)
 
 
 class AutomaticOffloader:
@@ -193,7 +270,7 @@ class AutomaticOffloader:
     / memwarden.alloc.get_memory_limit(device)``. ``memory_limit``: the bytes (or ``"16 GiB"``) pressure
     1.0 stands for, to estimate the pressure after each move; default the allocator's limit
     (read at each step). Without one, a step moves one unit. ``pin_memory``: pin the host
-    copies (default: when ``device`` is a GPU; the CPU stand-in's copies are numpy's).
+    buffers (default: when ``device`` is a GPU; the CPU stand-in's are numpy's).
 
     Thread-safe: forwards through ``model`` hold the offloader's lock (hooks on ``model``),
     so a step waits for the forward in flight: repointing a tensor a running forward reads
@@ -228,7 +305,7 @@ class AutomaticOffloader:
         self._memory_limit = memory_limit
         on_gpu = self.device.type == "cuda"
         self.pin_memory = (on_gpu and torch.cuda.is_available()) if pin_memory is None else bool(pin_memory)
-        self._outside_pool = self.device.type == "cpu"  # the CPU stand-in: host copies leave the pool
+        self._outside_pool = self.device.type == "cpu"  # the CPU stand-in: host buffers leave the pool
         self._units = self._make_units(model, units)
         self._side_stream = torch.cuda.Stream(self.device) if on_gpu and torch.cuda.is_available() else None
         self._lock = threading.RLock()
@@ -260,10 +337,10 @@ class AutomaticOffloader:
         return made
 
     def _check_units(self, model: nn.Module, units: list[_Unit]) -> None:
-        inside = {id(slot.get()) for unit in units for slot in unit.slots}
+        inside = {id(slot.get()) for unit in units for slot in unit.weights.slots}
         unit_ids = {id(unit.module) for unit in units}
         for unit in units:
-            for slot in unit.slots:
+            for slot in unit.weights.slots:
                 if slot.get().device != self.device:
                     raise ValueError(f"device is {self.device}, but {unit.name}.{slot.name} is on "
                                      f"{slot.get().device}: move the model there first")
@@ -405,14 +482,11 @@ class AutomaticOffloader:
 
     def _offload(self, unit: _Unit) -> tuple[Move | None, str | None]:
         started = time.perf_counter()
-        try:  # every copy first: a failure leaves the unit where it was
-            host = [_host_copy(slot.get(), pinned=self.pin_memory, outside_pool=self._outside_pool)
-                    for slot in unit.slots]
+        try:  # park copies everything before it repoints: a failure leaves the unit where it was
+            unit.weights.park(pinned=self.pin_memory, outside_pool=self._outside_pool)
         except Exception as exc:  # MemoryError, a copy error, anything: report and keep serving
             self._counts["failed_moves"] += 1
             return None, f"offloading {unit.name}: {type(exc).__name__}: {exc}"
-        unit.host = host
-        unit.point_at(host)
         unit.hooks = [unit.module.register_forward_pre_hook(lambda *_: self._fetch(unit)),
                       unit.module.register_forward_hook(lambda *_: self._release(unit), always_call=True)]
         unit.offloaded_since = time.perf_counter()
@@ -422,14 +496,13 @@ class AutomaticOffloader:
     def _restore(self, unit: _Unit) -> tuple[Move | None, str | None]:
         started = time.perf_counter()
         try:
-            copies = [_device_copy(tensor, self.device, non_blocking=False) for tensor in unit.host]
+            unit.weights.restore(self.device)
         except Exception as exc:  # the device out of memory, most likely: stay offloaded
             self._counts["failed_moves"] += 1
             return None, f"restoring {unit.name}: {type(exc).__name__}: {exc}"
         for hook in unit.hooks:
             hook.remove()
-        unit.hooks, unit.host = [], None
-        unit.point_at(copies)
+        unit.hooks = []
         finished = time.perf_counter()
         self._offloaded_seconds += finished - unit.offloaded_since
         self._offloaded -= 1
@@ -454,39 +527,38 @@ class AutomaticOffloader:
     def _fetch(self, unit: _Unit) -> None:
         """Forward pre-hook: the unit's tensors onto the compute device for this forward."""
         with self._lock:
-            if unit.host is None:  # restored since the forward started
+            if not unit.weights.parked:  # restored since the forward started
                 return
             if unit.prefetched is not None:
-                copies, ready = unit.prefetched
+                copy, ready = unit.prefetched
                 unit.prefetched = None
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(ready)
-                for tensor in copies:  # made on the side stream, used and freed on this one
-                    tensor.record_stream(stream)
+                copy.record_stream(stream)  # made on the side stream, used and freed on this one
             else:
-                copies = [_device_copy(tensor, self.device, non_blocking=self.pin_memory) for tensor in unit.host]
-            unit.point_at(copies)
+                copy = unit.weights.device_copy(self.device, non_blocking=self.pin_memory)
+            unit.weights.point_at(copy)
             self._counts["fetch_count"] += 1
             self._prefetch_after(unit)
 
     def _release(self, unit: _Unit) -> None:
-        """Forward hook: point the unit back at its host copies, freeing the device copies."""
+        """Forward hook: point the unit back at its host buffer, freeing the device copy."""
         with self._lock:
-            if unit.host is not None:
-                unit.point_at(unit.host)
+            if unit.weights.parked:
+                unit.weights.point_at(unit.weights.host)
 
     def _prefetch_after(self, unit: _Unit) -> None:
         # Offloaded units are a suffix, so the next unit to run is offloaded too.
         if self._side_stream is None or unit.index + 1 >= len(self._units):
             return
         following = self._units[unit.index + 1]
-        if following.host is None or following.prefetched is not None:
+        if not following.weights.parked or following.prefetched is not None:
             return
         with torch.cuda.stream(self._side_stream):
-            copies = [_device_copy(tensor, self.device, non_blocking=True) for tensor in following.host]
+            copy = following.weights.device_copy(self.device, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self._side_stream)
-        following.prefetched = (copies, ready)
+        following.prefetched = (copy, ready)
 
     def _drop_prefetches(self) -> None:
         for unit in self._units:
