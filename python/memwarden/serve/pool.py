@@ -42,11 +42,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from memwarden import alloc
 from memwarden.controller.models import SWAP_POLICIES, ModelRegistry, ServedModel
+from memwarden.controller.offload import WeightSlots
 from memwarden.kv.attention import ATTENTION_NAME
 from memwarden.serve.engine import EMBEDDED_NAME, Engine, load_engine
 
@@ -74,52 +74,12 @@ class ModelUnavailable(Exception):
 
 
 @dataclass
-class _Slot:
-    """One parameter or buffer of a model: ``table[name]`` of a module's ``_parameters`` or ``_buffers``."""
-
-    table: dict
-    name: str
-
-    def get(self) -> torch.Tensor:
-        return self.table[self.name]
-
-    def set(self, tensor: torch.Tensor) -> None:
-        if isinstance(self.table[self.name], torch.nn.Parameter):
-            self.table[self.name].data = tensor  # the same Parameter: tied weights stay tied
-        else:
-            self.table[self.name] = tensor
-
-
-def _slots(model: torch.nn.Module) -> list[_Slot]:
-    seen, slots = set(), []
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    slots.append(_Slot(table, name))
-    return slots
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    return sum(slot.get().nbytes for slot in _slots(model))
-
-
-def _parked_copy(tensor: torch.Tensor, outside_pool: bool) -> torch.Tensor:
-    if not outside_pool:
-        return tensor.detach().to("cpu", copy=True)
-    # numpy's memory, which memwarden's host allocator (the stand-in device) does not serve
-    raw = np.empty(tensor.nbytes, dtype=np.uint8)
-    return torch.from_numpy(raw).view(tensor.dtype).view(tensor.shape).copy_(tensor)
-
-
-@dataclass
 class _Model:
     """What the pool keeps of one model besides the registry's books."""
 
     engine: Engine
     build: Callable[[], torch.nn.Module]  # its weights, freshly made on the device
-    parked: Optional[list] = None  # host copies of its slots' tensors while offloaded
+    parked: Optional[WeightSlots] = None  # its weights, parked in one host buffer, while offloaded
     swaps_in: int = 0
     swaps_out: int = 0
     bytes_in: int = 0
@@ -165,7 +125,7 @@ class ModelPool:
         self._models: dict[str, _Model] = {}
         for name, (engine, build) in models.items():
             self._models[name] = _Model(engine, build)
-            weights = _weight_bytes(engine.model)  # exact even on the meta device
+            weights = WeightSlots(engine.model).nbytes  # exact even on the meta device
             self.registry.register(ServedModel(name=name, weights_bytes=weights, kv_bytes_per_token=0, context=1,
                                                min_residency_s=min_residency_s))
         self.names = tuple(self._models)
@@ -247,7 +207,7 @@ class ModelPool:
                     "state": state.status, "footprint_bytes": state.footprint_bytes, "running": state.running,
                     "requests": state.use_count, "swaps_in": books.swaps_in, "swaps_out": books.swaps_out,
                     "bytes_in": books.bytes_in, "bytes_out": books.bytes_out,
-                    "offloaded_bytes": sum(t.nbytes for t in books.parked) if books.parked else 0}
+                    "offloaded_bytes": books.parked.nbytes if books.parked else 0}
             loaded = sum(m["footprint_bytes"] for m in models.values() if m["state"] in ("loaded", "loading"))
             return {"models": models, "swap_policy": self.policy_name, "weights_loaded_bytes": loaded,
                     "weights_budget_bytes": None if self.weights_budget == UNBOUNDED else self.weights_budget,
@@ -314,9 +274,8 @@ class ModelPool:
         books = self._models[name]
         self.registry.mark_loading(name)
         try:
-            if books.parked is not None:
-                for slot, host in zip(_slots(books.engine.model), books.parked):
-                    slot.set(torch.empty_like(host, device=self.device).copy_(host))
+            if books.parked is not None:  # one copy; out of memory leaves it parked for the next try
+                books.parked.restore(self.device)
                 books.parked = None
             else:
                 model = books.build()
@@ -326,7 +285,7 @@ class ModelPool:
             self.out_of_memory += 1
             error = str(exc).splitlines()[0]
         else:
-            nbytes = _weight_bytes(books.engine.model)
+            nbytes = WeightSlots(books.engine.model).nbytes
             self.registry.mark_loaded(name, measured_bytes=nbytes)
             books.swaps_in += 1
             books.bytes_in += nbytes
@@ -339,17 +298,15 @@ class ModelPool:
     def _evict(self, name: str) -> None:
         """Park ``name`` in host memory when the host budget has room, else unload it."""
         books = self._models[name]
-        model = books.engine.model
-        nbytes = _weight_bytes(model)
-        parked = sum(sum(t.nbytes for t in m.parked) for m in self._models.values() if m.parked)
+        weights = WeightSlots(books.engine.model)
+        nbytes = weights.nbytes
+        parked = sum(m.parked.nbytes for m in self._models.values() if m.parked)
         if parked + nbytes <= self.host_memory:
-            slots = _slots(model)
-            books.parked = [_parked_copy(slot.get(), self._outside_pool) for slot in slots]
-            for slot, host in zip(slots, books.parked):
-                slot.set(host)
+            weights.park(outside_pool=self._outside_pool)
+            books.parked = weights
             self.registry.mark_offloaded(name)
         else:
-            model.to("meta")
+            books.engine.model.to("meta")
             self.registry.mark_unloaded(name)
         books.swaps_out += 1
         books.bytes_out += nbytes
