@@ -284,3 +284,125 @@ def test_random_pressures_keep_a_suffix_offloaded(shared_model, pressures, budge
         closed = offloader.close()
     assert len(closed.units) == offloaded
     assert offloaded_by_hooks(model) == () and not model._forward_pre_hooks
+
+
+# ---- flat buffers: WeightSlots -----------------------------------------------------------
+
+class MixedBlock(torch.nn.Module):
+    """What one flat buffer must keep apart: dtypes of 1, 2, 4 and 8 bytes, a transposed
+    weight, a strided view with gaps, a 0-dim and an empty buffer, and a tied pair."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.first = torch.nn.Linear(6, 6, bias=False)
+        self.second = torch.nn.Linear(6, 6, bias=False)
+        self.second.weight = self.first.weight
+        self.turned = torch.nn.Parameter(torch.randn(6, 6).t())  # stride (1, 6)
+        self.every_other = torch.nn.Parameter(torch.randn(6, 12)[:, ::2])  # stride (12, 2): gaps
+        self.register_buffer("half_scale", torch.randn(6).half())
+        self.register_buffer("mask", torch.rand(6) > 0.3)
+        self.register_buffer("shift", torch.randint(-3, 4, (6,)))
+        self.register_buffer("count", torch.tensor(7, dtype=torch.int16))
+        self.register_buffer("nothing", torch.empty(0, 3))
+        # not used by forward: bits a value comparison would let through (-0.0 == 0.0, NaN != NaN)
+        self.register_buffer("odd_bits", torch.tensor([-0.0, float("nan"), float("inf")], dtype=torch.bfloat16))
+
+    def forward(self, x):
+        x = self.second(self.first(x)) @ self.turned @ self.every_other
+        x = x * self.half_scale.float() + self.shift
+        return torch.where(self.mask, x, -x) + self.count + self.nothing.sum()
+
+
+class MixedStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(MixedBlock(seed) for seed in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def bits(tensor):
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def named_tensors(module):
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def snapshot(module):
+    """An independent reference: each tensor cloned, with its strides and Parameter object."""
+    return {name: (tensor, tensor.detach().clone(), tensor.stride()) for name, tensor in named_tensors(module)}
+
+
+def assert_as_before(module, before):
+    now = dict(named_tensors(module))
+    assert now.keys() == before.keys()
+    for name, (original, clone, stride) in before.items():
+        tensor = now[name]
+        if isinstance(original, torch.nn.Parameter):
+            assert tensor is original, name  # the same Parameter object: optimizers and ties see it
+        assert (tensor.dtype, tensor.shape, tensor.stride()) == (clone.dtype, clone.shape, stride), name
+        assert torch.equal(bits(tensor), bits(clone)), name
+
+
+def storages(module):
+    return {tensor.untyped_storage().data_ptr() for _, tensor in named_tensors(module)}
+
+
+@pytest.mark.parametrize("outside_pool", [True, False])
+def test_weight_slots_park_and_restore_bit_identical(outside_pool):
+    block = MixedBlock(0)
+    before = snapshot(block)
+    weights = offload.WeightSlots(block)
+    distinct = {id(t): t for _, t in named_tensors(block)}.values()
+    assert len(weights.slots) == len(before) - 1  # the tied pair is one slot
+    assert weights.nbytes == sum(t.numel() * t.element_size() for t in distinct)
+
+    weights.park(outside_pool=outside_pool)
+    assert weights.parked and weights.host.dtype == torch.uint8
+    assert storages(block) == {weights.host.untyped_storage().data_ptr()}  # one host buffer
+    assert_as_before(block, before)
+    assert block.second.weight is block.first.weight
+
+    weights.restore(torch.device("cpu"))
+    assert not weights.parked and weights.host is None
+    (base,) = storages(block)  # one device buffer, every tensor at an aligned offset in it
+    assert all((tensor.data_ptr() - base) % 64 == 0 for _, tensor in named_tensors(block))
+    assert_as_before(block, before)
+    assert block.second.weight is block.first.weight
+
+
+def test_offloaded_mixed_units_answer_bit_identically_and_stay_tied(make):
+    model = MixedStack()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(x)
+    before = snapshot(model)
+    offloader = make(model)
+    for _ in range(3):
+        assert offloader.step(1.0).error is None  # one block a step (no budget), the last first
+    assert offloader.offloaded == (0, 1, 2)
+    assert_as_before(model, before)  # the host buffers' views
+    with torch.no_grad():
+        assert torch.equal(bits(model(x)), bits(reference))  # each block fetched in one copy
+    assert_as_before(model, before)  # back on the host buffers after the forward
+    assert offloader.restore_all().units == (0, 1, 2)
+    assert_as_before(model, before)
+    assert all(block.second.weight is block.first.weight for block in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(bits(model(x)), bits(reference))
+
+
+def test_failed_host_buffer_leaves_the_mixed_unit_in_place(make, monkeypatch):
+    model = MixedStack()
+    before = snapshot(model)
+    offloader = make(model)
+    monkeypatch.setattr(offload, "_host_buffer", lambda *a, **kw: (_ for _ in ()).throw(MemoryError("no host")))
+    action = offloader.step(1.0)
+    assert (action.moves, action.error) == ((), "offloading blocks.2: MemoryError: no host")
+    assert offloader.offloaded == () and not model.blocks[2]._forward_pre_hooks
+    assert_as_before(model, before)
