@@ -21,6 +21,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
+from memwarden.controller import offload  # noqa: E402
 from memwarden.controller.config import MemwardenConfig  # noqa: E402
 from memwarden.controller.models import SWAP_POLICIES  # noqa: E402
 from memwarden.serve.engine import load_engine  # noqa: E402
@@ -167,6 +168,52 @@ def test_stand_in_device_out_of_memory_only_without_unloading(policy, served_bas
             assert post(base + "/v1/completions", {"model": SMALL, "prompt": "x", "max_tokens": 2})[0] == 200
     finally:
         server.stop(thread)
+
+
+def answer(pool, name):
+    hold = pool.hold(name)
+    try:
+        engine = hold.engine
+        return engine.tokenizer.decode([s.token for s in engine.generate(engine.encode_prompt(PROMPT), 12, 0.0)
+                                        if s.token is not None])
+    finally:
+        hold.release()
+
+
+def assert_bits_as_before(model, before):
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        original, clone = before[name]
+        assert tensor is original or not isinstance(original, torch.nn.Parameter), name
+        assert torch.equal(tensor.detach().reshape(-1).view(torch.uint8), clone.reshape(-1).view(torch.uint8)), name
+
+
+def test_parked_weights_come_back_bit_identical_and_tied_even_after_a_failed_load(monkeypatch):
+    pool = ModelPool.from_config(config(**{"server.models": [SMALL, BASE], "server.swap_policy": "lru"}))
+    try:
+        model = pool.engine(SMALL).model
+        model.lm_head.weight = model.model.embed_tokens.weight  # tie them: one tensor to park
+        before = {name: (t, t.detach().clone()) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        tied_answer = answer(pool, SMALL)
+        assert answer(pool, BASE)  # small does not fit beside base: it is parked
+        stats = pool.stats()["models"][SMALL]
+        assert stats["state"] == "offloaded"
+        assert stats["offloaded_bytes"] == sum(t.nbytes for t, _ in before.values())  # the tied tensor once
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert_bits_as_before(model, before)
+
+        with monkeypatch.context() as patch:  # the device is out of memory for small's one copy back
+            patch.setattr(offload, "_device_copy",
+                          lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("no room")))
+            with pytest.raises(ModelUnavailable) as refused:
+                pool.hold(SMALL)
+        assert refused.value.reason == "out_of_memory"
+        assert_bits_as_before(model, before)  # still parked, whole
+
+        assert answer(pool, SMALL) == tied_answer
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert_bits_as_before(model, before)
+    finally:
+        pool.close()
 
 
 @pytest.fixture(scope="module")
