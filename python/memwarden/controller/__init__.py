@@ -17,7 +17,7 @@ one module each:
 * :mod:`~memwarden.controller.weight_cache` -- ``ModelWeightCache``, an LRU of module
   weights in host memory within a byte budget (optionally INT8);
 * :mod:`~memwarden.controller.offload` -- moves modules between devices by pressure,
-  with hysteresis.
+  with hysteresis; ``WeightSlots`` parks a module's weights in one flat host buffer.
 
 Memory figures come from :mod:`memwarden.estimate` and :mod:`memwarden.footprint` (one
 definition of each formula), never re-derived here.
