@@ -124,7 +124,7 @@ def _storage_span(tensor: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
-_ALIGNMENT = 64  # bytes: each tensor in a flat buffer starts on a cache line, past any dtype's alignment
+_ALIGNMENT = 64  # bytes: each tensor in a flat buffer starts on a cache line (a multiple of any dtype's size)
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class WeightSlots:
         for owner in module.modules():
             for is_parameter, tensors in ((True, owner._parameters), (False, owner._buffers)):
                 for name, tensor in tensors.items():
-                    if tensor is not None and id(tensor) not in seen:
+                    if tensor is not None and id(tensor) not in seen:  # a tied tensor is one slot
                         seen.add(id(tensor))
                         self.slots.append(_Slot(owner, name, is_parameter))
         self.host: torch.Tensor | None = None  # the flat host buffer while parked
