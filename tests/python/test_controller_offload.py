@@ -406,3 +406,58 @@ def test_failed_host_buffer_leaves_the_mixed_unit_in_place(make, monkeypatch):
     assert (action.moves, action.error) == ((), "offloading blocks.2: MemoryError: no host")
     assert offloader.offloaded == () and not model.blocks[2]._forward_pre_hooks
     assert_as_before(model, before)
+
+
+def test_parked_layers_are_adopted_without_a_copy_and_detach_leaves_them_parked(shared_model, make):
+    model, reference = shared_model
+    layers = list(model.model.layers)
+    parked = [offload.WeightSlots(layer) for layer in layers[2:]]
+    for weights in parked:
+        weights.park(outside_pool=True)
+    offloader = make(model, parked=parked)
+    assert offloader.offloaded == (2, 3) and offloaded_by_hooks(model) == (2, 3)
+    assert offloader.stats()["bytes_moved"] == 0  # adopted, not copied
+    assert torch.equal(logits(model), reference)
+    assert offloader.detach() == parked and offloaded_by_hooks(model) == ()
+    assert all(weights.parked for weights in parked)
+    for weights in parked:
+        weights.restore(torch.device("cpu"))
+    assert torch.equal(logits(model), reference)
+
+
+def test_parked_must_be_the_last_units_own_parked_weights(shared_model):
+    model, _ = shared_model
+    layers = list(model.model.layers)
+    unparked = offload.WeightSlots(layers[3])
+    with pytest.raises(ValueError, match="parked: not the parked weights"):
+        AutomaticOffloader(model, device="cpu", parked=[unparked])
+    other = offload.WeightSlots(layers[2])
+    other.park(outside_pool=True)
+    try:
+        with pytest.raises(ValueError, match="parked: not the parked weights of model.layers.3"):
+            AutomaticOffloader(model, device="cpu", parked=[other])
+        with pytest.raises(ValueError, match="parked: 5 parked units"):
+            AutomaticOffloader(model, device="cpu", parked=[other] * 5)
+    finally:
+        other.restore(torch.device("cpu"))
+
+
+def test_weight_slots_leave_out_excluded_modules(shared_model):
+    model, _ = shared_model
+    layers = list(model.model.layers)
+    rest = offload.WeightSlots(model, exclude=layers)
+    whole = offload.WeightSlots(model)
+    assert rest.nbytes + sum(offload.WeightSlots(layer).nbytes for layer in layers) == whole.nbytes
+    outside = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".layers." not in n]
+    assert rest.nbytes == sum(t.nbytes for t in outside) > 0
+
+
+def test_pieces_restored_together_share_one_allocation(shared_model):
+    model, reference = shared_model
+    pieces = [offload.WeightSlots(layer) for layer in model.model.layers]
+    for piece in pieces:
+        piece.park(outside_pool=True)
+    offload.restore_together(pieces, torch.device("cpu"))
+    storages = {slot.get().untyped_storage().data_ptr() for piece in pieces for slot in piece.slots}
+    assert len(storages) == 1 and not any(piece.parked for piece in pieces)
+    assert torch.equal(logits(model), reference)

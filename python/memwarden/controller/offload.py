@@ -48,7 +48,7 @@ from memwarden import alloc
 from memwarden._devices import torch_device
 from memwarden._units import parse_bytes
 
-__all__ = ["AutomaticOffloader", "Action", "Move", "WeightSlots", "find_decoder_layers"]
+__all__ = ["AutomaticOffloader", "Action", "Move", "WeightSlots", "find_decoder_layers", "restore_together"]
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -166,8 +166,12 @@ def _copy_in(destination: torch.Tensor, tensor: torch.Tensor) -> None:
     destination.copy_(tensor.detach().as_strided((_storage_span(tensor),), (1,)).view(torch.uint8))
 
 
+def _device_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _device_copy(buffer: torch.Tensor, device: torch.device, *, non_blocking: bool) -> torch.Tensor:
-    return torch.empty(buffer.shape, dtype=buffer.dtype, device=device).copy_(buffer, non_blocking=non_blocking)
+    return _device_buffer(buffer.numel(), device).copy_(buffer, non_blocking=non_blocking)
 
 
 @dataclass
@@ -197,12 +201,16 @@ class WeightSlots:
     leaves them as they were). :meth:`restore` brings the whole buffer onto a device in one
     copy and points the slots there; :meth:`device_copy` and :meth:`point_at` are its two
     halves, for a copy that is used only for a while (the offloader's forward of an
-    offloaded layer)."""
+    offloaded layer). ``exclude``: submodules whose tensors are left out (a model's decoder
+    layers, parked as pieces of their own)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, exclude: Sequence[nn.Module] = ()):
         self.slots: list[_Slot] = []
         seen: set[int] = set()
+        left_out = {id(m) for part in exclude for m in part.modules()}
         for owner in module.modules():
+            if id(owner) in left_out:
+                continue
             for is_parameter, tensors in ((True, owner._parameters), (False, owner._buffers)):
                 for name, tensor in tensors.items():
                     if tensor is not None and id(tensor) not in seen:  # a tied tensor is one slot
@@ -241,11 +249,33 @@ class WeightSlots:
         for slot, place in zip(self.slots, self._places):
             slot.set(place.view_of(buffer))
 
-    def restore(self, device: torch.device) -> None:
+    def restore(self, device: torch.device, into: torch.Tensor | None = None) -> None:
         """Bring the parked tensors onto ``device`` (one blocking copy, so a failure raises
-        here and leaves them parked) and let the host buffer go."""
-        self.point_at(self.device_copy(device))
+        here and leaves them parked) and let the host buffer go. ``into``: a byte tensor of
+        the host buffer's size there to copy into (see :func:`restore_together`), instead
+        of a new one."""
+        if into is None:
+            into = self.device_copy(device)
+        else:
+            into.copy_(self.host)
+        self.point_at(into)
         self.host = None
+
+    def holds_the_same_tensors_as(self, other: "WeightSlots") -> bool:
+        return [(id(a.owner), a.name) for a in self.slots] == [(id(b.owner), b.name) for b in other.slots]
+
+
+def restore_together(pieces: Sequence[WeightSlots], device: torch.device) -> None:
+    """Restore parked ``pieces`` into one device allocation, a copy each: a caching
+    allocator rounds every large block up (PyTorch's to 2 MiB), which a model's decoder
+    layers restored one by one would pay once each. Out of memory leaves them all parked."""
+    offsets, end = [], 0
+    for piece in pieces:
+        offsets.append(-(-end // _ALIGNMENT) * _ALIGNMENT)
+        end = offsets[-1] + piece.host.numel()
+    buffer = _device_buffer(end, device)
+    for piece, offset in zip(pieces, offsets):
+        piece.restore(device, into=buffer[offset:offset + piece.host.numel()])
 
 
 class _Unit:
@@ -272,6 +302,10 @@ class AutomaticOffloader:
     (read at each step). Without one, a step moves one unit. ``pin_memory``: pin the host
     buffers (default: when ``device`` is a GPU; the CPU stand-in's are numpy's).
 
+    ``parked``: the :class:`WeightSlots` of the last ``len(parked)`` units, already parked in
+    host memory (a model coming back from a :class:`~memwarden.serve.pool.ModelPool` with
+    layers left there): those units start offloaded, without a copy.
+
     Thread-safe: forwards through ``model`` hold the offloader's lock (hooks on ``model``),
     so a step waits for the forward in flight: repointing a tensor a running forward reads
     would free its memory under it. For the same reason forwards of ``model`` run one at
@@ -283,7 +317,8 @@ class AutomaticOffloader:
                  offload_threshold: float = 0.8, restore_threshold: float = 0.6,
                  units: str | Sequence[nn.Module] = "layers",
                  pressure: Callable[[], float] | None = None,
-                 memory_limit: int | str | None = None, pin_memory: bool | None = None) -> None:
+                 memory_limit: int | str | None = None, pin_memory: bool | None = None,
+                 parked: Sequence[WeightSlots] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.device = torch_device(device, "device")
@@ -306,7 +341,7 @@ class AutomaticOffloader:
         on_gpu = self.device.type == "cuda"
         self.pin_memory = (on_gpu and torch.cuda.is_available()) if pin_memory is None else bool(pin_memory)
         self._outside_pool = self.device.type == "cpu"  # the CPU stand-in: host buffers leave the pool
-        self._units = self._make_units(model, units)
+        self._units = self._make_units(model, units, list(parked))
         self._side_stream = torch.cuda.Stream(self.device) if on_gpu and torch.cuda.is_available() else None
         self._lock = threading.RLock()
         self._in_forward = threading.local()  # .depth: this thread's forwards of model in flight
@@ -317,8 +352,10 @@ class AutomaticOffloader:
         self._bytes_moved = 0
         self._move_seconds = 0.0
         self._offloaded_seconds = 0.0
+        for unit in reversed(self._units[len(self._units) - len(parked):] if parked else []):
+            self._mark_offloaded(unit)
 
-    def _make_units(self, model: nn.Module, units: Any) -> list[_Unit]:
+    def _make_units(self, model: nn.Module, units: Any, parked: list) -> list[_Unit]:
         if isinstance(units, str):
             if units != "layers":
                 raise ValueError(f"units must be 'layers' or a sequence of modules, got {units!r}")
@@ -333,6 +370,13 @@ class AutomaticOffloader:
             if id(module) not in names:
                 raise ValueError(f"units[{index}] is not a submodule of model")
             made.append(_Unit(index, names[id(module)], module))
+        if len(parked) > len(made):
+            raise ValueError(f"parked: {len(parked)} parked units, but the model has {len(made)}")
+        for unit, weights in zip(made[len(made) - len(parked):], parked):
+            if not isinstance(weights, WeightSlots) or not weights.parked \
+                    or not weights.holds_the_same_tensors_as(unit.weights):
+                raise ValueError(f"parked: not the parked weights of {unit.name}")
+            unit.weights = weights
         self._check_units(model, made)
         return made
 
@@ -340,6 +384,8 @@ class AutomaticOffloader:
         inside = {id(slot.get()) for unit in units for slot in unit.weights.slots}
         unit_ids = {id(unit.module) for unit in units}
         for unit in units:
+            if unit.weights.parked:
+                continue  # adopted in host memory
             for slot in unit.weights.slots:
                 if slot.get().device != self.device:
                     raise ValueError(f"device is {self.device}, but {unit.name}.{slot.name} is on "
@@ -478,6 +524,26 @@ class AutomaticOffloader:
             self._model_hooks = []
         return action
 
+    def detach(self) -> list[WeightSlots]:
+        """Remove every hook, leaving the offloaded units' tensors parked in host memory, and
+        return their :class:`WeightSlots` (execution order): for parking the rest of the
+        model beside them. The model runs only once they are restored; the offloader is
+        done."""
+        if getattr(self._in_forward, "depth", 0):
+            raise RuntimeError("detach called during a forward of the model")
+        with self._lock:
+            self._drop_prefetches()
+            parked = [unit.weights for unit in self._units if unit.weights.parked]
+            for unit in self._units:
+                for hook in unit.hooks:
+                    hook.remove()
+                unit.hooks = []
+            for hook in self._model_hooks:
+                hook.remove()
+            self._model_hooks = []
+            self._offloaded = 0
+            return parked
+
     # ---- moves ----------------------------------------------------------------------------
 
     def _offload(self, unit: _Unit) -> tuple[Move | None, str | None]:
@@ -487,11 +553,15 @@ class AutomaticOffloader:
         except Exception as exc:  # MemoryError, a copy error, anything: report and keep serving
             self._counts["failed_moves"] += 1
             return None, f"offloading {unit.name}: {type(exc).__name__}: {exc}"
+        self._mark_offloaded(unit)
+        return self._record(unit, "offload", unit.offloaded_since - started), None
+
+    def _mark_offloaded(self, unit: _Unit) -> None:
+        """Hook up a unit whose weights are parked, so its forwards fetch them."""
         unit.hooks = [unit.module.register_forward_pre_hook(lambda *_: self._fetch(unit)),
                       unit.module.register_forward_hook(lambda *_: self._release(unit), always_call=True)]
         unit.offloaded_since = time.perf_counter()
         self._offloaded += 1
-        return self._record(unit, "offload", unit.offloaded_since - started), None
 
     def _restore(self, unit: _Unit) -> tuple[Move | None, str | None]:
         started = time.perf_counter()
