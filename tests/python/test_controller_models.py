@@ -259,6 +259,63 @@ def test_busier_model_per_byte_stays():
     assert d.swap_in == [] and "as much in demand per byte" in d.reason
 
 
+def test_a_busy_model_that_would_give_way_is_drained():
+    reg, _ = swap_setup()
+    reg.begin_request("x")
+    d = should_swap_models(reg, {"y": 5}, 20 * GiB)
+    assert (d.swap_out, d.swap_in, d.drain) == ([], [], ["x"]) and "draining x" in d.reason
+    reg.end_request("x")
+    d = should_swap_models(reg, {"y": 5}, 20 * GiB)
+    assert (d.swap_out, d.swap_in, d.drain) == (["x"], ["y"], [])
+    reg, _ = swap_setup(tier=2)      # x would not give way idle either: draining it would not help
+    reg.begin_request("x")
+    assert should_swap_models(reg, {"y": 100}, 20 * GiB).drain == []
+    for policy in ("ollama", "lru"):  # the baselines wait for a gap in x's traffic
+        reg, _ = swap_setup()
+        reg.begin_request("x")
+        assert SWAP_POLICIES[policy](reg, {"y": 5}, 20 * GiB).drain == []
+
+
+def partial_setup(parked=True):
+    """'x' (10 GiB, busy per byte) loaded; 'y' (12 GiB, 6 layers of 1.5 GiB) parked in
+    host memory (or unloaded) in 20 GiB: 10 GiB free."""
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    reg.register(spec("x", weights=10 * GiB, per_token=0))
+    reg.register(spec("y", weights=12 * GiB, per_token=0, num_layers=6, layer_bytes=3 * GiB // 2))
+    if parked:
+        load(reg, clock, "y", 100)
+        reg.mark_offloaded("y")
+    load(reg, clock, "x", 200, uses=20)
+    clock.now = 1000
+    return reg
+
+
+def test_a_parked_model_that_does_not_fit_comes_back_with_layers_left_in_host_memory():
+    reg = partial_setup()
+    d = should_swap_models(reg, {"y": 1}, 20 * GiB)
+    # 12 - 1.5 k + 1.5 (the layer streamed in) <= 10 free: k = 3 (k = 2 needs 10.5)
+    assert (d.swap_out, d.swap_in, d.host_layers) == ([], ["y"], {"y": 3})
+    assert "y with 3 of 6 layers in host memory" in d.reason
+    reg.mark_loading("y")
+    reg.mark_loaded("y", host_layers=3)
+    assert reg.state("y").footprint_bytes == 9 * GiB and reg.state("y").weights_footprint_bytes == 12 * GiB
+    reg.set_host_layers("y", 0)
+    assert reg.state("y").footprint_bytes == 12 * GiB
+    reg.set_host_layers("y", 2)
+    reg.mark_offloaded("y")
+    assert reg.state("y").host_layers == 0
+    with pytest.raises(ValueError, match="only a loaded model"):
+        reg.set_host_layers("y", 1)
+    with pytest.raises(ValueError, match="host_layers"):
+        reg.set_host_layers("x", 7)
+    d = should_swap_models(partial_setup(parked=False), {"y": 1}, 20 * GiB)  # built from scratch: whole or not
+    assert d.swap_in == [] and d.host_layers == {}
+    assert should_swap_models(partial_setup(), {"y": 1}, 11 * GiB).swap_in == []   # not even 1.5 GiB free
+    for policy in ("ollama", "lru"):
+        assert SWAP_POLICIES[policy](partial_setup(), {"y": 1}, 20 * GiB).host_layers == {}
+
+
 def test_fits_without_eviction_tier_order_and_nothing_pending():
     clock = FakeClock()
     reg = ModelRegistry(clock=clock)
@@ -291,7 +348,7 @@ models_strategy = st.lists(
         "gib": st.integers(1, 8), "tier": st.integers(0, 2), "status": st.sampled_from(
             ["unloaded", "loaded", "loaded", "offloaded"]),
         "running": st.sampled_from([0, 0, 0, 1]), "extra_uses": st.integers(0, 3),
-        "age": st.sampled_from([10, 40, 500, 2000]),
+        "age": st.sampled_from([10, 40, 500, 2000]), "layers": st.sampled_from([0, 4]),
     }), min_size=2, max_size=6)
 
 
@@ -300,7 +357,8 @@ def build(models):
     reg = ModelRegistry(clock=clock)
     for i, m in enumerate(models):
         name = f"m{i}"
-        reg.register(spec(name, weights=m["gib"] * GiB, per_token=0, tier=m["tier"]))
+        reg.register(spec(name, weights=m["gib"] * GiB, per_token=0, tier=m["tier"], num_layers=m["layers"],
+                          layer_bytes=m["gib"] * GiB // 5 if m["layers"] else 0))
         if m["status"] == "unloaded":
             continue
         load(reg, clock, name, 1000 - m["age"], uses=m["extra_uses"])
@@ -326,17 +384,29 @@ def test_swap_decision_properties(models, pending, headroom_gib):
     d = should_swap_models(reg, pending, budget_gib * GiB)
     assert d == should_swap_models(reg, pending, budget_gib * GiB)
     assert d == should_swap_models(build(models), pending, budget_gib * GiB)
+    for name in d.drain:  # only busy models that would give way are drained
+        assert states[name].running and states[name].status == "loaded" and name not in d.swap_out
+    for name, layers in d.host_layers.items():  # only parked models keep layers in host memory
+        assert name in d.swap_in and states[name].status == "offloaded"
+        assert 1 <= layers <= states[name].spec.num_layers
     if not d.swap_in:
         assert d.swap_out == []
         return
     after = (resident - set(d.swap_out)) | set(d.swap_in)
-    assert sum(states[n].footprint_bytes for n in after) <= budget_gib * GiB
+    assert sum(device_bytes(states[n], d) for n in after) <= budget_gib * GiB
     top_tier = max(states[n].spec.tier for n in d.swap_in)
     for name in d.swap_out:
         s = states[name]
         assert s.running == 0 and s.spec.tier <= top_tier and s.status == "loaded"
         assert s.now - s.loaded_at >= s.spec.min_residency_s
     assert not set(d.swap_in) & resident
+
+
+def device_bytes(state, decision):
+    """What ``state``'s model takes on the device after ``decision``, by hand: its layers
+    left in host memory are off the device but for the one streamed in."""
+    layers = decision.host_layers.get(state.name, 0)
+    return state.footprint_bytes - layers * state.spec.layer_bytes + (state.spec.layer_bytes if layers else 0)
 
 
 # --- the baselines ----------------------------------------------------------------------
@@ -421,6 +491,6 @@ def test_every_policy_keeps_the_budget_and_spares_busy_models(models, pending, h
         return
     if d.swap_in:
         after = (resident - set(d.swap_out)) | set(d.swap_in)
-        assert sum(states[n].footprint_bytes for n in after) <= budget
+        assert sum(device_bytes(states[n], d) for n in after) <= budget
         if policy == "ollama":
             assert len(after) <= max_loaded

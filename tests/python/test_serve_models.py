@@ -112,15 +112,23 @@ def test_models_listed_and_swapped_with_answers_as_if_never_left(served, never_l
     models = stats["models"]
     assert stats["swap_policy"] == "memwarden" and stats["out_of_memory"] == 0
     assert models[SMALL]["swaps_in"] == 2 and models[SMALL]["swaps_out"] >= 1
-    assert models[BASE]["state"] == "loaded" and models[SMALL]["state"] == "offloaded"
-    assert models[SMALL]["offloaded_bytes"] == models[SMALL]["footprint_bytes"] > 2 * MiB
+    # base came back the second time beside small (busier per byte, so not evicted), with
+    # the layers that did not fit left in host memory: 12.02 MiB of 8 layers beside 4.98
+    assert models[BASE]["state"] == models[SMALL]["state"] == "loaded"
+    layer = server.pool.registry.state(BASE).spec.layer_bytes
+    assert models[BASE]["host_layers"] >= 1
+    assert models[BASE]["offloaded_bytes"] == models[BASE]["host_layers"] * layer
+    model = server.pool.engine(BASE).model
+    whole = sum({id(t): t.nbytes for t in [*model.parameters(), *model.buffers()]}.values())
+    # on the device: all but the host layers, and room for the one streamed in to run
+    assert models[BASE]["footprint_bytes"] == whole - (models[BASE]["host_layers"] - 1) * layer
     assert stats["weights_loaded_bytes"] <= stats["weights_budget_bytes"] == 13 * MiB
     assert {models[n]["requests"] for n in (SMALL, BASE)} == {2}
     text = get(base + "/metrics")
-    assert re.search(rf'memwarden:model_state\{{model="{SMALL}"\}} 1\.0', text)
+    assert re.search(rf'memwarden:model_state\{{model="{SMALL}"\}} 2\.0', text)
     assert re.search(rf'memwarden:model_state\{{model="{BASE}"\}} 2\.0', text)
     assert re.search(rf'memwarden:model_swaps_total\{{direction="out",model="{SMALL}"\}} [1-9]', text)
-    assert re.search(rf'memwarden:offloaded_bytes\{{model="{SMALL}"\}} [1-9]', text)
+    assert re.search(rf'memwarden:offloaded_bytes\{{model="{BASE}"\}} [1-9]', text)
 
 
 def test_default_and_unknown_model(served, never_left):
@@ -202,7 +210,7 @@ def test_parked_weights_come_back_bit_identical_and_tied_even_after_a_failed_loa
         assert_bits_as_before(model, before)
 
         with monkeypatch.context() as patch:  # the device is out of memory for small's one copy back
-            patch.setattr(offload, "_device_copy",
+            patch.setattr(offload, "_device_buffer",
                           lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("no room")))
             with pytest.raises(ModelUnavailable) as refused:
                 pool.hold(SMALL)
@@ -212,6 +220,37 @@ def test_parked_weights_come_back_bit_identical_and_tied_even_after_a_failed_loa
         assert answer(pool, SMALL) == tied_answer
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert_bits_as_before(model, before)
+    finally:
+        pool.close()
+
+
+def test_a_model_that_does_not_fit_beside_a_busier_one_runs_with_layers_in_host_memory(never_left):
+    """Base (12 MiB, 8 layers) comes back beside small (busier per byte) with the layers that
+    do not fit left in host memory, answers as if it never left, and brings them back once
+    it is the busier model and small, idle, gives way."""
+    pool = ModelPool.from_config(config())
+    try:
+        for name in (SMALL, BASE, SMALL, SMALL):  # base is built, then parked for small
+            assert answer(pool, name) == never_left[name]
+        assert pool.registry.state(BASE).status == "offloaded"
+        assert answer(pool, BASE) == never_left[BASE]
+        base, small = pool.registry.state(BASE), pool.registry.state(SMALL)
+        assert small.status == "loaded" and base.status == "loaded" and base.host_layers >= 1
+        free = 13 * MiB - small.footprint_bytes - pool.registry.state(TINY).footprint_bytes
+        whole, layer = base.weights_footprint_bytes, base.spec.layer_bytes
+        # the fewest layers that leave the rest, and the one streamed in, within what was free
+        assert base.host_layers == next(k for k in range(1, 9) if whole - (k - 1) * layer <= free)
+        assert pool.stats()["models"][BASE]["offloaded_bytes"] == base.host_layers * layer
+        for _ in range(6):  # base's demand overtakes small's, whose requests have stopped
+            assert answer(pool, BASE) == never_left[BASE]
+            if pool.registry.state(BASE).host_layers == 0:
+                break
+        base = pool.registry.state(BASE)
+        assert base.host_layers == 0 and base.footprint_bytes == whole
+        assert pool.registry.state(SMALL).status == "offloaded"
+        assert pool.stats()["models"][BASE]["offloaded_bytes"] == 0
+        assert pool.stats()["weights_loaded_bytes"] <= 13 * MiB
+        assert answer(pool, BASE) == never_left[BASE] and answer(pool, SMALL) == never_left[SMALL]
     finally:
         pool.close()
 

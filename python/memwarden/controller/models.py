@@ -57,7 +57,7 @@ from memwarden._units import format_bytes, parse_bytes
 __all__ = [
     "STATUSES", "BOTTLENECKS", "ADJUSTMENTS", "ServedModel", "ModelState", "ModelRegistry", "SystemState",
     "LoadRequirements", "Adjustment", "LoadVerdict", "SwapDecision", "can_load_model", "should_swap_models",
-    "ollama_swap_models", "lru_swap_models", "never_unload_swap_models", "SWAP_POLICIES",
+    "ollama_swap_models", "lru_swap_models", "never_unload_swap_models", "SWAP_POLICIES", "should_promote_model",
 ]
 
 STATUSES = ("unloaded", "loading", "loaded", "offloaded")
@@ -193,6 +193,12 @@ class ModelState:
     measured_bytes: int | None
     demand: float
     now: float
+    host_layers: int = 0
+
+    @property
+    def weights_footprint_bytes(self) -> int:
+        """The whole model's device bytes, as if no layer were in host memory."""
+        return self.spec.footprint() if self.measured_bytes is None else self.measured_bytes
 
     @property
     def name(self) -> str:
@@ -200,7 +206,9 @@ class ModelState:
 
     @property
     def footprint_bytes(self) -> int:
-        return self.spec.footprint() if self.measured_bytes is None else self.measured_bytes
+        """Device bytes: the whole footprint less the layers in host memory, plus room for
+        the one streamed in to run."""
+        return _with_host_layers(self.weights_footprint_bytes, self.spec, self.host_layers)
 
     @property
     def score(self) -> float:
@@ -208,9 +216,13 @@ class ModelState:
         return self.demand * GiB / max(self.footprint_bytes, 1)
 
 
+def _with_host_layers(footprint: int, spec: ServedModel, host_layers: int) -> int:
+    return footprint - host_layers * spec.layer_bytes + (spec.layer_bytes if host_layers else 0)
+
+
 class _Books:
     __slots__ = ("spec", "status", "loaded_at", "last_used", "use_count", "running", "measured", "demand",
-                 "demand_at")
+                 "demand_at", "host_layers")
 
     def __init__(self, spec: ServedModel):
         self.spec = spec
@@ -218,6 +230,7 @@ class _Books:
         self.loaded_at = self.last_used = self.measured = None
         self.use_count = self.running = 0
         self.demand, self.demand_at = 0.0, 0.0
+        self.host_layers = 0
 
 
 class ModelRegistry:
@@ -255,7 +268,8 @@ class ModelRegistry:
     def _snapshot(self, books: _Books, now: float) -> ModelState:
         return ModelState(spec=books.spec, status=books.status, loaded_at=books.loaded_at,
                           last_used=books.last_used, use_count=books.use_count, running=books.running,
-                          measured_bytes=books.measured, demand=self._demand(books, now), now=now)
+                          measured_bytes=books.measured, demand=self._demand(books, now), now=now,
+                          host_layers=books.host_layers)
 
     def register(self, spec: ServedModel) -> None:
         if not isinstance(spec, ServedModel):
@@ -283,16 +297,29 @@ class ModelRegistry:
                 books.loaded_at = self._clock()
             elif status == "unloaded":
                 books.loaded_at = None
+            if status != "loaded":
+                books.host_layers = 0
             books.status = status
 
     def mark_loading(self, name: str) -> None:
         self._move(name, "loading")
 
-    def mark_loaded(self, name: str, measured_bytes: Any = None) -> None:
-        """The model is resident; ``measured_bytes`` (what the load really took) replaces the estimate."""
+    def mark_loaded(self, name: str, measured_bytes: Any = None, host_layers: int = 0) -> None:
+        """The model is resident; ``measured_bytes`` (what the whole model really took)
+        replaces the estimate; ``host_layers`` of its decoder layers stayed in host memory."""
         if measured_bytes is not None:
             self.record_measured(name, measured_bytes)
         self._move(name, "loaded")
+        self.set_host_layers(name, host_layers)
+
+    def set_host_layers(self, name: str, host_layers: int) -> None:
+        """A loaded model now has ``host_layers`` decoder layers in host memory (0: all back)."""
+        with self._lock:
+            books = self._get(name)
+            host_layers = integer(host_layers, "host_layers", minimum=0, maximum=books.spec.num_layers)
+            if host_layers and books.status != "loaded":
+                raise ValueError(f"model {name!r} is {books.status}: only a loaded model keeps layers in host memory")
+            books.host_layers = host_layers
 
     def mark_offloaded(self, name: str) -> None:
         self._move(name, "offloaded")
@@ -506,11 +533,19 @@ def _adjustments(system_state: SystemState, req: LoadRequirements, room: int, qu
 
 @dataclass(frozen=True)
 class SwapDecision:
-    """Models to unload (``swap_out``) then load (``swap_in``), by name, and why."""
+    """Models to unload (``swap_out``) then load (``swap_in``), by name, and why.
+    ``drain``: loaded models that would give way but for their running requests; the
+    caller should start no new request on them, so the swap can happen as soon as those
+    end instead of at the next gap in their traffic. ``host_layers``: models of
+    ``swap_in`` to load with that many decoder layers left in host memory (streamed in
+    to run) because the whole model does not fit beside the busier ones
+    (:func:`should_swap_models` only)."""
 
     swap_out: list
     swap_in: list
     reason: str
+    drain: list = field(default_factory=list)
+    host_layers: dict = field(default_factory=dict)
 
 
 def _pending_counts(pending_requests: Any) -> dict:
@@ -552,46 +587,99 @@ def _busy(state: ModelState, _candidate: ModelState) -> str | None:
     return None
 
 
+def _give_way(resident: list, cand: ModelState, short: int, slots_short: int, blocker: Callable) -> tuple:
+    """(the ``resident`` models, in order, that give way until ``short`` bytes and
+    ``slots_short`` slots are freed for ``cand``; the reasons of those that may not)."""
+    victims, blockers = [], []
+    for state in resident:
+        if short - sum(v.footprint_bytes for v in victims) <= 0 and len(victims) >= slots_short:
+            break
+        why = blocker(state, cand)
+        (blockers if why else victims).append(why or state)
+    return victims, blockers
+
+
 def _plan_swaps(budget: int, candidates: list, resident: list, blocker: Callable, order_words: str,
-                max_loaded: int | None = None, swap_out: Iterable = ()) -> SwapDecision:
+                max_loaded: int | None = None, swap_out: Iterable = (), drain_busy: bool = False,
+                partial: bool = False) -> SwapDecision:
     """Take each candidate, in order, that fits ``budget`` once enough ``resident`` models
     (in eviction order) give way; ``blocker(state, candidate)`` says why one may not.
     ``max_loaded``: at most that many models on the device. ``swap_out``: models already
-    chosen to go (kept-alive ones that expired); the caller removed them from ``resident``."""
+    chosen to go (kept-alive ones that expired); the caller removed them from ``resident``.
+    ``drain_busy``: for the first candidate refused only because models serve requests,
+    name those models in ``drain``. ``partial``: a refused candidate parked in host memory
+    is taken with the fewest decoder layers left there that make it fit what is free."""
     resident = list(resident)
-    swap_out, swap_in, refusals = list(swap_out), [], []
+    swap_out, swap_in, refusals, drain, host_layers = list(swap_out), [], [], [], {}
     free = budget - sum(s.footprint_bytes for s in resident)
     for cand in candidates:
         short = cand.footprint_bytes - free
         slots_short = len(resident) + len(swap_in) + 1 - max_loaded if max_loaded else 0
-        victims, blockers = [], []
-        for state in resident:
-            if short - sum(v.footprint_bytes for v in victims) <= 0 and len(victims) >= slots_short:
-                break
-            why = blocker(state, cand)
-            (blockers if why else victims).append(why or state)
+        victims, blockers = _give_way(resident, cand, short, slots_short, blocker)
         freed = sum(v.footprint_bytes for v in victims)
         if freed < short or len(victims) < slots_short:
+            layers = _layers_to_leave(cand, free) if partial else None
+            if layers is not None:
+                host_layers[cand.name] = layers
+                swap_in.append(cand.name)
+                free -= _with_host_layers(cand.weights_footprint_bytes, cand.spec, layers)
+                continue
             why = "; ".join(blockers) or "nothing else is loaded"
             need = (f"needs {format_bytes(short)} more than is free (budget {format_bytes(budget)})" if freed < short
                     else f"needs one of {max_loaded} model slots")
             refusals.append(f"{cand.name} {need}: {why}")
+            if drain_busy and not drain:
+                drain = _to_drain(resident, cand, short, slots_short, blocker)
             continue
         for victim in victims:
             resident.remove(victim)
         swap_out += [v.name for v in victims]
         swap_in.append(cand.name)
         free += freed - cand.footprint_bytes
+    drain = [name for name in drain if name not in swap_out]
+    drained = f"; draining {', '.join(drain)}" if drain else ""
     if not swap_in:
         reason = "nothing can be swapped in: " + " | ".join(refusals) if refusals else \
             "nothing to swap in: no pending request for a model that is not loaded"
-        return SwapDecision(swap_out, [], reason + (f"; expired: {', '.join(swap_out)}" if swap_out else ""))
-    reason = f"swap in {', '.join(swap_in)}"
+        return SwapDecision(swap_out, [], reason + (f"; expired: {', '.join(swap_out)}" if swap_out else "")
+                            + drained, drain)
+    reason = "swap in " + ", ".join(f"{name} with {host_layers[name]} of {layers} layers in host memory"
+                                    if name in host_layers else name
+                                    for name, layers in ((n, _spec_layers(candidates, n)) for n in swap_in))
     if swap_out:
         reason += f", swap out {', '.join(swap_out)} ({order_words})"
     if refusals:
         reason += "; skipped: " + " | ".join(refusals)
-    return SwapDecision(swap_out, swap_in, reason)
+    return SwapDecision(swap_out, swap_in, reason + drained, drain, host_layers)
+
+
+def _spec_layers(candidates: list, name: str) -> int:
+    return next(c.spec.num_layers for c in candidates if c.name == name)
+
+
+def _layers_to_leave(cand: ModelState, free: int) -> int | None:
+    """The fewest decoder layers of ``cand`` (parked in host memory) to leave there so the
+    rest fits in ``free`` bytes; ``None`` when it cannot be placed so (not parked, layers
+    not priced, or not even one layer's room to stream through)."""
+    spec = cand.spec
+    if cand.status != "offloaded" or not spec.layer_bytes or not spec.num_layers:
+        return None
+    whole = cand.weights_footprint_bytes
+    for layers in range(1, spec.num_layers + 1):
+        if _with_host_layers(whole, spec, layers) <= free:
+            return layers
+    return None
+
+
+def _to_drain(resident: list, cand: ModelState, short: int, slots_short: int, blocker: Callable) -> list:
+    """The busy models that would give way to ``cand`` were their requests over, when
+    that alone would make room; else none (draining them would not be enough)."""
+    idle = [replace(state, running=0) if state.status == "loaded" else state for state in resident]
+    victims, _ = _give_way(idle, cand, short, slots_short, blocker)
+    if sum(v.footprint_bytes for v in victims) < short or len(victims) < slots_short:
+        return []
+    busy = {s.name for s in resident if s.running}
+    return [v.name for v in victims if v.name in busy]
 
 
 def should_swap_models(registry: ModelRegistry, pending_requests: Any, device_budget: Any,
@@ -612,7 +700,32 @@ def should_swap_models(registry: ModelRegistry, pending_requests: Any, device_bu
     candidates.sort(key=lambda s: (-s.spec.tier, -s.score, s.name))
     return _plan_swaps(budget, candidates, sorted(resident, key=_eviction_order),
                        lambda state, cand: _eviction_blocker(state, cand.spec.tier, cand.score),
-                       "lowest tier, then least demand per byte")
+                       "lowest tier, then least demand per byte", drain_busy=True, partial=True)
+
+
+def should_promote_model(registry: ModelRegistry, name: str, device_budget: Any,
+                         now: float | None = None) -> SwapDecision:
+    """Whether loaded model ``name``, running with decoder layers in host memory, should
+    bring them back: ``swap_in == [name]`` (with ``host_layers == {name: 0}``) when the
+    budget has room for its whole footprint once the models in ``swap_out`` give way --
+    idle ones that :func:`should_swap_models` would evict for it (lower tier, or less demand
+    per byte of the same tier, past their minimum residency)."""
+    budget = parse_bytes(device_budget, "device_budget")
+    states = {s.name: s for s in registry.states(now)}
+    if name not in states:
+        raise KeyError(f"model {name!r} is not registered")
+    state = states[name]
+    if state.status != "loaded" or not state.host_layers:
+        return SwapDecision([], [], f"{name} has no layers in host memory")
+    others = sorted((s for s in states.values() if s.status in _ON_DEVICE and s.name != name), key=_eviction_order)
+    short = state.weights_footprint_bytes - (budget - sum(s.footprint_bytes for s in others))
+    victims, blockers = _give_way(others, state, short, 0, lambda s, c: _eviction_blocker(s, c.spec.tier, c.score))
+    if sum(v.footprint_bytes for v in victims) < short:
+        return SwapDecision([], [], f"{name} keeps {state.host_layers} layers in host memory: "
+                            + ("; ".join(blockers) or "no room"))
+    out = [v.name for v in victims] if short > 0 else []
+    reason = f"bring {name}'s {state.host_layers} host layers back" + (f", swap out {', '.join(out)}" if out else "")
+    return SwapDecision(out, [name], reason, host_layers={name: 0})
 
 
 def _by_waiting(candidates: list, counts: dict) -> list:

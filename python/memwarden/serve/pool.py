@@ -45,8 +45,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from memwarden import alloc
-from memwarden.controller.models import SWAP_POLICIES, ModelRegistry, ServedModel
-from memwarden.controller.offload import WeightSlots
+from memwarden.controller.models import SWAP_POLICIES, ModelRegistry, ServedModel, should_promote_model
+from memwarden.controller.offload import AutomaticOffloader, WeightSlots, find_decoder_layers, restore_together
 from memwarden.kv.attention import ATTENTION_NAME
 from memwarden.serve.engine import EMBEDDED_NAME, Engine, load_engine
 
@@ -63,6 +63,7 @@ EMBEDDED_MODELS = {
 MODEL_STATES = {"unloaded": 0, "offloaded": 1, "loaded": 2, "loading": 3}  # memwarden:model_state values
 UNBOUNDED = 2**62  # a budget no model reaches
 _POLL_S = 0.05  # a waiting request asks again this often (minimum residencies expire unannounced)
+_MIN_AGING_S = 0.04  # the shortest wait that doubles a waiting request's weight
 
 
 class ModelUnavailable(Exception):
@@ -79,7 +80,11 @@ class _Model:
 
     engine: Engine
     build: Callable[[], torch.nn.Module]  # its weights, freshly made on the device
-    parked: Optional[WeightSlots] = None  # its weights, parked in one host buffer, while offloaded
+    # its weights in pieces (see _pieces), each parked in a host buffer of its own while the
+    # model is offloaded; kept while it is loaded with layers left in host memory
+    pieces: Optional[list] = None
+    offloader: Optional[AutomaticOffloader] = None  # runs the layers left in host memory
+    load_seconds: float = 1.0  # how long its last load took (before any: a guess)
     swaps_in: int = 0
     swaps_out: int = 0
     bytes_in: int = 0
@@ -125,9 +130,12 @@ class ModelPool:
         self._models: dict[str, _Model] = {}
         for name, (engine, build) in models.items():
             self._models[name] = _Model(engine, build)
-            weights = WeightSlots(engine.model).nbytes  # exact even on the meta device
-            self.registry.register(ServedModel(name=name, weights_bytes=weights, kv_bytes_per_token=0, context=1,
-                                               min_residency_s=min_residency_s))
+            pieces = _pieces(engine.model)  # exact even on the meta device
+            layers = pieces[1:]  # none when the layers cannot be parked apart
+            self.registry.register(ServedModel(name=name, weights_bytes=sum(p.nbytes for p in pieces),
+                                               kv_bytes_per_token=0, context=1, min_residency_s=min_residency_s,
+                                               num_layers=len(layers),
+                                               layer_bytes=max((p.nbytes for p in layers), default=0)))
         self.names = tuple(self._models)
         self.default = self.names[0]
         self.device = torch.device("cpu")  # where build() makes the weights (a GPU pool is still to come)
@@ -137,6 +145,7 @@ class ModelPool:
             self._stand_in(int(device_limit))
         self._cond = threading.Condition()
         self._waiting: dict[str, list] = {name: [] for name in self._models}  # since when each request waits
+        self._draining: set = set()  # loaded models taking no new request until a swap can evict them
         self._half_life = float(demand_half_life_s)
         self.out_of_memory = 0
         self._holding = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
@@ -178,8 +187,10 @@ class ModelPool:
         stand-in device); the pool serves nothing after."""
         with self._cond:
             for books in self._models.values():
+                if books.offloader is not None:
+                    books.offloader.detach()
                 books.engine.model.to("meta")
-                books.parked = None
+                books.pieces = books.offloader = None
         while self._restore_device:
             self._restore_device.pop()()
 
@@ -206,8 +217,8 @@ class ModelPool:
                 models[state.name] = {
                     "state": state.status, "footprint_bytes": state.footprint_bytes, "running": state.running,
                     "requests": state.use_count, "swaps_in": books.swaps_in, "swaps_out": books.swaps_out,
-                    "bytes_in": books.bytes_in, "bytes_out": books.bytes_out,
-                    "offloaded_bytes": books.parked.nbytes if books.parked else 0}
+                    "bytes_in": books.bytes_in, "bytes_out": books.bytes_out, "host_layers": state.host_layers,
+                    "offloaded_bytes": _parked_bytes(books)}
             loaded = sum(m["footprint_bytes"] for m in models.values() if m["state"] in ("loaded", "loading"))
             return {"models": models, "swap_policy": self.policy_name, "weights_loaded_bytes": loaded,
                     "weights_budget_bytes": None if self.weights_budget == UNBOUNDED else self.weights_budget,
@@ -224,10 +235,11 @@ class ModelPool:
             since = time.monotonic()
             self._waiting[name].append(since)
             try:
-                while self.registry.state(name).status != "loaded":
+                while not self._servable(name):
                     decision = self._policy(self.registry, self._pending(), self.weights_budget)
+                    self._draining = set(decision.drain)
                     self._carry_out(decision, name)
-                    if self.registry.state(name).status == "loaded":
+                    if self._servable(name):
                         break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -241,54 +253,75 @@ class ModelPool:
             self._holding.acquire()
         return _Hold(self, name)
 
+    def _servable(self, name: str) -> bool:
+        """Loaded, and not draining for a swap that waits for its running requests to end."""
+        return self.registry.state(name).status == "loaded" and name not in self._draining
+
     def _release(self, name: str) -> None:
         if self._holding is not None:
             self._holding.release()
         with self._cond:
             self.registry.end_request(name)
+            for partial in [n for n, books in self._models.items() if books.offloader is not None]:
+                self._promote(partial)
             self._cond.notify_all()
 
     def _pending(self) -> dict:
-        """Waiting requests of the models not loaded, each counted 2 ** (its wait in demand
-        half-lives): the mirror of the decay of served requests, so a waiting model's
-        demand overtakes an idle model's within log2 of their ratio half-lives and no
-        model starves behind a busier one."""
+        """Waiting requests of the models not loaded, each counted 2 ** (its wait in units
+        of the model's last load time): a request that has waited a few times what a swap
+        costs outweighs the demand of a busier model, so no model starves behind another
+        and a waiting model's demand overtakes an idle one's within log2 of their ratio
+        load times. The unit is capped by the demand half-life and floored by the poll."""
         loaded = {s.name for s in self.registry.states() if s.status in ("loaded", "loading")}
         now = time.monotonic()
-        return {name: sum(math.ceil(2 ** ((now - since) / self._half_life)) for since in waits)
-                for name, waits in self._waiting.items() if waits and name not in loaded}
+        pending = {}
+        for name, waits in self._waiting.items():
+            if waits and name not in loaded:
+                unit = min(max(self._models[name].load_seconds, _MIN_AGING_S), self._half_life)
+                pending[name] = sum(math.ceil(2 ** min((now - since) / unit, 60.0)) for since in waits)
+        return pending
 
     def _carry_out(self, decision, wanted: str) -> None:
         for name in decision.swap_out:
             self._evict(name)
         for name in decision.swap_in:
-            error = self._load(name)
+            error = self._load(name, decision.host_layers.get(name, 0))
             if error is not None and name == wanted:
                 raise ModelUnavailable("out_of_memory", f"loading model {name!r} ran out of device memory: {error}")
 
     # ---- moves (under the lock) -------------------------------------------------------
 
-    def _load(self, name: str) -> Optional[str]:
-        """Bring ``name`` onto the device (restore it when parked, else build it); the
-        error when the device runs out of memory, which leaves it unloaded."""
+    def _load(self, name: str, host_layers: int = 0) -> Optional[str]:
+        """Bring ``name`` onto the device (restore it when parked, but its last
+        ``host_layers`` decoder layers, which an offloader then runs from host memory; else
+        build it); the error when the device runs out of memory, which leaves it unloaded
+        (and parked, if it was)."""
         books = self._models[name]
         self.registry.mark_loading(name)
+        started = time.monotonic()
+        restored = []
         try:
-            if books.parked is not None:  # one copy; out of memory leaves it parked for the next try
-                books.parked.restore(self.device)
-                books.parked = None
+            if books.pieces is not None:  # one allocation, a copy per piece
+                restored = books.pieces[:len(books.pieces) - host_layers]
+                restore_together(restored, self.device)
+                if host_layers:
+                    books.offloader = AutomaticOffloader(books.engine.model, device=self.device,
+                                                         parked=books.pieces[-host_layers:])
+                else:
+                    books.pieces = None
             else:
                 model = books.build()
                 model.set_attn_implementation(ATTENTION_NAME)
                 books.engine.model = model
-        except torch.OutOfMemoryError as exc:
+        except torch.OutOfMemoryError as exc:  # before any piece was repointed: still parked
             self.out_of_memory += 1
             error = str(exc).splitlines()[0]
         else:
+            books.load_seconds = time.monotonic() - started
             nbytes = WeightSlots(books.engine.model).nbytes
-            self.registry.mark_loaded(name, measured_bytes=nbytes)
+            self.registry.mark_loaded(name, measured_bytes=nbytes, host_layers=host_layers)
             books.swaps_in += 1
-            books.bytes_in += nbytes
+            books.bytes_in += sum(piece.nbytes for piece in restored) if restored else nbytes
             return None
         # the half-made model is held by the traceback's reference cycles: free it now
         gc.collect()
@@ -298,18 +331,62 @@ class ModelPool:
     def _evict(self, name: str) -> None:
         """Park ``name`` in host memory when the host budget has room, else unload it."""
         books = self._models[name]
-        weights = WeightSlots(books.engine.model)
-        nbytes = weights.nbytes
-        parked = sum(m.parked.nbytes for m in self._models.values() if m.parked)
-        if parked + nbytes <= self.host_memory:
-            weights.park(outside_pool=self._outside_pool)
-            books.parked = weights
+        if books.offloader is not None:  # its host layers stay parked where they are
+            books.offloader.detach()
+            books.offloader = None
+        pieces = books.pieces or _pieces(books.engine.model)
+        on_device = [piece for piece in pieces if not piece.parked]
+        nbytes = sum(piece.nbytes for piece in pieces)
+        others = sum(_parked_bytes(m) for m in self._models.values() if m is not books)
+        if others + nbytes <= self.host_memory:
+            for piece in on_device:
+                piece.park(outside_pool=self._outside_pool)
+            books.pieces = pieces
             self.registry.mark_offloaded(name)
         else:
             books.engine.model.to("meta")
+            books.pieces = None
             self.registry.mark_unloaded(name)
         books.swaps_out += 1
-        books.bytes_out += nbytes
+        books.bytes_out += sum(piece.nbytes for piece in on_device)
+
+    def _promote(self, name: str) -> None:
+        """Bring an idle model's host layers back onto the device when the budget has room
+        for them, once the models :func:`should_promote_model` names give way."""
+        books = self._models[name]
+        if self.registry.state(name).running:
+            return  # its forwards read the layers the offloader streams
+        decision = should_promote_model(self.registry, name, self.weights_budget)
+        if not decision.swap_in:
+            return
+        for victim in decision.swap_out:
+            self._evict(victim)
+        parked = _parked_bytes(books)
+        action = books.offloader.close()
+        left = len(books.offloader.offloaded)
+        self.registry.set_host_layers(name, left)
+        books.bytes_in += parked - _parked_bytes(books)
+        if not left:  # a failed restore (out of memory) keeps the rest offloaded, still running
+            books.pieces = books.offloader = None
+        elif action.error:
+            self.out_of_memory += 1
+
+
+def _pieces(model: torch.nn.Module) -> list:
+    """``model``'s weights as pieces that park on their own: everything but the decoder
+    layers, then each layer (so the model can come back with some left in host memory);
+    one piece when its layers cannot be told apart (no layer list, or a tensor tied across)."""
+    try:
+        layers = list(find_decoder_layers(model))
+    except ValueError:
+        return [WeightSlots(model)]
+    pieces = [WeightSlots(model, exclude=layers), *(WeightSlots(layer) for layer in layers)]
+    tensors = [id(slot.get()) for piece in pieces for slot in piece.slots]
+    return pieces if len(tensors) == len(set(tensors)) else [WeightSlots(model)]
+
+
+def _parked_bytes(books: _Model) -> int:
+    return sum(piece.nbytes for piece in books.pieces if piece.parked) if books.pieces else 0
 
 
 # ---- the engines --------------------------------------------------------------------------
