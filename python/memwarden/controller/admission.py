@@ -58,8 +58,9 @@ Policies (``policy=``):
   the peak is ``max_k U(r_k)``, computed over the requests sorted by ``r`` (O(n log n)).
   A request is admitted when the peak with it stays within the budget: a long request
   finishing soon leaves room that ``reserve`` would keep for it until the end. With
-  ``block_tokens=B`` every request is counted in whole blocks (``B - 1`` tokens more each,
-  the most rounding can add), as a paged engine allocates them. Rejects and queues like
+  ``block_tokens=B`` every request is counted in whole blocks, as a paged engine allocates
+  them: exactly (O(n^2)) up to 64 running requests, beyond by the bound of ``B - 1``
+  tokens more each (the most rounding can add). Rejects and queues like
   ``reserve``. The projection trusts the engine to advance the running requests together;
   one that stalls (a slow client) while others finish can make the real peak higher.
 
@@ -113,6 +114,7 @@ VERDICTS = ("accept", "shrink", "route", "reject", "queue")
 _SAMPLE_WINDOW = 512  # finished requests the output-length estimate looks back over
 _SERVICE_TIME_WEIGHT = 0.1  # exponential moving average weight of the newest service time
 _DEFAULT_RETRY_AFTER = 1.0  # seconds, until a request has finished
+_EXACT_BLOCKS_UP_TO = 64  # running requests whose blocks lookahead counts exactly (O(n^2))
 
 
 def _seconds(value, name: str) -> float:
@@ -466,10 +468,14 @@ class AdmissionController:
                  for run in self._running.values()]
         if newcomer is not None:
             ahead.append((newcomer[1], newcomer[0]))
+        block = self._block_tokens
+        if block > 1 and len(ahead) <= _EXACT_BLOCKS_UP_TO:  # U(t) in whole blocks at each finish
+            return max((sum(-(-(tokens + t) // block) * block for to_go, tokens in ahead if to_go >= t)
+                        for t in {to_go for to_go, _ in ahead}), default=0)
         ahead.sort(reverse=True)  # most tokens to go first: each prefix is who is left at t = its last r
         peak = held = count = 0
         for to_go, tokens in ahead:
-            held += tokens + self._block_tokens - 1
+            held += tokens + block - 1
             count += 1
             peak = max(peak, held + count * to_go)
         return peak
