@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -81,6 +82,23 @@ def test_models_and_health(served):
     server, base = served
     assert [m.id for m in client(base).models.list().data] == [server.engine.name]
     assert json.loads(get(base + "/healthz"))["status"] == "ok"
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(served):
+    """httpx (the openai client) reuses an idle connection for 5 s: the server must keep it
+    open longer, or a request sent as the server closes it is lost unanswered."""
+    import http.client
+
+    server, _ = served
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+    finally:
+        connection.close()
 
 
 def test_completion_matches_transformers_greedy(served):

@@ -22,6 +22,13 @@ __all__ = ["DEFAULT_KV_BUDGET", "Server", "build"]
 DEFAULT_KV_BUDGET = parse_bytes("512MiB")
 
 
+# An idle connection stays open this long (uvicorn's default is 5 s). Clients keep idle
+# connections for reuse -- httpx, and so the openai client, for 5 s -- and a request sent
+# on one the server is closing at that moment fails without an answer ("Server
+# disconnected"): the server must wait longer than its clients do.
+_KEEP_ALIVE_S = 75.0
+
+
 def build(config: MemwardenConfig, on_response: Optional[Callable[[], None]] = None):
     """(app, engine, controller) for ``config``: its server.models (or server.model, or the
     embedded model); the engine is the first model's, the pool ``app.state.pool``. With
@@ -56,7 +63,8 @@ class Server:
         self.app, self.engine, self.controller = build(config, self._count)
         self.pool = getattr(self.app.state, "pool", None)  # the gateway has none
         self._uvicorn = uvicorn.Server(uvicorn.Config(self.app, host=config.server.host, port=config.server.port,
-                                                      log_level="warning", lifespan="off"))
+                                                      log_level="warning", lifespan="off",
+                                                      timeout_keep_alive=_KEEP_ALIVE_S))
         self.budget = self.controller.budget_bytes
         self.upstream = config.server.upstream
 

@@ -43,6 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 __all__ = ["EngineMetrics", "MetricsPoller", "Upstream", "UpstreamError", "parse_metrics"]
 
 _DEFAULT_RETRY_AFTER = 1.0  # seconds, when an overloaded upstream names none
+_KEEP_ALIVE_S = 2.0  # seconds an idle connection to the upstream is kept for reuse
+_CONNECT_RETRIES = 2
 
 
 class UpstreamError(Exception):
@@ -144,9 +146,15 @@ class Upstream:
     def __init__(self, url: str, timeout: float, connect_timeout: float):
         self.url = url.rstrip("/")
         self._probe_timeout = httpx.Timeout(connect_timeout)
-        # no pool limit: admission, not the client, bounds how many requests are in flight
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        self._async = httpx.AsyncClient(base_url=self.url, limits=limits,
+        # no pool limit: admission, not the client, bounds how many requests are in flight.
+        # An idle connection is dropped well before the upstream's own keep-alive timeout
+        # (uvicorn's, so vLLM's, is 5 s), or a request sent on one the upstream is closing
+        # fails unanswered; a failed connect is retried (nothing was sent yet): a busy
+        # engine's server can be slow to accept.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                              keepalive_expiry=_KEEP_ALIVE_S)
+        transport = httpx.AsyncHTTPTransport(limits=limits, retries=_CONNECT_RETRIES)
+        self._async = httpx.AsyncClient(base_url=self.url, transport=transport,
                                         timeout=httpx.Timeout(timeout, connect=connect_timeout))
         self._sync = httpx.Client(base_url=self.url, timeout=self._probe_timeout)
         self.has_tokenize: Optional[bool] = None  # learnt on the first /tokenize
