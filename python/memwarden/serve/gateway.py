@@ -232,14 +232,35 @@ def _has_output(choice: dict) -> bool:
     return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
 
 
+def _head(chunk: dict) -> dict:
+    """The fields of a chunk that name the answer it belongs to."""
+    return {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk}
+
+
 class _Admitted:
     """An admitted request's way out: its reservation goes back, and its upstream stream
-    (if any) is closed, exactly once however it ends."""
+    (if any) is closed, exactly once however it ends. :meth:`chunks` reads that stream,
+    reporting its output to the controller as it passes."""
 
     def __init__(self, controller: TrafficController, ticket: Ticket):
         self.controller, self.ticket = controller, ticket
         self.events: Optional[Events] = None
+        self.generated = 0  # chunks with output so far: a token each, until the usage chunk counts
+        self.stopped = False  # the controller ended it: the pool had no room for more output
         self._done = False
+
+    async def chunks(self):
+        """The upstream stream's (data, chunk) pairs; each chunk with output is reported
+        after the caller has had it, and a STOP ends the chunks there (``stopped``)."""
+        async for data, chunk in self.events.chunks():
+            if chunk.get("usage"):
+                _account(self.controller, self.ticket, _completion_tokens(chunk, self.generated))
+            yield data, chunk
+            if any(_has_output(choice) for choice in chunk.get("choices") or []):
+                self.generated += 1
+                if not _account(self.controller, self.ticket, self.generated):
+                    self.stopped = True
+                    return
 
     async def close(self) -> None:
         if self._done:
@@ -352,22 +373,15 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
         return JSONResponse({**answer, "memwarden": info}, headers=headers)
 
     async def _relay(admitted: _Admitted, wants_usage: bool, chat: bool):
-        ticket, generated, head = admitted.ticket, 0, {}
-        ending = "data: [DONE]\n\n"
+        head, ending = {}, "data: [DONE]\n\n"
         try:
-            async for data, chunk in admitted.events.chunks():
-                choices = chunk.get("choices") or []
-                head = {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk} or head
-                if chunk.get("usage"):
-                    _account(controller, ticket, _completion_tokens(chunk, generated))
-                    if not choices and not wants_usage:
-                        continue  # the usage chunk the gateway asked for, not the client
+            async for data, chunk in admitted.chunks():
+                head = _head(chunk) or head
+                if chunk.get("usage") and not chunk.get("choices") and not wants_usage:
+                    continue  # the usage chunk the gateway asked for, not the client
                 yield sse_data(data)
-                if any(_has_output(choice) for choice in choices):
-                    generated += 1
-                    if not _account(controller, ticket, generated):  # no room for more: stop here
-                        ending = sse_event({**head, "choices": [_length_finish(chat)]}) + ending
-                        break
+            if admitted.stopped:  # no room for more: the client learns why it ends here
+                ending = sse_event({**head, "choices": [_length_finish(chat)]}) + ending
         except UpstreamError as e:
             ending = sse_event({"error": {"message": e.message, "type": "upstream_error", "code": e.reason}}) + ending
         except BaseException:  # the client left: the upstream's request is aborted too
