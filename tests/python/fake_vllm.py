@@ -10,8 +10,10 @@ Knobs (attributes, changed while it runs): ``mode`` -- ``"ok"``, ``"error"`` (50
 ``"overloaded"`` (503 with ``Retry-After: 7``), ``"refuse"`` (400, a prompt too long),
 ``"garbage"`` (200 with a body that is not JSON), ``"broken_stream"`` (a stream whose second
 event is not JSON); ``delay`` seconds before answering, ``chunk_delay`` between events;
-``has_tokenize``; the metrics ``kv_usage``, ``running``, ``waiting``, ``preemptions``;
-:meth:`stop` takes it down. ``received`` lists the bodies it was sent.
+``pace``: a ``threading.Semaphore`` a stream takes a permit of before each word (None: no
+wait), so a test decides how far a stream has got; ``has_tokenize``; the metrics
+``kv_usage``, ``running``, ``waiting``, ``preemptions``; :meth:`stop` takes it down.
+``received`` lists the bodies it was sent.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import asyncio
 import json
 import threading
 import time
+from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -65,6 +68,7 @@ class FakeVLLM:
     def __init__(self, max_model_len: int = 2048, num_gpu_blocks: int = 320, block_size: int = 16):
         self.max_model_len, self.num_gpu_blocks, self.block_size = max_model_len, num_gpu_blocks, block_size
         self.mode, self.delay, self.chunk_delay, self.has_tokenize = "ok", 0.0, 0.0, True
+        self.pace: Optional[threading.Semaphore] = None
         self.kv_usage, self.running, self.waiting, self.preemptions = 0.0, 0, 0, 0
         self.received: list[dict] = []
         self.app = self._app()
@@ -159,7 +163,7 @@ class FakeVLLM:
         head = {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion", "created": 1,
                 "model": MODEL}
         if not body.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "logprobs": None,
                        "finish_reason": "length"} if chat
                       else {"index": 0, "text": "".join(words), "logprobs": None, "finish_reason": "length"})
             return {**head, "choices": [choice], "usage": usage}
@@ -174,6 +178,8 @@ class FakeVLLM:
         if chat:
             yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         for i, word in enumerate(words):
+            if self.pace is not None:  # bounded: a test that fails leaves no thread waiting for ever
+                await asyncio.to_thread(self.pace.acquire, timeout=10)
             if self.mode == "broken_stream" and i == 1:
                 yield "data: <html>oops\n\n"
                 return
