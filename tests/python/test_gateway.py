@@ -1,6 +1,7 @@
 """memwarden serve --upstream: the gateway in front of a fake vLLM on loopback
 (tests/python/fake_vllm.py), driven with the official openai client and raw HTTP --
-pass-through of whole and streamed answers, prompt and output accounting, the
+pass-through of whole and streamed answers (a whole one assembled from the upstream's
+stream, counted as it is generated), prompt and output accounting, the
 controller's refusals (429 per session, 503 for a full pool), upstream failures mapped to
 502/503/504, /healthz with the upstream down, /memory_stats and /metrics from the
 upstream's metrics, and the configuration keys."""
@@ -74,6 +75,7 @@ def reset(request):
     if "fake" in request.fixturenames:
         upstream = request.getfixturevalue("fake")
         upstream.mode, upstream.delay, upstream.chunk_delay, upstream.has_tokenize = "ok", 0.0, 0.0, True
+        upstream.pace = None
         upstream.kv_usage = upstream.running = upstream.waiting = upstream.preemptions = 0
 
 
@@ -140,6 +142,71 @@ def test_completion_is_the_upstreams(gateway, fake):
     assert via.usage == direct.usage
     assert via.model_extra["memwarden"]["admission"] in ("accept", "shrink")
     assert idle(server)
+
+
+WHOLE = [("/v1/completions", {"prompt": "one two three", "max_tokens": 5}),
+         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4})]
+
+
+@pytest.mark.parametrize("path,request_body", WHOLE)
+def test_a_whole_answer_assembled_from_the_stream_is_the_upstreams_whole_answer(gateway, fake, path,
+                                                                                 request_body):
+    server, base = gateway
+    request_body = {"model": MODEL, **request_body}
+    status, _, direct = post(fake.url + path, request_body)
+    assert status == 200 and "stream" not in fake.received[-1]
+    status, _, via = post(base + path, request_body)
+    assert status == 200
+    assert fake.received[-1]["stream"] is True and fake.received[-1]["stream_options"] == {"include_usage": True}
+    answer = json.loads(via)
+    assert answer.pop("memwarden")["admission"] in ("accept", "shrink")
+    assert answer == json.loads(direct)  # text or content, finish_reason, usage, model, object, id
+    assert idle(server)
+
+
+def test_a_whole_answer_reports_its_progress_while_it_is_generated(gateway, fake):
+    server, base = gateway
+    admission = server.controller.admission
+    fake.pace = threading.Semaphore(0)
+    got = {}
+    waiting = threading.Thread(target=lambda: got.update(
+        answer=post(base + "/v1/completions", {"prompt": "a b", "max_tokens": 8})))
+    waiting.start()
+
+    def generated() -> int:
+        running = admission.running_ids()
+        return admission.reservation(running[0])[2] if running else 0
+
+    fake.pace.release(3)  # three words, then the fake waits
+    deadline = time.monotonic() + 10
+    while generated() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert generated() == 3 and waiting.is_alive()  # counted before the answer is sent
+    fake.pace.release(5)
+    waiting.join(10)
+    status, _, body = got["answer"]
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 8
+    assert idle(server)
+
+
+@pytest.mark.parametrize("path,extra,assembled", [
+    ("/v1/completions", {"logprobs": 1}, False),
+    ("/v1/completions", {"logprobs": 0}, False),  # 0: the sampled token's logprob
+    ("/v1/completions", {"echo": True}, False),
+    ("/v1/completions", {"best_of": 2}, False),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, False),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, False),
+    ("/v1/chat/completions", {"logprobs": False, "n": 1}, True),
+])
+def test_only_answers_a_stream_joins_faithfully_are_assembled(gateway, fake, path, extra, assembled):
+    _, base = gateway
+    request_body = {**dict(WHOLE)[path], **extra}
+    status, _, via = post(base + path, request_body)
+    assert status == 200
+    assert fake.received[-1].get("stream", False) is assembled
+    answer = json.loads(via)
+    answer.pop("memwarden")
+    assert answer == json.loads(post(fake.url + path, {"model": MODEL, **request_body})[2])
 
 
 def test_chat_stream_passes_chunk_by_chunk(gateway, fake):
@@ -304,22 +371,38 @@ def test_full_pool_is_503_with_retry_after(model_config):
         upstream.stop()
 
 
-def test_a_stream_past_its_reservation_with_no_room_is_stopped(model_config):
-    # a 64-token pool; after 32 one-token requests "memwarden" reserves 16 output tokens
-    # ahead: 40 + 16 fit, then the 8 left; 40 + 25 do not, so the stream stops after 25 tokens
+@pytest.fixture
+def crowded(model_config):
+    """(upstream, server, client) where a request of 40 prompt tokens has room for 25 more:
+    a 64-token pool; after 32 one-token requests "memwarden" reserves 16 output tokens
+    ahead: 40 + 16 fit, then the 8 left; 40 + 25 do not."""
     upstream = FakeVLLM(num_gpu_blocks=4).start()
     server, thread = start(upstream, model_config)
     try:
         c = client(f"http://127.0.0.1:{server.port}")
         for _ in range(32):
             c.completions.create(model=MODEL, prompt=[1], max_tokens=1)
-        chunks = list(c.completions.create(model=MODEL, prompt=list(range(40)), max_tokens=50, stream=True))
-        texts = [ch.choices[0].text for ch in chunks if ch.choices[0].text]
-        assert len(texts) == 25 and chunks[-1].choices[0].finish_reason == "length"
-        assert server.controller.counts["cut_short"] == 1 and idle(server)
+        yield upstream, server, c
     finally:
         server.stop(thread)
         upstream.stop()
+
+
+def test_a_stream_past_its_reservation_with_no_room_is_stopped(crowded):
+    _, server, c = crowded
+    chunks = list(c.completions.create(model=MODEL, prompt=list(range(40)), max_tokens=50, stream=True))
+    texts = [ch.choices[0].text for ch in chunks if ch.choices[0].text]
+    assert len(texts) == 25 and chunks[-1].choices[0].finish_reason == "length"
+    assert server.controller.counts["cut_short"] == 1 and idle(server)
+
+
+def test_a_whole_answer_past_its_reservation_with_no_room_is_stopped(crowded):
+    upstream, server, c = crowded
+    answer = c.completions.create(model=MODEL, prompt=list(range(40)), max_tokens=50)
+    made = client(upstream.url).completions.create(model=MODEL, prompt=list(range(40)), max_tokens=25)
+    assert answer.choices[0].text == made.choices[0].text and answer.choices[0].finish_reason == "length"
+    assert answer.usage == made.usage  # the gateway's own count: stopped before the usage chunk
+    assert server.controller.counts["cut_short"] == 1 and idle(server)
 
 
 # ---- upstream failures ------------------------------------------------------------------------
@@ -348,6 +431,17 @@ def test_a_stream_that_breaks_ends_with_an_error_event(gateway, fake):
     events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
     assert status == 200 and json.loads(events[0])["choices"][0]["text"] == " w0"
     assert json.loads(events[1])["error"]["code"] == "upstream_bad_response" and events[2] == "[DONE]"
+    assert idle(server)
+
+
+@pytest.mark.parametrize("path,request_body", WHOLE)
+def test_a_whole_answer_whose_stream_breaks_is_a_502(gateway, fake, path, request_body):
+    server, base = gateway
+    fake.mode = "broken_stream"
+    status, _, body = post(base + path, request_body)
+    error = json.loads(body)["error"]
+    assert status == 502 and error["code"] == "upstream_bad_response" and error["type"] == "upstream_error"
+    assert fake.url in error["message"] and "after 1 output tokens" in error["message"]
     assert idle(server)
 
 

@@ -16,7 +16,12 @@ controller counts:
   final usage chunk is dropped again when the client did not ask for it). A stream
   reports each chunk with text as it passes, so a stream whose reservation runs out with
   no room left is stopped there (``finish_reason: "length"``; closing the stream aborts it
-  upstream); a whole response is counted when it arrives;
+  upstream). A whole response is streamed from the upstream too and assembled here into
+  the JSON answer the upstream would have sent, so it is counted and stopped the same
+  way -- where that answer is just the stream's text joined: one choice (``n`` is 1), no
+  ``logprobs``, ``top_logprobs``, ``echo`` or ``best_of``, and for a chat no ``tools``,
+  ``tool_choice``, ``functions`` or ``response_format``. Any other is forwarded whole and
+  counted when it arrives;
 * **pressure**: the larger of what it admitted (reserved / budget) and the upstream's
   ``vllm:kv_cache_usage_perc``, read every ``server.upstream_poll_interval`` seconds --
   traffic that reaches the upstream by another way degrades requests here too. Each read
@@ -27,7 +32,8 @@ The upstream's own parameters (``stop``, ``logprobs``, ...) pass through; the co
 through chunk by chunk, unchanged. A completion takes one prompt (text or token ids).
 Upstream failures are OpenAI-shaped errors (:mod:`memwarden.serve.upstream`: 502, 503
 with ``Retry-After``, 504, or the upstream's own 4xx); in a stream, after the first
-chunk, an ``{"error": ...}`` event. ``/healthz`` asks the upstream's ``/health`` (503
+chunk, an ``{"error": ...}`` event; in the stream a whole answer is assembled from, after
+the first chunk, a 502. ``/healthz`` asks the upstream's ``/health`` (503
 with the reason when it does not answer); ``/memory_stats`` adds an ``upstream`` section
 (its metrics and how old they are); ``/metrics`` adds ``memwarden:upstream_*`` gauges.
 
@@ -232,6 +238,20 @@ def _has_output(choice: dict) -> bool:
     return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
 
 
+# what a whole answer joined from a stream could not reproduce: several candidates' or
+# tool calls' deltas, logprobs, an echoed prompt -- those the upstream assembles itself
+# (several choices, n > 1, the request schema refuses already)
+_WHOLE_ONLY = ("logprobs", "top_logprobs", "echo", "best_of")
+_WHOLE_ONLY_CHAT = ("tools", "tool_choice", "functions", "response_format")
+
+
+def _assembles(payload: dict, chat: bool) -> bool:
+    """Whether the gateway streams a whole request from the upstream and joins the answer
+    (see the module doc)."""
+    keys = _WHOLE_ONLY + (_WHOLE_ONLY_CHAT if chat else ())
+    return all(payload.get(key) is None or payload.get(key) is False for key in keys)  # logprobs 0 is asked for
+
+
 def _head(chunk: dict) -> dict:
     """The fields of a chunk that name the answer it belongs to."""
     return {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk}
@@ -350,7 +370,8 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
             return refusal_response(e, metrics)
         admitted = _Admitted(controller, ticket)
         headers, info = admission_notice(ticket, metrics)
-        forward = _forwarded(payload, ticket, model.name)
+        assembled = not body.stream and _assembles(payload, chat)
+        forward = _forwarded(payload, ticket, model.name, stream=body.stream or assembled)
         try:
             if body.stream:
                 admitted.events = await upstream.events(path, forward)
@@ -358,15 +379,19 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
                 # the background close also releases a stream whose body never started
                 return StreamingResponse(_relay(admitted, wants_usage, chat), media_type="text/event-stream",
                                          headers=headers, background=BackgroundTask(admitted.close))
-            answer = await upstream.complete(path, forward)
+            if assembled:
+                admitted.events = await upstream.events(path, forward)
+                answer = await _assemble(admitted, chat)
+            else:
+                answer = await upstream.complete(path, forward)
+                # no usage: count the most it may have made, so the estimate errs on the safe side
+                _account(controller, ticket, _completion_tokens(answer, ticket.max_tokens))
         except UpstreamError as e:
             await admitted.close()
             return upstream_error_response(e)
         except BaseException:
             await admitted.close()
             raise
-        # no usage: count the most it may have made, so the estimate errs on the safe side
-        _account(controller, ticket, _completion_tokens(answer, ticket.max_tokens))
         await admitted.close()
         if on_response is not None:
             on_response()
@@ -401,9 +426,46 @@ def _length_finish(chat: bool) -> dict:
     return {**done, "delta": {}} if chat else {**done, "text": "", "logprobs": None}
 
 
-def _forwarded(payload: dict, ticket: Ticket, name: str) -> dict:
+async def _assemble(admitted: _Admitted, chat: bool) -> dict:
+    """The whole answer the upstream would have sent for the request it streams to
+    ``admitted``: one choice with the chunks' text joined (a chat's ``content``, and
+    vLLM's ``reasoning`` where its reasoning parser sends one), the finish of the last chunk
+    that has one (``length`` where the controller stopped it) and the usage chunk's
+    usage. A stream that breaks after its first chunk is a 502, whatever broke it: the
+    client asked for one answer and it is half made."""
+    head, joined, finish, usage, began = {}, {}, {}, None, False
+    try:
+        async for _, chunk in admitted.chunks():
+            began = True
+            head = _head(chunk) or head
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                pieces = (choice.get("delta") or {}) if chat else {"text": choice.get("text")}
+                for key, piece in pieces.items():
+                    if key != "role" and isinstance(piece, str):
+                        joined.setdefault(key, []).append(piece)
+                if choice.get("finish_reason") is not None:  # vLLM's stop_reason comes with it
+                    finish = {key: choice[key] for key in ("finish_reason", "stop_reason") if key in choice}
+    except UpstreamError as e:
+        if not began:
+            raise
+        raise UpstreamError(502, e.reason, f"{e.message} (after {admitted.generated} output tokens)") from None
+    if admitted.stopped:
+        finish = {"finish_reason": "length"}
+    if usage is None:  # stopped before the usage chunk (or an upstream that sends none): the gateway's count
+        prompt = admitted.ticket.prompt_tokens
+        usage = {"prompt_tokens": prompt, "completion_tokens": admitted.generated,
+                 "total_tokens": prompt + admitted.generated}
+    texts = {key: "".join(pieces) for key, pieces in joined.items()}
+    choice = {"message": {"role": "assistant", "content": "", **texts}} if chat else {"text": "", **texts}
+    return {**head, "object": "chat.completion" if chat else "text_completion",
+            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": None, **finish}], "usage": usage}
+
+
+def _forwarded(payload: dict, ticket: Ticket, name: str, stream: bool) -> dict:
     """The client's request as the upstream gets it: the served name, the controller's
-    output limit and sampling caps, and the usage of a stream asked for."""
+    output limit and sampling caps, and for a ``stream`` (the client's, or the one a whole
+    answer is assembled from) its usage asked for."""
     forward = {**payload, "model": name}
     for key in [k for k in ("max_tokens", "max_completion_tokens") if k in payload] or ["max_tokens"]:
         forward[key] = ticket.max_tokens
@@ -411,6 +473,7 @@ def _forwarded(payload: dict, ticket: Ticket, name: str) -> dict:
         value = getattr(ticket.applied, key)
         if value is not None:
             forward[key] = value
-    if payload.get("stream"):
+    if stream:
+        forward["stream"] = True
         forward["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     return forward
