@@ -13,7 +13,8 @@ event is not JSON); ``delay`` seconds before answering, ``chunk_delay`` between 
 ``pace``: a ``threading.Semaphore`` a stream takes a permit of before each word (None: no
 wait), so a test decides how far a stream has got; ``has_tokenize``; the metrics
 ``kv_usage``, ``running``, ``waiting``, ``preemptions``; :meth:`stop` takes it down.
-``received`` lists the bodies it was sent.
+``received`` lists the bodies it was sent, ``client_ports`` the port each came from (one
+port for requests that shared a connection).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class FakeVLLM:
         self.pace: Optional[threading.Semaphore] = None
         self.kv_usage, self.running, self.waiting, self.preemptions = 0.0, 0, 0, 0
         self.received: list[dict] = []
+        self.client_ports: list[int] = []
         self.app = self._app()
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                      lifespan="off"))
@@ -137,10 +139,12 @@ class FakeVLLM:
 
         @app.post("/v1/completions")
         async def completions(request: Request):
+            self.client_ports.append(request.client.port)
             return await self._answer(await request.json(), chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
+            self.client_ports.append(request.client.port)
             return await self._answer(await request.json(), chat=True)
 
         return app

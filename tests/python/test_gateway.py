@@ -164,6 +164,14 @@ def test_a_whole_answer_assembled_from_the_stream_is_the_upstreams_whole_answer(
     assert idle(server)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stream_read_to_its_end_leaves_its_connection_for_the_next_request(gateway, fake, stream):
+    _, base = gateway
+    for _ in range(3):  # token ids: no /tokenize in between
+        assert post(base + "/v1/completions", {"prompt": [1, 2], "max_tokens": 2, "stream": stream})[0] == 200
+    assert len(set(fake.client_ports[-3:])) == 1
+
+
 def test_a_whole_answer_reports_its_progress_while_it_is_generated(gateway, fake):
     server, base = gateway
     admission = server.controller.admission

@@ -27,7 +27,7 @@ before vLLM 0.10),
 ``vllm:num_preemptions_total``; with several engines (data parallel) blocks, requests and
 preemptions are summed and the usage is the highest engine's.
 
-May import: httpx2, prometheus_client and the bottom layers.
+May import: httpx2 (and anyio, which it runs on), prometheus_client and the bottom layers.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
+import anyio
 import httpx2 as httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,6 +46,7 @@ __all__ = ["EngineMetrics", "MetricsPoller", "Upstream", "UpstreamError", "parse
 _DEFAULT_RETRY_AFTER = 1.0  # seconds, when an overloaded upstream names none
 _KEEP_ALIVE_S = 2.0  # seconds an idle connection to the upstream is kept for reuse
 _CONNECT_RETRIES = 2
+_DRAIN_SECONDS = 1.0  # after [DONE], the most a stream waits for its body's end
 
 
 class UpstreamError(Exception):
@@ -267,11 +269,13 @@ class Events:
         """(the event's data as sent, parsed) up to ``[DONE]``; raises :class:`UpstreamError`
         when the stream breaks, sends something that is not JSON, or ends before ``[DONE]``."""
         try:
-            async for line in self._response.aiter_lines():
+            lines = self._response.aiter_lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    await self._drain(lines)
                     return
                 try:
                     chunk = json.loads(data)
@@ -283,6 +287,17 @@ class Events:
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self._url) from None
         raise _bad_response(self._url, "a stream that ended before [DONE]")
+
+    async def _drain(self, lines: AsyncIterator[str]) -> None:
+        """Read the body to its end, which the engine sends right after ``[DONE]``: a
+        response read to the end leaves its connection in the pool for the next request,
+        one closed before it takes its connection down (a new one for every stream)."""
+        with anyio.move_on_after(_DRAIN_SECONDS):
+            try:
+                async for _ in lines:
+                    pass
+            except httpx.HTTPError:
+                pass  # the answer is whole already; the connection just is not reused
 
     async def aclose(self) -> None:
         await self._response.aclose()
