@@ -570,3 +570,19 @@ def test_cli_serves_in_front_of_the_upstream(fake, model_config):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_vllm_chunks_without_a_tokenizer_count_a_token_each():
+    """vLLM 0.32 with --skip-tokenizer-init streams one chunk per token with empty text
+    (these are its chunks for 3 tokens, usage last); a chat stream opens with a role-only chunk."""
+    from memwarden.serve.gateway import _has_output
+
+    stream = [{"index": 0, "text": "", "logprobs": None, "finish_reason": None, "stop_reason": None,
+               "prompt_token_ids": None, "token_ids": None}] * 2 + \
+        [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+          "prompt_token_ids": None, "token_ids": None}]
+    assert sum(_has_output(choice) for choice in stream) == 3
+    assert _has_output({"index": 0, "text": "", "token_ids": [828]})
+    chat = [{"index": 0, "delta": {"role": "assistant", "content": ""}},
+            {"index": 0, "delta": {"content": "Hi"}}, {"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}]
+    assert [_has_output(choice) for choice in chat] == [False, True, True]

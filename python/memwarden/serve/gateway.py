@@ -235,7 +235,14 @@ def _completion_tokens(answer: dict, otherwise: int) -> int:
 
 
 def _has_output(choice: dict) -> bool:
-    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+    """Whether a streamed choice carries an output token. vLLM sends a chunk per token, with
+    empty text when it runs without a tokenizer, so a ``text`` or ``content`` key counts
+    even when empty (a chunk that only ends the stream then counts one token too many,
+    the safe side for admission); a chat's first chunk, which names the role, does not."""
+    delta = choice.get("delta") or {}
+    if "role" in delta and not delta.get("content"):
+        return False
+    return "text" in choice or "content" in delta or bool(choice.get("token_ids"))
 
 
 # what a whole answer joined from a stream could not reproduce: several candidates' or
