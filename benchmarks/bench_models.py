@@ -2,7 +2,7 @@
 LRU and never-unloading, on the live server over loopback, all measured in one run; then
 the offloader and the weight parking against the machine's own copy bandwidth.
 
-    python benchmarks/bench_models.py [--quick] [--json PATH]
+    python benchmarks/bench_models.py [--quick] [--repeats N] [--json PATH]
 
 Policies. Three embedded models (``memwarden-tiny-random``, ``-small-``, ``-base-``: 0.41,
 4.57 and 12.02 MiB of float32 weights) under a 12.5 MiB weights budget (tiny fits beside
@@ -17,7 +17,8 @@ policy: ``memwarden`` (demand per byte with a half-life, minimum residency), ``o
 ``never``. Per policy: swaps (models brought onto the device after the start), bytes
 moved (onto and off the device), p50/p99 latency from each request's arrival, goodput
 (requests answered per second of trace), OOMs and other refusals; the ratios are
-memwarden's over each baseline's.
+memwarden's over each baseline's. With ``--repeats N`` the policies are replayed N times,
+interleaved, and each figure is the median of its runs (OOMs and refusals: summed).
 
 Offloader. A larger Llama (hidden 512, 8 layers; --quick 4) in memwarden's pool:
 ``AutomaticOffloader`` moves half its layers to host memory; peak pool bytes and forward
@@ -132,6 +133,23 @@ def replay(policy: str, trace: list, clients: int, timing: dict) -> dict:
             "p50_s": _quantile(served, 0.50), "p99_s": _quantile(served, 0.99), "goodput_rps": len(served) / wall,
             "ooms": refusals.get("out_of_memory", 0), "load_ooms": end_stats["out_of_memory"],
             "refusals": refusals, "wall_s": wall}
+
+
+def _median_row(rows: list) -> dict:
+    """One policy's runs as one row: medians of the figures, sums of the counts of failures."""
+    summed = ("ooms", "load_ooms")
+    row = {"policy": rows[0]["policy"], "requests": rows[0]["requests"], "runs": len(rows)}
+    for key in ("served", "swaps", "bytes_moved", "p50_s", "p99_s", "goodput_rps", "wall_s"):
+        values = [r[key] for r in rows if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    for key in summed:
+        row[key] = sum(r[key] for r in rows)
+    row["refusals"] = {}
+    for r in rows:
+        for code, count in r["refusals"].items():
+            row["refusals"][code] = row["refusals"].get(code, 0) + count
+    row["each"] = {key: [r[key] for r in rows] for key in ("swaps", "bytes_moved", "p99_s")}
+    return row
 
 
 def _quantile(values: list, q: float) -> float | None:
@@ -266,6 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, help="requests a second (default 12, --quick 15)")
     parser.add_argument("--phase", type=float, help="seconds a popularity ranking lasts (default 8, --quick 2)")
     parser.add_argument("--clients", type=int, default=16, help="requests in flight at most (client threads)")
+    parser.add_argument("--repeats", type=int, default=1, help="replays of each policy, interleaved (medians)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the server's requests run in threads of their own
     rate = args.rate or (15.0 if args.quick else 12.0)  # what two shared cores sustain for 24 s
@@ -275,7 +294,8 @@ def main(argv=None) -> int:
     # no minimum residency: a parked model comes back in a copy of tens of milliseconds
     timing = {"half_life": phase / 40, "min_residency": 0.0}
     trace = shifting_zipf_trace(len(PHASE_RANKINGS), phase, rate)
-    rows = [replay(policy, trace, args.clients, timing) for policy in POLICIES]
+    runs = [[replay(policy, trace, args.clients, timing) for policy in POLICIES] for _ in range(max(1, args.repeats))]
+    rows = [_median_row([run[i] for run in runs]) for i in range(len(POLICIES))]
     by_policy = {row["policy"]: row for row in rows}
     mine = by_policy["memwarden"]
     ratios = {base: {key: _ratio(mine[key], by_policy[base][key]) for key in ("swaps", "bytes_moved", "p99_s")}

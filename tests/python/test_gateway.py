@@ -217,6 +217,22 @@ def test_only_answers_a_stream_joins_faithfully_are_assembled(gateway, fake, pat
     assert answer == json.loads(post(fake.url + path, {"model": MODEL, **request_body})[2])
 
 
+@pytest.mark.parametrize("policy,assembled", [("reserve", False), ("admit_all", False), ("lookahead", True),
+                                              ("optimistic", True)])
+def test_whole_answers_are_streamed_from_the_upstream_only_for_policies_that_follow_output(fake, model_config,
+                                                                                           policy, assembled):
+    server, thread = start(fake, model_config, **{"admission.policy": policy})
+    try:
+        path, request_body = WHOLE[0]
+        status, _, via = post(f"http://127.0.0.1:{server.port}" + path, request_body)
+        assert status == 200 and fake.received[-1].get("stream", False) is assembled
+        answer = json.loads(via)
+        answer.pop("memwarden")
+        assert answer == json.loads(post(fake.url + path, {"model": MODEL, **request_body})[2])
+    finally:
+        server.stop(thread)
+
+
 def test_chat_stream_passes_chunk_by_chunk(gateway, fake):
     server, base = gateway
     messages = [{"role": "user", "content": "hello there"}]

@@ -16,9 +16,11 @@ controller counts:
   final usage chunk is dropped again when the client did not ask for it). A stream
   reports each chunk with text as it passes, so a stream whose reservation runs out with
   no room left is stopped there (``finish_reason: "length"``; closing the stream aborts it
-  upstream). A whole response is streamed from the upstream too and assembled here into
-  the JSON answer the upstream would have sent, so it is counted and stopped the same
-  way -- where that answer is just the stream's text joined: one choice (``n`` is 1), no
+  upstream). Under a policy that follows output as it grows (``memwarden``,
+  ``lookahead``, ``optimistic``) a whole response is streamed from the upstream too and
+  assembled here into the JSON answer the upstream would have sent, so it is counted and
+  stopped the same way (``reserve`` and ``admit_all`` need no progress, and a stream costs
+  the upstream's server a chunk a token) -- where that answer is just the stream's text joined: one choice (``n`` is 1), no
   ``logprobs``, ``top_logprobs``, ``echo`` or ``best_of``, and for a chat no ``tools``,
   ``tool_choice``, ``functions`` or ``response_format``. Any other is forwarded whole and
   counted when it arrives;
@@ -252,9 +254,14 @@ _WHOLE_ONLY = ("logprobs", "top_logprobs", "echo", "best_of")
 _WHOLE_ONLY_CHAT = ("tools", "tool_choice", "functions", "response_format")
 
 
-def _assembles(payload: dict, chat: bool) -> bool:
+_FOLLOWS_OUTPUT = ("memwarden", "lookahead", "optimistic")  # policies whose decisions read progress
+
+
+def _assembles(payload: dict, chat: bool, policy: str) -> bool:
     """Whether the gateway streams a whole request from the upstream and joins the answer
     (see the module doc)."""
+    if policy not in _FOLLOWS_OUTPUT:
+        return False
     keys = _WHOLE_ONLY + (_WHOLE_ONLY_CHAT if chat else ())
     return all(payload.get(key) is None or payload.get(key) is False for key in keys)  # logprobs 0 is asked for
 
@@ -377,7 +384,7 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
             return refusal_response(e, metrics)
         admitted = _Admitted(controller, ticket)
         headers, info = admission_notice(ticket, metrics)
-        assembled = not body.stream and _assembles(payload, chat)
+        assembled = not body.stream and _assembles(payload, chat, controller.admission.policy)
         forward = _forwarded(payload, ticket, model.name, stream=body.stream or assembled)
         try:
             if body.stream:
