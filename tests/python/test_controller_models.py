@@ -15,7 +15,8 @@ from hypothesis import given, settings
 
 from memwarden.controller.models import (
     SWAP_POLICIES, Adjustment, LoadRequirements, ModelRegistry, ServedModel, SwapDecision, SystemState,
-    can_load_model, lru_swap_models, never_unload_swap_models, ollama_swap_models, should_swap_models,
+    can_load_model, lru_swap_models, never_unload_swap_models, ollama_swap_models, should_promote_model,
+    should_swap_models,
 )
 
 MiB, GiB = 2**20, 2**30
@@ -314,6 +315,25 @@ def test_a_parked_model_that_does_not_fit_comes_back_with_layers_left_in_host_me
     assert should_swap_models(partial_setup(), {"y": 1}, 11 * GiB).swap_in == []   # not even 1.5 GiB free
     for policy in ("ollama", "lru"):
         assert SWAP_POLICIES[policy](partial_setup(), {"y": 1}, 20 * GiB).host_layers == {}
+
+
+def test_a_model_with_host_layers_is_promoted_when_room_is_made_by_the_eviction_rules():
+    reg = partial_setup()
+    reg.mark_loading("y")
+    reg.mark_loaded("y", host_layers=3)   # 9 GiB on the device beside x's 10, in 20
+    assert "x is as much in demand per byte" in should_promote_model(reg, "y", 20 * GiB).reason
+    d = should_promote_model(reg, "y", 30 * GiB)  # its whole 12 GiB fit beside x: nothing gives way
+    assert (d.swap_out, d.swap_in, d.host_layers) == ([], ["y"], {"y": 0})
+    for _ in range(40):  # y becomes the busier model per byte: x gives way
+        reg.begin_request("y")
+        reg.end_request("y")
+    d = should_promote_model(reg, "y", 20 * GiB)
+    assert (d.swap_out, d.swap_in) == (["x"], ["y"]) and "bring y's 3 host layers back" in d.reason
+    reg.begin_request("x")  # never a busy model
+    assert should_promote_model(reg, "y", 20 * GiB).swap_in == []
+    assert "no layers in host memory" in should_promote_model(reg, "x", 20 * GiB).reason
+    with pytest.raises(KeyError, match="'nope'"):
+        should_promote_model(reg, "nope", GiB)
 
 
 def test_fits_without_eviction_tier_order_and_nothing_pending():
