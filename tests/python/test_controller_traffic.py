@@ -79,6 +79,27 @@ def test_memwarden_preempts_the_newest_when_a_reservation_cannot_grow():
     assert traffic.admission.reserved_bytes == 0
 
 
+@pytest.mark.parametrize("policy", ["memwarden", "optimistic"])
+def test_without_preemption_a_reservation_overcommits_rather_than_cutting_the_answer_short(policy):
+    """In front of an engine that schedules its own KV (the gateway: can_preempt=False), the
+    same growth that preempts b above overcommits the pool, and both answers go on."""
+    config = MemwardenConfig.load(env={}, overrides={"admission.policy": policy})
+    traffic = TrafficController(config, BUDGET, PER_TOKEN, can_preempt=False)
+    warm(traffic)
+    a = traffic.acquire(None, 30, 60)
+    b = traffic.acquire(None, 30, 60)
+    assert all(traffic.progress(a, n) == CONTINUE for n in range(1, 61))
+    assert all(traffic.progress(b, n) == CONTINUE for n in range(1, 61))
+    assert not (a.preempted or b.preempted or a.cut_short or b.cut_short)
+    assert traffic.admission.used_bytes == 180 * PER_TOKEN > BUDGET  # 30 + 60 each, past the pool's 100
+    stats = traffic.memory_stats()
+    assert stats["preempted_count"] == 0 and stats["cut_short_count"] == 0
+    assert (stats["overcommitted_count"] > 0) == (policy == "memwarden")  # optimistic reserves as it goes
+    traffic.release(a)
+    traffic.release(b)
+    assert traffic.admission.reserved_bytes == 0
+
+
 def test_a_request_that_alone_outgrows_the_pool_stops():
     traffic = controller("memwarden")
     warm(traffic)

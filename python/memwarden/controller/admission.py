@@ -64,8 +64,9 @@ Policies (``policy=``):
   ``reserve``. The projection trusts the engine to advance the running requests together;
   one that stalls (a slow client) while others finish can make the real peak higher.
 
-For ``reserve`` and ``memwarden`` the sum of reservations never exceeds ``budget_bytes``;
-for ``lookahead`` the projected peak never does.
+For ``reserve`` and ``memwarden`` the sum of reservations never exceeds ``budget_bytes``
+(unless :meth:`~AdmissionController.extend` is forced); for ``lookahead`` the projected
+peak never does.
 
 Queueing is strict FIFO: while requests wait, new arrivals queue behind them (reason
 ``"behind_queue"``) even if they would fit, so none is overtaken; :meth:`finish` (and
@@ -352,11 +353,12 @@ class AdmissionController:
             self._used_tokens += generated - run.generated
             run.generated = generated
 
-    def extend(self, request_id: Hashable, tokens: int) -> bool:
+    def extend(self, request_id: Hashable, tokens: int, force: bool = False) -> bool:
         """Reserve ``tokens`` more output tokens for a running request; ``False`` when that
         would overrun the budget (``reserve``/``memwarden``): the caller then stops the
-        request at its reservation or preempts it. Never past ``granted_max_tokens``.
-        ``admit_all`` and ``optimistic`` always return ``True``."""
+        request at its reservation or preempts it -- or, with ``force``, reserves them past
+        the budget (a caller that can do neither: the engine behind it preempts). Never
+        past ``granted_max_tokens``. ``admit_all`` and ``optimistic`` always return ``True``."""
         tokens = integer(tokens, "tokens")
         with self._lock:
             run = self._running_entry(request_id)
@@ -365,7 +367,7 @@ class AdmissionController:
                                  f"of request {request_id!r}")
             if self._policy not in ("reserve", "memwarden"):
                 return True  # they never refuse growth (optimistic's usage follows on_tokens)
-            if (self._reserved_tokens + tokens) * self._bytes_per_token > self._budget:
+            if not force and (self._reserved_tokens + tokens) * self._bytes_per_token > self._budget:
                 return False
             run.reserved_tokens += tokens
             self._reserved_tokens += tokens

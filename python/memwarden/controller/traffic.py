@@ -88,7 +88,7 @@ class TrafficController:
     def __init__(self, config: MemwardenConfig, budget_bytes: int, bytes_per_token: int, clock=time.monotonic,
                  can_preempt: bool = True, block_tokens: int = 1):
         self.config, self.budget_bytes, self.bytes_per_token = config, budget_bytes, bytes_per_token
-        self.can_preempt = can_preempt  # False where requests cannot be recomputed (a gateway): they stop instead
+        self.can_preempt = can_preempt  # False where requests cannot be recomputed (a gateway): they overcommit
         s = config.sessions
         self.sessions = SessionTable(per_session_limit=min(s.per_session_limit, budget_bytes),
                                      global_limit=min(s.global_limit, budget_bytes), idle_timeout=s.idle_timeout,
@@ -109,7 +109,8 @@ class TrafficController:
                                               pressure=round(pressure, 4)))
         self.sessions.on_evict.append(lambda session, freed: _event("session_evicted", session=session,
                                                                      freed_bytes=freed))
-        self.counts = {"rejected": 0, "routed": 0, "degraded": 0, "completed": 0, "cut_short": 0, "preempted": 0}
+        self.counts = {"rejected": 0, "routed": 0, "degraded": 0, "completed": 0, "cut_short": 0, "preempted": 0,
+                       "overcommitted": 0}
         self.rejections: dict[str, int] = {}
         self._clock = clock
         self._ids = itertools.count()
@@ -221,7 +222,9 @@ class TrafficController:
 
         When the pool runs out (a reservation that cannot grow, or under ``optimistic`` the
         pool's use past the budget) the newest running request is preempted, vLLM-style;
-        that may be this one."""
+        that may be this one. Without ``can_preempt`` (a gateway: the engine behind it
+        schedules its own KV) the reservation grows past the budget instead, counted in
+        ``overcommitted_count``; a request that alone outgrows the pool stops either way."""
         with self._flow:
             return self._progress(ticket, generated)
 
@@ -237,6 +240,12 @@ class TrafficController:
                 room = self.admission.free_bytes // self.bytes_per_token
                 more = min(_EXTEND_STEP, granted - (reserved_tokens - prompt), max(room, 1))
                 if self.admission.extend(ticket.request_id, more):
+                    break
+                if not self.can_preempt and not self._alone(ticket):
+                    # the engine that generates it schedules its KV itself (vLLM preempts by
+                    # recompute): stopping the request here would cut its answer short
+                    self.admission.extend(ticket.request_id, more, force=True)
+                    self._count("overcommitted")
                     break
                 verdict = self._preempt_newest(ticket)
                 if verdict is not CONTINUE:
@@ -257,21 +266,29 @@ class TrafficController:
         in one batch) can outrun -- where they cannot be preempted, the engine's own
         scheduler has the last word."""
         policy = self.admission.policy
+        if not self.can_preempt:
+            return False
         if policy == "optimistic":
             return self.admission.reserved_bytes > self.budget_bytes
-        return policy == "lookahead" and self.can_preempt and self.admission.used_bytes > self.budget_bytes
+        return policy == "lookahead" and self.admission.used_bytes > self.budget_bytes
 
     def _stop(self, ticket: Ticket) -> str:
         self._count("cut_short")
         ticket.cut_short = True
         return STOP
 
+    def _preemptable(self) -> list:
+        with self._lock:  # a request admitted but not yet handed its ticket cannot be preempted yet
+            return [rid for rid in self.admission.running_ids() if rid in self._running]
+
+    def _alone(self, ticket: Ticket) -> bool:
+        return self._preemptable() == [ticket.request_id]
+
     def _preempt_newest(self, ticket: Ticket) -> str:
         """Preempt the newest running request to make room for ``ticket``: CONTINUE when it
         was another, PREEMPTED when it was ``ticket``, STOP when ``ticket`` runs alone."""
-        with self._lock:  # a request admitted but not yet handed its ticket cannot be preempted yet
-            candidates = [rid for rid in self.admission.running_ids() if rid in self._running]
-        if candidates == [ticket.request_id] or not self.can_preempt:
+        candidates = self._preemptable()
+        if candidates == [ticket.request_id]:
             return self._stop(ticket)
         victim_id = candidates[-1]
         reserved = self.admission.reservation(victim_id)[1]
@@ -361,6 +378,7 @@ class TrafficController:
             "completed_count": self.counts["completed"],
             "preempted_count": self.counts["preempted"],
             "cut_short_count": self.counts["cut_short"],
+            "overcommitted_count": self.counts["overcommitted"],
             "admission_policy": self.admission.policy,
         }
 
