@@ -63,7 +63,7 @@ EMBEDDED_MODELS = {
 MODEL_STATES = {"unloaded": 0, "offloaded": 1, "loaded": 2, "loading": 3}  # memwarden:model_state values
 UNBOUNDED = 2**62  # a budget no model reaches
 _POLL_S = 0.05  # a waiting request asks again this often (minimum residencies expire unannounced)
-_MIN_AGING_S = 0.04  # the shortest wait that doubles a waiting request's weight
+_MIN_AGING_S = 0.01  # the shortest wait that doubles a waiting request's weight
 
 
 class ModelUnavailable(Exception):
@@ -271,7 +271,7 @@ class ModelPool:
         of the model's last load time): a request that has waited a few times what a swap
         costs outweighs the demand of a busier model, so no model starves behind another
         and a waiting model's demand overtakes an idle one's within log2 of their ratio
-        load times. The unit is capped by the demand half-life and floored by the poll."""
+        load times. The unit is capped by the demand half-life and floored at 10 ms."""
         loaded = {s.name for s in self.registry.states() if s.status in ("loaded", "loading")}
         now = time.monotonic()
         pending = {}
