@@ -336,6 +336,22 @@ def test_a_model_with_host_layers_is_promoted_when_room_is_made_by_the_eviction_
         should_promote_model(reg, "nope", GiB)
 
 
+def test_a_small_model_first_in_the_eviction_order_is_spared_when_the_next_frees_enough():
+    # 10 GiB: 'tiny' (1 GiB, never used: score 0, first to go) and 'small' (4 GiB, used
+    # once long ago); 'big' (9 GiB) needs 4 GiB more than the 5 free. Evicting small alone
+    # frees them, so tiny stays; LRU takes both in its order.
+    clock = FakeClock()
+    reg = ModelRegistry(clock=clock)
+    for name, gib in (("tiny", 1), ("small", 4), ("big", 9)):
+        reg.register(spec(name, weights=gib * GiB, per_token=0))
+    load(reg, clock, "tiny", 50)
+    load(reg, clock, "small", 100, uses=1)
+    clock.now = 1000
+    d = should_swap_models(reg, {"big": 3}, 10 * GiB)
+    assert (d.swap_out, d.swap_in) == (["small"], ["big"])
+    assert lru_swap_models(reg, {"big": 3}, 10 * GiB).swap_out == ["tiny", "small"]
+
+
 def test_fits_without_eviction_tier_order_and_nothing_pending():
     clock = FakeClock()
     reg = ModelRegistry(clock=clock)

@@ -587,35 +587,44 @@ def _busy(state: ModelState, _candidate: ModelState) -> str | None:
     return None
 
 
-def _give_way(resident: list, cand: ModelState, short: int, slots_short: int, blocker: Callable) -> tuple:
+def _give_way(resident: list, cand: ModelState, short: int, slots_short: int, blocker: Callable,
+              spare: bool = False) -> tuple:
     """(the ``resident`` models, in order, that give way until ``short`` bytes and
-    ``slots_short`` slots are freed for ``cand``; the reasons of those that may not)."""
+    ``slots_short`` slots are freed for ``cand``; the reasons of those that may not).
+    ``spare``: then keep, smallest first, each victim the others free enough without (a
+    small idle model early in the eviction order would otherwise go for nothing)."""
     victims, blockers = [], []
     for state in resident:
         if short - sum(v.footprint_bytes for v in victims) <= 0 and len(victims) >= slots_short:
             break
         why = blocker(state, cand)
         (blockers if why else victims).append(why or state)
+    if spare:
+        for state in sorted(victims, key=lambda v: v.footprint_bytes):
+            if sum(v.footprint_bytes for v in victims) - state.footprint_bytes >= short \
+                    and len(victims) > slots_short:
+                victims.remove(state)
     return victims, blockers
 
 
 def _plan_swaps(budget: int, candidates: list, resident: list, blocker: Callable, order_words: str,
                 max_loaded: int | None = None, swap_out: Iterable = (), drain_busy: bool = False,
-                partial: bool = False) -> SwapDecision:
+                partial: bool = False, spare: bool = False) -> SwapDecision:
     """Take each candidate, in order, that fits ``budget`` once enough ``resident`` models
     (in eviction order) give way; ``blocker(state, candidate)`` says why one may not.
     ``max_loaded``: at most that many models on the device. ``swap_out``: models already
     chosen to go (kept-alive ones that expired); the caller removed them from ``resident``.
     ``drain_busy``: for the first candidate refused only because models serve requests,
     name those models in ``drain``. ``partial``: a refused candidate parked in host memory
-    is taken with the fewest decoder layers left there that make it fit what is free."""
+    is taken with the fewest decoder layers left there that make it fit what is free.
+    ``spare``: see :func:`_give_way`."""
     resident = list(resident)
     swap_out, swap_in, refusals, drain, host_layers = list(swap_out), [], [], [], {}
     free = budget - sum(s.footprint_bytes for s in resident)
     for cand in candidates:
         short = cand.footprint_bytes - free
         slots_short = len(resident) + len(swap_in) + 1 - max_loaded if max_loaded else 0
-        victims, blockers = _give_way(resident, cand, short, slots_short, blocker)
+        victims, blockers = _give_way(resident, cand, short, slots_short, blocker, spare)
         freed = sum(v.footprint_bytes for v in victims)
         if freed < short or len(victims) < slots_short:
             layers = _layers_to_leave(cand, free) if partial else None
@@ -675,7 +684,7 @@ def _to_drain(resident: list, cand: ModelState, short: int, slots_short: int, bl
     """The busy models that would give way to ``cand`` were their requests over, when
     that alone would make room; else none (draining them would not be enough)."""
     idle = [replace(state, running=0) if state.status == "loaded" else state for state in resident]
-    victims, _ = _give_way(idle, cand, short, slots_short, blocker)
+    victims, _ = _give_way(idle, cand, short, slots_short, blocker, spare=True)
     if sum(v.footprint_bytes for v in victims) < short or len(victims) < slots_short:
         return []
     busy = {s.name for s in resident if s.running}
@@ -700,7 +709,7 @@ def should_swap_models(registry: ModelRegistry, pending_requests: Any, device_bu
     candidates.sort(key=lambda s: (-s.spec.tier, -s.score, s.name))
     return _plan_swaps(budget, candidates, sorted(resident, key=_eviction_order),
                        lambda state, cand: _eviction_blocker(state, cand.spec.tier, cand.score),
-                       "lowest tier, then least demand per byte", drain_busy=True, partial=True)
+                       "lowest tier, then least demand per byte", drain_busy=True, partial=True, spare=True)
 
 
 def should_promote_model(registry: ModelRegistry, name: str, device_budget: Any,
@@ -719,7 +728,8 @@ def should_promote_model(registry: ModelRegistry, name: str, device_budget: Any,
         return SwapDecision([], [], f"{name} has no layers in host memory")
     others = sorted((s for s in states.values() if s.status in _ON_DEVICE and s.name != name), key=_eviction_order)
     short = state.weights_footprint_bytes - (budget - sum(s.footprint_bytes for s in others))
-    victims, blockers = _give_way(others, state, short, 0, lambda s, c: _eviction_blocker(s, c.spec.tier, c.score))
+    victims, blockers = _give_way(others, state, short, 0, lambda s, c: _eviction_blocker(s, c.spec.tier, c.score),
+                                  spare=True)
     if sum(v.footprint_bytes for v in victims) < short:
         return SwapDecision([], [], f"{name} keeps {state.host_layers} layers in host memory: "
                             + ("; ".join(blockers) or "no room"))

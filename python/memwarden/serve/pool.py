@@ -84,6 +84,7 @@ class _Model:
     # model is offloaded; kept while it is loaded with layers left in host memory
     pieces: Optional[list] = None
     offloader: Optional[AutomaticOffloader] = None  # runs the layers left in host memory
+    promotion_failed_beside: Optional[frozenset] = None  # the models on the device when bringing them back failed
     load_seconds: float = 1.0  # how long its last load took (before any: a guess)
     swaps_in: int = 0
     swaps_out: int = 0
@@ -180,7 +181,7 @@ class ModelPool:
         self._restore_device.append(lambda: alloc.set_memory_limit("cpu", previous))
         # finished requests' caches can sit in reference cycles: collect them before an
         # allocation is refused (the allocator retries after its callbacks)
-        self._restore_device.append(alloc.on_oom(lambda _nbytes: gc.collect() > 0, "cpu").remove)
+        self._restore_device.append(alloc.on_oom(_collect_garbage, "cpu").remove)
 
     def close(self) -> None:
         """Let every model's weights go and give the CPU allocator back as it was (the
@@ -352,24 +353,39 @@ class ModelPool:
 
     def _promote(self, name: str) -> None:
         """Bring an idle model's host layers back onto the device when the budget has room
-        for them, once the models :func:`should_promote_model` names give way."""
+        for them, once the models :func:`should_promote_model` names give way. Out of
+        memory leaves them in host memory, and no new try is made until the models on the
+        device change (each try costs the allocator's out-of-memory callbacks)."""
         books = self._models[name]
         if self.registry.state(name).running:
             return  # its forwards read the layers the offloader streams
+        on_device = frozenset(s.name for s in self.registry.states() if s.status in ("loaded", "loading"))
+        if books.promotion_failed_beside == on_device:
+            return
         decision = should_promote_model(self.registry, name, self.weights_budget)
         if not decision.swap_in:
             return
         for victim in decision.swap_out:
             self._evict(victim)
         parked = _parked_bytes(books)
-        action = books.offloader.close()
+        action = books.offloader.close()  # layer by layer: each fits where a freed one did
         left = len(books.offloader.offloaded)
         self.registry.set_host_layers(name, left)
         books.bytes_in += parked - _parked_bytes(books)
-        if not left:  # a failed restore (out of memory) keeps the rest offloaded, still running
-            books.pieces = books.offloader = None
-        elif action.error:
+        if not left:
+            books.pieces = books.offloader = books.promotion_failed_beside = None
+        elif action.error:  # out of memory: the rest stay in host memory, the model still runs
             self.out_of_memory += 1
+            books.promotion_failed_beside = frozenset(s.name for s in self.registry.states()
+                                                      if s.status in ("loaded", "loading"))
+
+
+def _collect_garbage(_nbytes: int) -> bool:
+    """The stand-in device's out-of-memory callback: whether collecting freed anything. The
+    young generations first -- a finished request's cycles are young, and a full collection
+    of a process holding models takes tens of milliseconds, paid by whichever request
+    allocates next."""
+    return gc.collect(1) > 0 or gc.collect() > 0
 
 
 def _pieces(model: torch.nn.Module) -> list:
