@@ -174,17 +174,18 @@ def burst(url: str, vllm) -> list:
 
 
 def test_an_overload_burst_behind_memwarden_loses_nothing_and_preempts_less(vllm):
-    before = preemptions(vllm)
-    direct = burst(vllm.url, vllm)
-    middle = preemptions(vllm)
+    for _ in range(3):  # a burst vLLM happened to absorb without preempting (seen once in CI) is no baseline
+        before = preemptions(vllm)
+        direct = burst(vllm.url, vllm)
+        middle = preemptions(vllm)
+        assert direct == [(200, BURST_OUTPUT, None)] * BURST
+        if middle > before:
+            break
     # a gateway of its own: its output estimate has seen only this burst, not the short
-    # answers of the tests above (without a tokenizer vLLM's chunks carry no text, so a
-    # whole response is counted when its usage arrives, and an estimate below what a
-    # request makes overcommits vLLM until then)
+    # answers of the tests above
     with running_gateway(vllm) as gateway:
         through = burst(gateway, vllm)
     after = preemptions(vllm)
-    assert direct == [(200, BURST_OUTPUT, None)] * BURST
     # none lost or refused; memwarden may shrink a request to what fits (shrunk_to_fit),
     # and then vLLM makes exactly the max_tokens it was granted
     assert all(status == 200 and made == granted and 0 < granted <= BURST_OUTPUT
