@@ -141,11 +141,15 @@ class _Place:
         return buffer[self.offset:self.offset + self.nbytes].view(self.dtype).as_strided(self.shape, self.stride)
 
 
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGNMENT) * _ALIGNMENT
+
+
 def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[_Place], int]:
     """Each tensor's place in one flat buffer, and the buffer's bytes."""
     places, end = [], 0
     for tensor in tensors:
-        offset = -(-end // _ALIGNMENT) * _ALIGNMENT
+        offset = _aligned(end)
         nbytes = _storage_span(tensor) * tensor.element_size()
         places.append(_Place(offset, nbytes, tensor.dtype, tensor.shape, tensor.stride()))
         end = offset + nbytes
@@ -271,7 +275,7 @@ def restore_together(pieces: Sequence[WeightSlots], device: torch.device) -> Non
     layers restored one by one would pay once each. Out of memory leaves them all parked."""
     offsets, end = [], 0
     for piece in pieces:
-        offsets.append(-(-end // _ALIGNMENT) * _ALIGNMENT)
+        offsets.append(_aligned(end))
         end = offsets[-1] + piece.host.numel()
     buffer = _device_buffer(end, device)
     for piece, offset in zip(pieces, offsets):
@@ -352,7 +356,7 @@ class AutomaticOffloader:
         self._bytes_moved = 0
         self._move_seconds = 0.0
         self._offloaded_seconds = 0.0
-        for unit in reversed(self._units[len(self._units) - len(parked):] if parked else []):
+        for unit in self._units[len(self._units) - len(parked):] if parked else ():
             self._mark_offloaded(unit)
 
     def _make_units(self, model: nn.Module, units: Any, parked: list) -> list[_Unit]:

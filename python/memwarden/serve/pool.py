@@ -273,7 +273,7 @@ class ModelPool:
         costs outweighs the demand of a busier model, so no model starves behind another
         and a waiting model's demand overtakes an idle one's within log2 of their ratio
         load times. The unit is capped by the demand half-life and floored at 10 ms."""
-        loaded = {s.name for s in self.registry.states() if s.status in ("loaded", "loading")}
+        loaded = self._on_device()
         now = time.monotonic()
         pending = {}
         for name, waits in self._waiting.items():
@@ -305,9 +305,10 @@ class ModelPool:
             if books.pieces is not None:  # one allocation, a copy per piece
                 restored = books.pieces[:len(books.pieces) - host_layers]
                 restore_together(restored, self.device)
-                if host_layers:
+                if host_layers:  # a new placement: an earlier failed promotion says nothing of it
                     books.offloader = AutomaticOffloader(books.engine.model, device=self.device,
                                                          parked=books.pieces[-host_layers:])
+                    books.promotion_failed_beside = None
                 else:
                     books.pieces = None
             else:
@@ -351,6 +352,9 @@ class ModelPool:
         books.swaps_out += 1
         books.bytes_out += sum(piece.nbytes for piece in on_device)
 
+    def _on_device(self) -> frozenset:
+        return frozenset(s.name for s in self.registry.states() if s.status in ("loaded", "loading"))
+
     def _promote(self, name: str) -> None:
         """Bring an idle model's host layers back onto the device when the budget has room
         for them, once the models :func:`should_promote_model` names give way. Out of
@@ -359,8 +363,7 @@ class ModelPool:
         books = self._models[name]
         if self.registry.state(name).running:
             return  # its forwards read the layers the offloader streams
-        on_device = frozenset(s.name for s in self.registry.states() if s.status in ("loaded", "loading"))
-        if books.promotion_failed_beside == on_device:
+        if books.promotion_failed_beside == self._on_device():
             return
         decision = should_promote_model(self.registry, name, self.weights_budget)
         if not decision.swap_in:
@@ -376,8 +379,7 @@ class ModelPool:
             books.pieces = books.offloader = books.promotion_failed_beside = None
         elif action.error:  # out of memory: the rest stay in host memory, the model still runs
             self.out_of_memory += 1
-            books.promotion_failed_beside = frozenset(s.name for s in self.registry.states()
-                                                      if s.status in ("loaded", "loading"))
+            books.promotion_failed_beside = self._on_device()
 
 
 def _collect_garbage(_nbytes: int) -> bool:
