@@ -48,12 +48,12 @@ def vllm():
 
 
 @contextmanager
-def running_gateway(vllm):
-    """memwarden serve --upstream in front of ``vllm``, in this process (degradation off:
-    every request is forwarded as asked)."""
+def running_gateway(vllm, policy: str = "memwarden"):
+    """memwarden serve --upstream in front of ``vllm``, in this process, under the admission
+    ``policy`` (degradation off: every request is forwarded as asked)."""
     config = MemwardenConfig.load(env={}, overrides={
         "server.port": 0, "server.upstream": vllm.url, "server.upstream_model": vllm.model,
-        "server.upstream_poll_interval": 0.2, "admission.policy": "memwarden",
+        "server.upstream_poll_interval": 0.2, "admission.policy": policy,
         "admission.queue_timeout": 120.0, "degradation.enabled": False,
         "sessions.per_session_limit": SESSION_LIMIT})
     server = Server(config)
@@ -181,9 +181,9 @@ def test_an_overload_burst_behind_memwarden_loses_nothing_and_preempts_less(vllm
         assert direct == [(200, BURST_OUTPUT, None)] * BURST
         if middle > before:
             break
-    # a gateway of its own: its output estimate has seen only this burst, not the short
-    # answers of the tests above
-    with running_gateway(vllm) as gateway:
+    # lookahead, the policy for vLLM: memwarden's learnt estimate, when a request outgrows
+    # it with no room left, overcommits vLLM (it cannot preempt there) and vLLM may preempt
+    with running_gateway(vllm, "lookahead") as gateway:
         through = burst(gateway, vllm)
     after = preemptions(vllm)
     # none lost or refused; memwarden may shrink a request to what fits (shrunk_to_fit),
