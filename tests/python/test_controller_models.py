@@ -317,6 +317,18 @@ def test_a_parked_model_that_does_not_fit_comes_back_with_layers_left_in_host_me
         assert SWAP_POLICIES[policy](partial_setup(), {"y": 1}, 20 * GiB).host_layers == {}
 
 
+def test_a_parked_model_waits_for_a_busy_model_to_drain_rather_than_run_partly_from_host_memory():
+    reg = partial_setup()
+    clock = reg._clock
+    clock.now += 3600  # x's demand has faded to its one running request: y's 5 outweigh it per byte
+    reg.begin_request("x")
+    d = should_swap_models(reg, {"y": 5}, 20 * GiB)
+    assert (d.swap_out, d.swap_in, d.drain, d.host_layers) == ([], [], ["x"], {})
+    reg.end_request("x")
+    d = should_swap_models(reg, {"y": 5}, 20 * GiB)
+    assert (d.swap_out, d.swap_in, d.host_layers) == (["x"], ["y"], {})
+
+
 def test_a_model_with_host_layers_is_promoted_when_room_is_made_by_the_eviction_rules():
     reg = partial_setup()
     reg.mark_loading("y")

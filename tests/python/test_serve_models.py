@@ -157,6 +157,36 @@ def test_a_busy_model_is_never_moved():
         server.stop(thread)
 
 
+def test_a_loaded_model_answers_while_another_model_is_built(never_left):
+    """A build runs without the pool's lock: tiny (loaded) answers while small's weights are
+    being made, and small answers once they are."""
+    pool = ModelPool.from_config(config())
+    building, finish = threading.Event(), threading.Event()
+    books = pool._models[SMALL]
+    build = books.build
+
+    def slow_build():
+        building.set()
+        assert finish.wait(30), "the test never let the build finish"
+        return build()
+
+    books.build = slow_build
+    answers = {}
+    loader = threading.Thread(target=lambda: answers.setdefault(SMALL, answer(pool, SMALL)))
+    try:
+        loader.start()
+        assert building.wait(30)
+        assert pool.registry.state(SMALL).status == "loading"
+        assert answer(pool, TINY) == never_left[TINY]  # would wait for the build under the lock
+        finish.set()
+        loader.join(30)
+        assert answers[SMALL] == never_left[SMALL] and pool.registry.state(SMALL).status == "loaded"
+    finally:
+        finish.set()
+        loader.join(30)
+        pool.close()
+
+
 @pytest.mark.parametrize("policy, served_base", [("never", False), ("memwarden", True)])
 def test_stand_in_device_out_of_memory_only_without_unloading(policy, served_base):
     # memwarden's host pool limited to 15.5 MiB is the device: tiny and small (5 MiB) fit,

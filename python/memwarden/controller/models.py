@@ -616,7 +616,8 @@ def _plan_swaps(budget: int, candidates: list, resident: list, blocker: Callable
     chosen to go (kept-alive ones that expired); the caller removed them from ``resident``.
     ``drain_busy``: for the first candidate refused only because models serve requests,
     name those models in ``drain``. ``partial``: a refused candidate parked in host memory
-    is taken with the fewest decoder layers left there that make it fit what is free.
+    is taken with the fewest decoder layers left there that make it fit what is free --
+    unless draining (``drain_busy``) would make room for it whole.
     ``spare``: see :func:`_give_way`."""
     resident = list(resident)
     swap_out, swap_in, refusals, drain, host_layers = list(swap_out), [], [], [], {}
@@ -627,7 +628,9 @@ def _plan_swaps(budget: int, candidates: list, resident: list, blocker: Callable
         victims, blockers = _give_way(resident, cand, short, slots_short, blocker, spare)
         freed = sum(v.footprint_bytes for v in victims)
         if freed < short or len(victims) < slots_short:
-            layers = _layers_to_leave(cand, free) if partial else None
+            # running requests end soon: waiting for them beats streaming layers for a while
+            to_drain = _to_drain(resident, cand, short, slots_short, blocker) if drain_busy else []
+            layers = _layers_to_leave(cand, free) if partial and not to_drain else None
             if layers is not None:
                 host_layers[cand.name] = layers
                 swap_in.append(cand.name)
@@ -637,8 +640,7 @@ def _plan_swaps(budget: int, candidates: list, resident: list, blocker: Callable
             need = (f"needs {format_bytes(short)} more than is free (budget {format_bytes(budget)})" if freed < short
                     else f"needs one of {max_loaded} model slots")
             refusals.append(f"{cand.name} {need}: {why}")
-            if drain_busy and not drain:
-                drain = _to_drain(resident, cand, short, slots_short, blocker)
+            drain = drain or to_drain
             continue
         for victim in victims:
             resident.remove(victim)

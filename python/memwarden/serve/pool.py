@@ -34,6 +34,7 @@ layers. Never :mod:`memwarden.serve.app` or :mod:`memwarden.cli`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
@@ -85,7 +86,7 @@ class _Model:
     pieces: Optional[list] = None
     offloader: Optional[AutomaticOffloader] = None  # runs the layers left in host memory
     promotion_failed_beside: Optional[frozenset] = None  # the models on the device when bringing them back failed
-    load_seconds: float = 1.0  # how long its last load took (before any: a guess)
+    load_seconds: Optional[float] = None  # how long its last load took (None before the first)
     swaps_in: int = 0
     swaps_out: int = 0
     bytes_in: int = 0
@@ -278,9 +279,22 @@ class ModelPool:
         pending = {}
         for name, waits in self._waiting.items():
             if waits and name not in loaded:
-                unit = min(max(self._models[name].load_seconds, _MIN_AGING_S), self._half_life)
+                unit = min(max(self._expected_load_seconds(name), _MIN_AGING_S), self._half_life)
                 pending[name] = sum(math.ceil(2 ** min((now - since) / unit, 60.0)) for since in waits)
         return pending
+
+    def _expected_load_seconds(self, name: str) -> float:
+        """``name``'s last load time; before its first, its bytes at the seconds per byte of
+        the loads measured so far (one second when there were none)."""
+        seconds = self._models[name].load_seconds
+        if seconds is not None:
+            return seconds
+        measured = [(books.load_seconds, self.registry.state(other).weights_footprint_bytes)
+                    for other, books in self._models.items() if books.load_seconds is not None]
+        if not measured:
+            return 1.0
+        per_byte = sum(s for s, _ in measured) / max(sum(n for _, n in measured), 1)
+        return per_byte * self.registry.state(name).weights_footprint_bytes
 
     def _carry_out(self, decision, wanted: str) -> None:
         for name in decision.swap_out:
@@ -290,31 +304,34 @@ class ModelPool:
             if error is not None and name == wanted:
                 raise ModelUnavailable("out_of_memory", f"loading model {name!r} ran out of device memory: {error}")
 
-    # ---- moves (under the lock) -------------------------------------------------------
+    # ---- moves (under the lock, which a load lets go of while it copies) ----------------
 
     def _load(self, name: str, host_layers: int = 0) -> Optional[str]:
         """Bring ``name`` onto the device (restore it when parked, but its last
         ``host_layers`` decoder layers, which an offloader then runs from host memory; else
         build it); the error when the device runs out of memory, which leaves it unloaded
-        (and parked, if it was)."""
+        (and parked, if it was). The copy or build runs with the lock let go: requests to
+        the loaded models go on meanwhile, and the registry's ``loading`` keeps the bytes."""
         books = self._models[name]
         self.registry.mark_loading(name)
         started = time.monotonic()
-        restored = []
+        pieces = books.pieces
+        restored = pieces[:len(pieces) - host_layers] if pieces is not None else []
         try:
-            if books.pieces is not None:  # one allocation, a copy per piece
-                restored = books.pieces[:len(books.pieces) - host_layers]
-                restore_together(restored, self.device)
-                if host_layers:  # a new placement: an earlier failed promotion says nothing of it
-                    books.offloader = AutomaticOffloader(books.engine.model, device=self.device,
-                                                         parked=books.pieces[-host_layers:])
-                    books.promotion_failed_beside = None
+            with self._unlocked():
+                if pieces is not None:  # one allocation, a copy per piece
+                    restore_together(restored, self.device)
                 else:
-                    books.pieces = None
-            else:
-                model = books.build()
-                model.set_attn_implementation(ATTENTION_NAME)
+                    model = books.build()
+                    model.set_attn_implementation(ATTENTION_NAME)
+            if pieces is None:
                 books.engine.model = model
+            elif host_layers:  # a new placement: an earlier failed promotion says nothing of it
+                books.offloader = AutomaticOffloader(books.engine.model, device=self.device,
+                                                     parked=pieces[-host_layers:])
+                books.promotion_failed_beside = None
+            else:
+                books.pieces = None
         except torch.OutOfMemoryError as exc:  # before any piece was repointed: still parked
             self.out_of_memory += 1
             error = str(exc).splitlines()[0]
@@ -324,11 +341,20 @@ class ModelPool:
             self.registry.mark_loaded(name, measured_bytes=nbytes, host_layers=host_layers)
             books.swaps_in += 1
             books.bytes_in += sum(piece.nbytes for piece in restored) if restored else nbytes
+            self._cond.notify_all()  # its other waiters need not wait for their next poll
             return None
         # the half-made model is held by the traceback's reference cycles: free it now
         gc.collect()
         self.registry.mark_unloaded(name)
         return error
+
+    @contextlib.contextmanager
+    def _unlocked(self):
+        self._cond.release()
+        try:
+            yield
+        finally:
+            self._cond.acquire()
 
     def _evict(self, name: str) -> None:
         """Park ``name`` in host memory when the host budget has room, else unload it."""
