@@ -19,7 +19,9 @@ moved (onto and off the device), p50/p99 latency from each request's arrival, go
 (requests answered per second of trace), OOMs and other refusals; the ratios are
 memwarden's over each baseline's. A short warm-up replay comes first (not counted). With
 ``--repeats N`` the policies are replayed N times, interleaved, each repeat starting with
-the next policy, and each figure is the median of its runs (OOMs and refusals: summed).
+the next policy, and each figure is the median of its runs (OOMs and refusals: summed);
+``pooled`` is the p99 of all runs' requests together, which the p99 goal compares (a
+run's p99 is its third-worst request, and moves by half from run to run).
 
 Offloader. A larger Llama (hidden 512, 8 layers; --quick 4) in memwarden's pool:
 ``AutomaticOffloader`` moves half its layers to host memory; peak pool bytes and forward
@@ -131,7 +133,8 @@ def replay(policy: str, trace: list, clients: int, timing: dict) -> dict:
         if code is not None:
             refusals[code] = refusals.get(code, 0) + 1
     return {"policy": policy, "requests": len(trace), "served": len(served), "swaps": swaps, "bytes_moved": moved,
-            "p50_s": _quantile(served, 0.50), "p99_s": _quantile(served, 0.99), "goodput_rps": len(served) / wall,
+            "p50_s": _quantile(served, 0.50), "p99_s": _quantile(served, 0.99), "latencies_s": served,
+            "goodput_rps": len(served) / wall,
             "ooms": refusals.get("out_of_memory", 0), "load_ooms": end_stats["out_of_memory"],
             "refusals": refusals, "wall_s": wall}
 
@@ -150,6 +153,8 @@ def _median_row(rows: list) -> dict:
         for code, count in r["refusals"].items():
             row["refusals"][code] = row["refusals"].get(code, 0) + count
     row["each"] = {key: [r[key] for r in rows] for key in ("swaps", "bytes_moved", "p99_s")}
+    # a run's p99 is its third-worst request: over all runs' requests the tail has a few times the samples
+    row["pooled_p99_s"] = _quantile(sorted(x for r in rows for x in r["latencies_s"]), 0.99)
     return row
 
 
@@ -290,10 +295,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the server's requests run in threads of their own
     rate = args.rate or (15.0 if args.quick else 12.0)  # what two shared cores sustain for 24 s
     phase = args.phase or (2.0 if args.quick else 8.0)
-    # memwarden's time constants scaled to the trace: demand halves in a fortieth of a phase
-    # (longer: fewer swaps, but the requests of a model that is not loaded wait longer), and
-    # no minimum residency: a parked model comes back in a copy of tens of milliseconds
-    timing = {"half_life": phase / 40, "min_residency": 0.0}
+    # memwarden's time constants scaled to the trace: demand halves in an eighth of a phase
+    # (a fortieth: a couple of requests to small outweighed base, the phase's favourite, per
+    # byte, and base ran from host memory; 46 swaps, not 28), and no minimum residency: a
+    # parked model comes back in a copy of a few milliseconds
+    timing = {"half_life": phase / 8, "min_residency": 0.0}
     trace = shifting_zipf_trace(len(PHASE_RANKINGS), phase, rate)
     replay("lru", trace[:30], args.clients, timing)  # warm-up, not counted: the process's first builds are slower
     runs: dict = {policy: [] for policy in POLICIES}
@@ -303,7 +309,8 @@ def main(argv=None) -> int:
     rows = [_median_row(runs[policy]) for policy in POLICIES]
     by_policy = {row["policy"]: row for row in rows}
     mine = by_policy["memwarden"]
-    ratios = {base: {key: _ratio(mine[key], by_policy[base][key]) for key in ("swaps", "bytes_moved", "p99_s")}
+    ratios = {base: {key: _ratio(mine[key], by_policy[base][key])
+                     for key in ("swaps", "bytes_moved", "p99_s", "pooled_p99_s")}
               for base in BASELINES}
     offload = offloader_section(4 if args.quick else 8, 3 if args.quick else 7)
     parking = parking_section(3 if args.quick else 10)
@@ -311,12 +318,12 @@ def main(argv=None) -> int:
     print(f"shifting Zipf trace: {len(trace)} requests over {len(PHASE_RANKINGS)} phases of {phase:g} s, "
           f"{rate:g}/s; weights budget {WEIGHTS_BUDGET}, stand-in device {DEVICE_LIMIT}")
     print(f"{'policy':>10} {'served':>7} {'swaps':>6} {'MiB moved':>10} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'goodput/s':>10} {'OOMs':>5}  other refusals")
+          f"{'pooled':>7} {'goodput/s':>10} {'OOMs':>5}  other refusals")
     for row in rows:
         other = {k: v for k, v in row["refusals"].items() if k != "out_of_memory"}
         print(f"{row['policy']:>10} {row['served']:>4}/{row['requests']:<3}{row['swaps']:>5} "
               f"{row['bytes_moved'] / 2**20:10.1f} {_ms(row['p50_s']):>8} {_ms(row['p99_s']):>8} "
-              f"{row['goodput_rps']:10.2f} {row['ooms']:>5}  {other or '-'}")
+              f"{_ms(row['pooled_p99_s']):>7} {row['goodput_rps']:10.2f} {row['ooms']:>5}  {other or '-'}")
     for base, r in ratios.items():
         shown = "  ".join(f"{k} x{v:.2f}" if v is not None else f"{k} -" for k, v in r.items())
         print(f"memwarden / {base}: {shown}")
@@ -333,7 +340,8 @@ def main(argv=None) -> int:
     goals = {"no_ooms": mine["ooms"] == 0 and mine["load_ooms"] == 0,
              "fewer_swaps": all(mine["swaps"] < by_policy[b]["swaps"] for b in BASELINES),
              "fewer_bytes": all(mine["bytes_moved"] < by_policy[b]["bytes_moved"] for b in BASELINES),
-             "p99_no_worse": all(r["p99_s"] is not None and r["p99_s"] <= 1.0 for r in ratios.values()),
+             "p99_no_worse": all(r["pooled_p99_s"] is not None and r["pooled_p99_s"] <= 1.0
+                                 for r in ratios.values()),
              "restore_bandwidth": offload["restore_vs_copy"] >= RESTORE_GOAL,
              "outputs_identical": offload["outputs_identical"]}
     print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))

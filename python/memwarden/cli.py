@@ -194,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="KV cache budget, e.g. 2GiB (default 512MiB); with several models, their weights' budget")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need allow_remote)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--policy", default=None, help="admission policy: memwarden, reserve, optimistic, admit_all")
+    p.add_argument("--policy", default=None, help="admission policy: memwarden, reserve, optimistic, admit_all, "
+                   "lookahead (for --upstream vLLM)")
     p.add_argument("--config", default=None, help="a TOML file of settings (see docs/serve.md)")
     p.add_argument("--max-requests", type=int, default=None, help="stop after this many responses")
     p.add_argument("--print-config", action="store_true", help="print the effective settings and their sources")

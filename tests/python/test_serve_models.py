@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -185,6 +186,39 @@ def test_a_loaded_model_answers_while_another_model_is_built(never_left):
         finish.set()
         loader.join(30)
         pool.close()
+
+
+def test_a_request_that_waited_its_models_load_time_outweighs_any_demand():
+    """Ski rental: once the oldest waiting request of a model has waited as long as that
+    model takes to load (its last load; before any, its bytes at the pool's measured
+    seconds per byte), the model outranks every idle one, however busy per byte."""
+    pool = ModelPool.from_config(config(**{"server.demand_half_life": 600.0}))
+    try:
+        for _ in range(10):
+            answer(pool, SMALL)  # small: ten requests' demand that barely fades
+        now = time.monotonic()
+        tiny, small = pool._models[TINY], pool._models[SMALL]
+        per_byte = (tiny.load_seconds + small.load_seconds) / (
+            pool.registry.state(TINY).weights_footprint_bytes + pool.registry.state(SMALL).weights_footprint_bytes)
+        assert pool._models[BASE].load_seconds is None
+        assert pool._expected_load_seconds(BASE) == pytest.approx(
+            per_byte * pool.registry.state(BASE).weights_footprint_bytes)
+        pool._models[BASE].load_seconds = 0.25
+        pool._waiting[BASE] = [now - 0.2, now]  # the oldest has waited 0.2 s of base's 0.25
+        assert pool._overdue_at(BASE) == pytest.approx(now + 0.05)
+        assert pool._pending() == {BASE: 2}
+        assert should_swap(pool, {BASE: 2}).swap_in == []  # small is busier per byte
+        pool._waiting[BASE] = [now - 0.3, now]
+        pending = pool._pending()
+        assert pending[BASE] > 2**59
+        assert should_swap(pool, pending).swap_out == [SMALL]
+    finally:
+        pool._waiting[BASE] = []
+        pool.close()
+
+
+def should_swap(pool, pending):
+    return SWAP_POLICIES["memwarden"](pool.registry, pending, pool.weights_budget)
 
 
 @pytest.mark.parametrize("policy, served_base", [("never", False), ("memwarden", True)])

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -64,7 +63,8 @@ EMBEDDED_MODELS = {
 MODEL_STATES = {"unloaded": 0, "offloaded": 1, "loaded": 2, "loading": 3}  # memwarden:model_state values
 UNBOUNDED = 2**62  # a budget no model reaches
 _POLL_S = 0.05  # a waiting request asks again this often (minimum residencies expire unannounced)
-_MIN_AGING_S = 0.01  # the shortest wait that doubles a waiting request's weight
+_MIN_AGING_S = 0.01  # the shortest wait that makes a request overdue
+_OVERDUE = 2**60  # an overdue model's pending count: past any demand
 
 
 class ModelUnavailable(Exception):
@@ -247,7 +247,9 @@ class ModelPool:
                     if remaining <= 0:
                         raise ModelUnavailable("model_load_timeout", f"model {name!r} could not be loaded within "
                                                f"{self.load_timeout:g} s: {decision.reason}", retry_after=1.0)
-                    self._cond.wait(min(remaining, _POLL_S))
+                    # ask again when its requests become overdue, or after a poll
+                    overdue_in = self._overdue_at(name) - time.monotonic()
+                    self._cond.wait(min(remaining, _POLL_S, overdue_in if overdue_in > 0 else _POLL_S))
                 self.registry.begin_request(name)  # from here the model stays, even while the request queues
             finally:
                 self._waiting[name].remove(since)
@@ -269,19 +271,21 @@ class ModelPool:
             self._cond.notify_all()
 
     def _pending(self) -> dict:
-        """Waiting requests of the models not loaded, each counted 2 ** (its wait in units
-        of the model's last load time): a request that has waited a few times what a swap
-        costs outweighs the demand of a busier model, so no model starves behind another
-        and a waiting model's demand overtakes an idle one's within log2 of their ratio
-        load times. The unit is capped by the demand half-life and floored at 10 ms."""
+        """Waiting requests of the models not loaded, by model: their count, or past every
+        demand (:data:`_OVERDUE`) once the oldest has waited its model's load time --
+        waiting longer than a swap takes is never cheaper than swapping (ski rental), so
+        no request waits much longer than that for a model that idle ones could make room
+        for, and no model starves behind a busier one."""
         loaded = self._on_device()
         now = time.monotonic()
-        pending = {}
-        for name, waits in self._waiting.items():
-            if waits and name not in loaded:
-                unit = min(max(self._expected_load_seconds(name), _MIN_AGING_S), self._half_life)
-                pending[name] = sum(math.ceil(2 ** min((now - since) / unit, 60.0)) for since in waits)
-        return pending
+        return {name: len(waits) + (_OVERDUE if now >= self._overdue_at(name) else 0)
+                for name, waits in self._waiting.items() if waits and name not in loaded}
+
+    def _overdue_at(self, name: str) -> float:
+        """When ``name``'s oldest waiting request has waited its model's load time (capped
+        by the demand half-life, at least 10 ms)."""
+        unit = min(max(self._expected_load_seconds(name), _MIN_AGING_S), self._half_life)
+        return min(self._waiting[name]) + unit
 
     def _expected_load_seconds(self, name: str) -> float:
         """``name``'s last load time; before its first, its bytes at the seconds per byte of
