@@ -217,8 +217,8 @@ def test_only_answers_a_stream_joins_faithfully_are_assembled(gateway, fake, pat
     assert answer == json.loads(post(fake.url + path, {"model": MODEL, **request_body})[2])
 
 
-@pytest.mark.parametrize("policy,assembled", [("reserve", False), ("admit_all", False), ("lookahead", True),
-                                              ("optimistic", True)])
+@pytest.mark.parametrize("policy,assembled", [("reserve", False), ("admit_all", False), ("lookahead", False),
+                                              ("optimistic", True), ("memwarden", True)])
 def test_whole_answers_are_streamed_from_the_upstream_only_for_policies_that_follow_output(fake, model_config,
                                                                                            policy, assembled):
     server, thread = start(fake, model_config, **{"admission.policy": policy})
@@ -231,6 +231,51 @@ def test_whole_answers_are_streamed_from_the_upstream_only_for_policies_that_fol
         assert answer == json.loads(post(fake.url + path, {"model": MODEL, **request_body})[2])
     finally:
         server.stop(thread)
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lookahead_paces_whole_answers_and_admits_on_the_progress_paced():
+    """A whole answer's output is counted at the pace of those finished before it (tokens
+    over seconds since admission), one short of its end; the projection admits on it."""
+    from memwarden.controller.traffic import Rejected
+    from memwarden.serve.gateway import UpstreamTrafficController
+
+    config = MemwardenConfig.load(env={}, overrides={"admission.policy": "lookahead", "admission.queue_limit": 0,
+                                                     "degradation.enabled": False})
+    clock = _Clock()
+    controller = UpstreamTrafficController(config, 200, 1, clock=clock, can_preempt=False)
+    first = controller.acquire(None, 10, 100)
+    controller.pace(first)
+    clock.now = 2.0
+    controller.estimate_progress()
+    assert first.generated == 0  # no answer has finished yet: no pace to count by
+    controller.paced(first, 100)  # 100 tokens in 2 s: 50 a second
+    assert first.generated == 100
+    controller.release(first)
+    running = controller.acquire(None, 10, 100)
+    controller.pace(running)
+    # unpaced, it would hold 10 + t tokens for 100 more steps: with a newcomer of the same
+    # size the peak is 220 > 200, so the newcomer is refused (no queue)
+    with pytest.raises(Rejected, match="pool_full"):
+        controller.acquire(None, 10, 100)
+    clock.now = 3.75  # 1.75 s at 50 a second: 87 tokens made, 13 to go
+    newcomer = controller.acquire(None, 10, 100)  # peak max(97 + 13 + 10 + 13, 10 + 100) = 133
+    assert running.generated == 87 and newcomer.generated == 0
+    clock.now = 60.0
+    controller.estimate_progress()
+    assert running.generated == 99  # one short of its end until its answer comes
+    controller.release(running)  # an answer that failed: it is paced no more
+    clock.now = 120.0
+    controller.estimate_progress()
+    assert running.generated == 99
+    controller.release(newcomer)
 
 
 def test_chat_stream_passes_chunk_by_chunk(gateway, fake):

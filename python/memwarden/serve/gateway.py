@@ -16,14 +16,19 @@ controller counts:
   final usage chunk is dropped again when the client did not ask for it). A stream
   reports each chunk with text as it passes, so a stream whose reservation runs out with
   no room left is stopped there (``finish_reason: "length"``; closing the stream aborts it
-  upstream). Under a policy that follows output as it grows (``memwarden``,
-  ``lookahead``, ``optimistic``) a whole response is streamed from the upstream too and
+  upstream). Under a policy that stops a request whose output outgrows the pool
+  (``memwarden``, ``optimistic``) a whole response is streamed from the upstream too and
   assembled here into the JSON answer the upstream would have sent, so it is counted and
   stopped the same way (``reserve`` and ``admit_all`` need no progress, and a stream costs
   the upstream's server a chunk a token) -- where that answer is just the stream's text joined: one choice (``n`` is 1), no
   ``logprobs``, ``top_logprobs``, ``echo`` or ``best_of``, and for a chat no ``tools``,
   ``tool_choice``, ``functions`` or ``response_format``. Any other is forwarded whole and
-  counted when it arrives;
+  counted when it arrives. ``lookahead`` reserves a whole request and needs its progress
+  only to project the peak: a whole answer is forwarded whole and *paced* -- counted, as
+  it runs, at the output tokens a second (since admission) of the whole answers finished
+  before it, one token short of its end until it arrives. vLLM advances its running
+  requests together, so the pace is nearly the same for all; it counts the queue and the
+  prefill in, so it errs on the slow side;
 * **pressure**: the larger of what it admitted (reserved / budget) and the upstream's
   ``vllm:kv_cache_usage_perc``, read every ``server.upstream_poll_interval`` seconds --
   traffic that reaches the upstream by another way degrades requests here too. Each read
@@ -48,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -72,6 +78,7 @@ __all__ = ["UpstreamModel", "UpstreamTrafficController", "build_gateway", "creat
 _COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's and vLLM's max_tokens when a completion names none
 _BYTES_PER_TOKEN_GUESS = 4  # text without a tokenizer: a token per 4 bytes of UTF-8
 _DECIDING_THREADS = 8  # admission threads beyond the queue's: requests being decided, not waiting
+_PACE_WEIGHT = 0.1  # of the newest finished answer in the pace paced answers are counted at
 
 
 class GatewayCompletionRequest(CompletionRequest):
@@ -92,12 +99,58 @@ class GatewayChatRequest(ChatCompletionRequest):
 
 
 class UpstreamTrafficController(TrafficController):
-    """The controller whose pressure is also the upstream's own KV usage (see the module doc)."""
+    """The controller whose pressure is also the upstream's own KV usage, and which paces
+    the whole answers it does not see grow (see the module doc)."""
 
     upstream_usage = 0.0  # vllm:kv_cache_usage_perc at the last read
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._paced: dict[str, Ticket] = {}  # whole answers in flight, by request id
+        self._pace_lock = threading.Lock()
+        # decayed sums over finished paced answers: their output tokens and upstream seconds
+        self._paced_tokens = self._paced_seconds = 0.0
+
     def pressure(self) -> float:
         return max(super().pressure(), self.upstream_usage)
+
+    def acquire(self, *args, **kwargs) -> Ticket:
+        self.estimate_progress()  # each decision sees the paced answers where they are now
+        return super().acquire(*args, **kwargs)
+
+    def release(self, ticket: Ticket) -> None:
+        with self._pace_lock:
+            self._paced.pop(ticket.request_id, None)
+        self.estimate_progress()  # the queue's head is admitted against where the others are
+        super().release(ticket)
+
+    def pace(self, ticket: Ticket) -> None:
+        """Count ``ticket``'s output by the upstream's pace until :meth:`paced` says it is done."""
+        with self._pace_lock:
+            self._paced[ticket.request_id] = ticket
+
+    def paced(self, ticket: Ticket, generated: int) -> None:
+        """``ticket``'s answer came with ``generated`` output tokens: report them, and let
+        its pace (tokens over seconds since admission) count in the next estimates."""
+        with self._pace_lock:
+            self._paced.pop(ticket.request_id, None)
+            seconds = self._clock() - ticket.started
+            if generated > 0 and seconds > 0:
+                self._paced_tokens = self._paced_tokens * (1 - _PACE_WEIGHT) + generated
+                self._paced_seconds = self._paced_seconds * (1 - _PACE_WEIGHT) + seconds
+            _account(self, ticket, generated)
+
+    def estimate_progress(self) -> None:
+        """Report each paced answer's output so far as the upstream's pace since it was
+        admitted (the queue and prefill inside, so it errs on the slow side), short of its
+        last token: it holds its memory until its answer says it is done."""
+        with self._pace_lock:
+            if not self._paced_seconds:
+                return
+            per_second = self._paced_tokens / self._paced_seconds
+            now = self._clock()
+            for ticket in self._paced.values():
+                _account(self, ticket, min(int(per_second * (now - ticket.started)), ticket.max_tokens - 1))
 
 
 @dataclass
@@ -185,6 +238,7 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
 
     def on_read(metrics: EngineMetrics) -> None:
         controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
+        controller.estimate_progress()
         controller.sessions.evict_idle()  # the poll is the gateway's clock tick
 
     tokenizer = _local_tokenizer(server.upstream_model)
@@ -254,7 +308,8 @@ _WHOLE_ONLY = ("logprobs", "top_logprobs", "echo", "best_of")
 _WHOLE_ONLY_CHAT = ("tools", "tool_choice", "functions", "response_format")
 
 
-_FOLLOWS_OUTPUT = ("memwarden", "lookahead", "optimistic")  # policies whose decisions read progress
+_FOLLOWS_OUTPUT = ("memwarden", "optimistic")  # policies that stop a request whose output outgrows the pool
+_PACED = ("lookahead",)  # reserves the whole request, and projects its peak from the progress paced
 
 
 def _assembles(payload: dict, chat: bool, policy: str) -> bool:
@@ -309,7 +364,7 @@ class _Admitted:
 
 # ---- the app ---------------------------------------------------------------------------------
 
-def create_gateway(model: UpstreamModel, controller: TrafficController,
+def create_gateway(model: UpstreamModel, controller: UpstreamTrafficController,
                    on_response: Optional[Callable[[], None]] = None) -> FastAPI:
     """The app in front of ``model.upstream``; ``on_response`` as for ``create_app``."""
     from prometheus_client import Gauge
@@ -397,9 +452,16 @@ def create_gateway(model: UpstreamModel, controller: TrafficController,
                 admitted.events = await upstream.events(path, forward)
                 answer = await _assemble(admitted, chat)
             else:
+                paced = controller.admission.policy in _PACED
+                if paced:
+                    controller.pace(ticket)
                 answer = await upstream.complete(path, forward)
                 # no usage: count the most it may have made, so the estimate errs on the safe side
-                _account(controller, ticket, _completion_tokens(answer, ticket.max_tokens))
+                generated = _completion_tokens(answer, ticket.max_tokens)
+                if paced:
+                    controller.paced(ticket, generated)
+                else:
+                    _account(controller, ticket, generated)
         except UpstreamError as e:
             await admitted.close()
             return upstream_error_response(e)
