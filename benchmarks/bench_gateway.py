@@ -3,7 +3,7 @@
     PYTHONPATH=python python benchmarks/bench_gateway.py [--quick] [--requests N] [--json PATH]
     PYTHONPATH=python python benchmarks/bench_gateway.py --vllm http://127.0.0.1:8000 [--upstream-model DIR]
     PYTHONPATH=python python benchmarks/bench_gateway.py --vllm-managed [--requests N --rate R --seed S]
-        [--cases vllm,reserve,lookahead,memwarden,optimistic] [--json PATH] [--plot PATH]
+        [--cases vllm,reserve,lookahead,lookahead-paced,memwarden,optimistic] [--json PATH] [--plot PATH]
 
 **Latency** (the default, ``--quick``, ``--vllm URL``): the median (and p90) of the same
 requests sent straight to the upstream and through the gateway, interleaved, for a text
@@ -23,8 +23,9 @@ blocks of 128), prefix caching off (the same prompts are sent once per case) -- 
 replays one overload trace (:mod:`memwarden.serve.trace`: Poisson arrivals, log-normal
 prompt and output lengths, Zipf sessions) against each case: ``vllm`` (the engine
 directly) and ``memwarden serve --upstream`` in front of it under the ``reserve``,
-``lookahead``, ``memwarden`` and ``optimistic`` admission policies (degradation off, so
-every case is asked for the same work). One vLLM serves every case: the figures of its own are the
+``lookahead``, ``memwarden`` and ``optimistic`` admission policies, and ``lookahead-paced``
+(``lookahead`` with ``server.upstream_pace``: whole answers paced, not streamed)
+(degradation off, so every case is asked for the same work). One vLLM serves every case: the figures of its own are the
 deltas of its counters over the case (``vllm:num_preemptions_total``, the
 ``vllm:request_queue_time_seconds`` and ``vllm:e2e_request_latency_seconds``
 histograms), and each case starts once vLLM is idle. Prompts are token ids (the server
@@ -66,7 +67,7 @@ VLLM_MODEL = os.path.join(ROOT, "build", "vllm-models", "llama-gqa")
 VLLM_KV_BYTES = 10 * 2**20  # 5,120 tokens of llama-gqa
 VLLM_MAX_MODEL_LEN = 1024
 VLLM_VOCAB = 2048  # scripts/setup-vllm.sh's tiny models
-CASES = ("vllm", "reserve", "lookahead", "memwarden", "optimistic")
+CASES = ("vllm", "reserve", "lookahead", "lookahead-paced", "memwarden", "optimistic")
 GOAL_POLICY = "lookahead"  # the admission policy for an engine that batches continuously: vLLM
 # prompt + max_tokens stays within the context of 1024
 OVERLOAD_TRACE = dict(prompt_median=200, prompt_max=500, output_median=150, max_tokens=(256, 512), sessions=8)
@@ -154,9 +155,12 @@ def _gateway_command(upstream: str, upstream_model: str, policy: str) -> list[st
             "--upstream-model", upstream_model, "--policy", policy]
 
 
-def _start_gateway(upstream: str, upstream_model: str, policy: str, env: dict,
+def _start_gateway(upstream: str, upstream_model: str, case: str, env: dict,
                    stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
-    proc, line = _spawn(_gateway_command(upstream, upstream_model, policy), {**env, **GATEWAY_ENV}, stderr)
+    """The gateway of ``case``: a policy, or ``lookahead-paced`` (``server.upstream_pace``)."""
+    policy, _, variant = case.partition("-")
+    paced = {"MEMWARDEN_SERVER_UPSTREAM_PACE": "true"} if variant == "paced" else {}
+    proc, line = _spawn(_gateway_command(upstream, upstream_model, policy), {**env, **GATEWAY_ENV, **paced}, stderr)
     return proc, "http://" + re.search(r"on http://(\S+)", line).group(1)
 
 
@@ -318,14 +322,14 @@ def _fmt(value, digits: int = 2) -> str:
 
 def overload_table(results: dict) -> str:
     base = results.get("vllm")
-    head = (f"{'case':<11} {'done':>5} {'trunc':>5} {'lost':>4} {'rej':>4} {'preempt':>7} {'x vllm':>6} "
+    head = (f"{'case':<15} {'done':>5} {'trunc':>5} {'lost':>4} {'rej':>4} {'preempt':>7} {'x vllm':>6} "
             f"{'goodput':>8} {'x vllm':>6} {'p50 s':>6} {'p99 s':>6} {'x vllm':>6} {'vq s':>5} {'gw s':>5}  rejections")
     lines = [head, "-" * len(head)]
     for case, r in results.items():
         def ratio(key):
             return _fmt(r[key] / base[key]) if base and base.get(key) and r.get(key) is not None else "-"
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected_by_reason"].items())) or "-"
-        lines.append(f"{case:<11} {r['completed']:>5} {r['truncated']:>5} {r['lost']:>4} {r['rejected']:>4} "
+        lines.append(f"{case:<15} {r['completed']:>5} {r['truncated']:>5} {r['lost']:>4} {r['rejected']:>4} "
                      f"{r['preemptions']:>7} {ratio('preemptions'):>6} {r['goodput_tok_s']:>8.1f} "
                      f"{ratio('goodput_tok_s'):>6} {_fmt(r['latency_p50_s']):>6} {_fmt(r['latency_p99_s']):>6} "
                      f"{ratio('latency_p99_s'):>6} {_fmt(r['vllm_queue_mean_s']):>5} "

@@ -12,7 +12,8 @@ Knobs (attributes, changed while it runs): ``mode`` -- ``"ok"``, ``"error"`` (50
 event is not JSON); ``delay`` seconds before answering, ``chunk_delay`` between events;
 ``pace``: a ``threading.Semaphore`` a stream takes a permit of before each word (None: no
 wait), so a test decides how far a stream has got; ``has_tokenize``; the metrics
-``kv_usage``, ``running``, ``waiting``, ``preemptions``; :meth:`stop` takes it down.
+``kv_usage``, ``running``, ``waiting``, ``preemptions``, ``first_token_sum`` and
+``first_token_count``; :meth:`stop` takes it down.
 ``received`` lists the bodies it was sent, ``client_ports`` the port each came from (one
 port for requests that shared a connection).
 """
@@ -52,6 +53,11 @@ vllm:e2e_request_latency_seconds_sum{{engine="0",model_name="{model}"}} 1.5
 vllm:e2e_request_latency_seconds_bucket{{engine="0",le="0.3",model_name="{model}"}} 2.0
 vllm:e2e_request_latency_seconds_bucket{{engine="0",le="+Inf",model_name="{model}"}} 3.0
 vllm:e2e_request_latency_seconds_count{{engine="0",model_name="{model}"}} 3.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_sum{{engine="0",model_name="{model}"}} {first_token_sum}
+vllm:time_to_first_token_seconds_bucket{{engine="0",le="+Inf",model_name="{model}"}} {first_token_count}
+vllm:time_to_first_token_seconds_count{{engine="0",model_name="{model}"}} {first_token_count}
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{{block_size="{block_size}",cache_dtype="auto",calculate_kv_scales="False",\
@@ -71,6 +77,7 @@ class FakeVLLM:
         self.mode, self.delay, self.chunk_delay, self.has_tokenize = "ok", 0.0, 0.0, True
         self.pace: Optional[threading.Semaphore] = None
         self.kv_usage, self.running, self.waiting, self.preemptions = 0.0, 0, 0, 0
+        self.first_token_sum, self.first_token_count = 0.0, 0  # vllm:time_to_first_token_seconds
         self.received: list[dict] = []
         self.client_ports: list[int] = []
         self.app = self._app()
@@ -94,7 +101,9 @@ class FakeVLLM:
     def metrics_text(self) -> str:
         return _METRICS.format(model=MODEL, running=float(self.running), waiting=float(self.waiting),
                                kv_usage=float(self.kv_usage), preemptions=float(self.preemptions),
-                               block_size=self.block_size, num_gpu_blocks=self.num_gpu_blocks)
+                               block_size=self.block_size, num_gpu_blocks=self.num_gpu_blocks,
+                               first_token_sum=float(self.first_token_sum),
+                               first_token_count=float(self.first_token_count))
 
     # -- the app -----------------------------------------------------------------------------
 

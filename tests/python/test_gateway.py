@@ -77,6 +77,7 @@ def reset(request):
         upstream.mode, upstream.delay, upstream.chunk_delay, upstream.has_tokenize = "ok", 0.0, 0.0, True
         upstream.pace = None
         upstream.kv_usage = upstream.running = upstream.waiting = upstream.preemptions = 0
+        upstream.first_token_sum, upstream.first_token_count = 0.0, 0
 
 
 def client(base):
@@ -114,7 +115,9 @@ def idle(server):
 def test_parse_vllm_metrics():
     fake = FakeVLLM(num_gpu_blocks=320, block_size=16)
     fake.kv_usage, fake.running, fake.waiting, fake.preemptions = 0.25, 3, 2, 5
+    fake.first_token_sum, fake.first_token_count = 1.75, 7
     parsed = parse_metrics(fake.metrics_text())
+    assert (parsed.first_token_seconds_sum, parsed.first_token_count) == (1.75, 7)
     assert (parsed.num_gpu_blocks, parsed.block_size, parsed.cache_dtype) == (320, 16, "auto")
     assert (parsed.kv_cache_usage_perc, parsed.num_requests_running, parsed.num_requests_waiting,
             parsed.num_preemptions_total) == (0.25, 3, 2, 5)
@@ -217,11 +220,13 @@ def test_only_answers_a_stream_joins_faithfully_are_assembled(gateway, fake, pat
     assert answer == json.loads(post(fake.url + path, {"model": MODEL, **request_body})[2])
 
 
-@pytest.mark.parametrize("policy,assembled", [("reserve", False), ("admit_all", False), ("lookahead", False),
-                                              ("optimistic", True), ("memwarden", True)])
+@pytest.mark.parametrize("policy,pace,assembled", [("reserve", False, False), ("admit_all", False, False),
+                                                   ("lookahead", False, True), ("lookahead", True, False),
+                                                   ("optimistic", False, True), ("memwarden", False, True),
+                                                   ("memwarden", True, True)])
 def test_whole_answers_are_streamed_from_the_upstream_only_for_policies_that_follow_output(fake, model_config,
-                                                                                           policy, assembled):
-    server, thread = start(fake, model_config, **{"admission.policy": policy})
+                                                                                           policy, pace, assembled):
+    server, thread = start(fake, model_config, **{"admission.policy": policy, "server.upstream_pace": pace})
     try:
         path, request_body = WHOLE[0]
         status, _, via = post(f"http://127.0.0.1:{server.port}" + path, request_body)
@@ -242,13 +247,14 @@ class _Clock:
 
 
 def test_lookahead_paces_whole_answers_and_admits_on_the_progress_paced():
-    """A whole answer's output is counted at the pace of those finished before it (tokens
-    over seconds since admission), one short of its end; the projection admits on it."""
+    """A whole answer's output is counted at the slowest pace of those finished before it
+    (tokens over seconds since admission less the time to a first token), one short of its
+    end; the projection admits on it."""
     from memwarden.controller.traffic import Rejected
     from memwarden.serve.gateway import UpstreamTrafficController
 
     config = MemwardenConfig.load(env={}, overrides={"admission.policy": "lookahead", "admission.queue_limit": 0,
-                                                     "degradation.enabled": False})
+                                                     "degradation.enabled": False, "server.upstream_pace": True})
     clock = _Clock()
     controller = UpstreamTrafficController(config, 200, 1, clock=clock, can_preempt=False)
     first = controller.acquire(None, 10, 100)
@@ -276,6 +282,38 @@ def test_lookahead_paces_whole_answers_and_admits_on_the_progress_paced():
     controller.estimate_progress()
     assert running.generated == 99
     controller.release(newcomer)
+    # the upstream takes 0.5 s to a first token: nothing counted before it, then 50 a second
+    controller.first_token_s = 0.5
+    young = controller.acquire(None, 10, 100)
+    controller.pace(young)
+    clock.now = 120.25
+    controller.estimate_progress()
+    assert young.generated == 0
+    clock.now = 120.75
+    controller.estimate_progress()
+    assert young.generated == 12
+    clock.now = 121.75  # answered: 50 tokens in 1.75 - 0.5 s of decoding, 40 a second
+    controller.paced(young, 50)
+    controller.release(young)
+    slower = controller.acquire(None, 10, 100)  # counted at the slowest of the latest paces
+    controller.pace(slower)
+    clock.now += 1.5
+    controller.estimate_progress()
+    assert slower.generated == 40
+    controller.release(slower)
+
+
+def test_the_gateway_follows_the_upstreams_time_to_first_token(gateway, fake):
+    server, _ = gateway
+    controller = server.app.state.controller
+    fake.first_token_sum, fake.first_token_count = 10.0, 5  # before: counts at start-up or the last read
+    time.sleep(0.3)  # a few reads (every 0.05 s)
+    fake.first_token_sum, fake.first_token_count = 11.0, 9  # 4 first tokens in 1 s since
+    deadline = time.monotonic() + 10
+    while controller.first_token_s != pytest.approx(0.25) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert controller.first_token_s == pytest.approx(0.25)
+    controller.first_token_s = 0.0
 
 
 def test_chat_stream_passes_chunk_by_chunk(gateway, fake):

@@ -195,6 +195,8 @@ class ServerConfig:
     upstream_poll_interval: float = _option(1.0, "float", check=_positive)  # seconds between /metrics reads
     upstream_timeout: float = _option(300.0, "float", check=_positive)  # for a response, or between chunks
     upstream_connect_timeout: float = _option(5.0, "float", check=_positive)  # also bounds probes
+    # lookahead: count whole answers by the upstream's pace rather than streaming them (cheaper, estimated)
+    upstream_pace: bool = _option(False, "bool")
 
     # Several models (``memwarden serve --model A --model B``): with more than one,
     # ``max_memory`` is the device budget for their weights and ``kv_memory`` the KV budget;

@@ -16,19 +16,20 @@ controller counts:
   final usage chunk is dropped again when the client did not ask for it). A stream
   reports each chunk with text as it passes, so a stream whose reservation runs out with
   no room left is stopped there (``finish_reason: "length"``; closing the stream aborts it
-  upstream). Under a policy that stops a request whose output outgrows the pool
-  (``memwarden``, ``optimistic``) a whole response is streamed from the upstream too and
+  upstream). Under a policy that follows output as it grows (``memwarden``,
+  ``lookahead``, ``optimistic``) a whole response is streamed from the upstream too and
   assembled here into the JSON answer the upstream would have sent, so it is counted and
   stopped the same way (``reserve`` and ``admit_all`` need no progress, and a stream costs
   the upstream's server a chunk a token) -- where that answer is just the stream's text joined: one choice (``n`` is 1), no
   ``logprobs``, ``top_logprobs``, ``echo`` or ``best_of``, and for a chat no ``tools``,
   ``tool_choice``, ``functions`` or ``response_format``. Any other is forwarded whole and
-  counted when it arrives. ``lookahead`` reserves a whole request and needs its progress
-  only to project the peak: a whole answer is forwarded whole and *paced* -- counted, as
-  it runs, at the output tokens a second (since admission) of the whole answers finished
-  before it, one token short of its end until it arrives. vLLM advances its running
-  requests together, so the pace is nearly the same for all; it counts the queue and the
-  prefill in, so it errs on the slow side;
+  counted when it arrives. With ``server.upstream_pace`` a whole answer under
+  ``lookahead`` (which reserves the whole request and needs progress only to project the
+  peak) is forwarded whole and *paced* instead: counted, as it runs, at the slowest
+  decoding pace of the latest answers (tokens over seconds since admission less the
+  upstream's ``vllm:time_to_first_token_seconds`` lately), one token short of its end
+  until it arrives. Cheaper for the upstream, but an estimate: a request counted ahead of
+  where it is makes the projection free its memory too soon;
 * **pressure**: the larger of what it admitted (reserved / budget) and the upstream's
   ``vllm:kv_cache_usage_perc``, read every ``server.upstream_poll_interval`` seconds --
   traffic that reaches the upstream by another way degrades requests here too. Each read
@@ -50,6 +51,7 @@ May import: fastapi, :mod:`memwarden.serve.app` (its error helpers), ``metrics``
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -78,7 +80,7 @@ __all__ = ["UpstreamModel", "UpstreamTrafficController", "build_gateway", "creat
 _COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's and vLLM's max_tokens when a completion names none
 _BYTES_PER_TOKEN_GUESS = 4  # text without a tokenizer: a token per 4 bytes of UTF-8
 _DECIDING_THREADS = 8  # admission threads beyond the queue's: requests being decided, not waiting
-_PACE_WEIGHT = 0.1  # of the newest finished answer in the pace paced answers are counted at
+_PACE_WINDOW = 8  # finished answers whose slowest pace the answers in flight are counted at
 
 
 class GatewayCompletionRequest(CompletionRequest):
@@ -103,13 +105,14 @@ class UpstreamTrafficController(TrafficController):
     the whole answers it does not see grow (see the module doc)."""
 
     upstream_usage = 0.0  # vllm:kv_cache_usage_perc at the last read
+    first_token_s = 0.0  # the upstream's mean time to a request's first token, lately
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._paced: dict[str, Ticket] = {}  # whole answers in flight, by request id
         self._pace_lock = threading.Lock()
-        # decayed sums over finished paced answers: their output tokens and upstream seconds
-        self._paced_tokens = self._paced_seconds = 0.0
+        # output tokens a second the latest finished paced answers decoded at
+        self._paces: collections.deque = collections.deque(maxlen=_PACE_WINDOW)
 
     def pressure(self) -> float:
         return max(super().pressure(), self.upstream_usage)
@@ -131,26 +134,30 @@ class UpstreamTrafficController(TrafficController):
 
     def paced(self, ticket: Ticket, generated: int) -> None:
         """``ticket``'s answer came with ``generated`` output tokens: report them, and let
-        its pace (tokens over seconds since admission) count in the next estimates."""
+        its pace (tokens over its seconds since admission less the upstream's time to a
+        first token) count in the next estimates."""
         with self._pace_lock:
             self._paced.pop(ticket.request_id, None)
-            seconds = self._clock() - ticket.started
+            seconds = self._clock() - ticket.started - self.first_token_s  # decoding
             if generated > 0 and seconds > 0:
-                self._paced_tokens = self._paced_tokens * (1 - _PACE_WEIGHT) + generated
-                self._paced_seconds = self._paced_seconds * (1 - _PACE_WEIGHT) + seconds
+                self._paces.append(generated / seconds)
             _account(self, ticket, generated)
 
     def estimate_progress(self) -> None:
-        """Report each paced answer's output so far as the upstream's pace since it was
-        admitted (the queue and prefill inside, so it errs on the slow side), short of its
-        last token: it holds its memory until its answer says it is done."""
+        """Report each paced answer's output so far: the slowest pace of the latest
+        answers over its time since admission less the upstream's time to a first token,
+        short of its last token (it holds its memory until its answer arrives). Counted
+        behind where it is, a request's projection runs late and peaks no lower; counted
+        ahead (a young one, or steps slowed by others' prefills), it would be projected to
+        free its memory too soon -- so every doubt counts it behind."""
         with self._pace_lock:
-            if not self._paced_seconds:
+            if not self._paces:
                 return
-            per_second = self._paced_tokens / self._paced_seconds
+            per_second = min(self._paces)
             now = self._clock()
             for ticket in self._paced.values():
-                _account(self, ticket, min(int(per_second * (now - ticket.started)), ticket.max_tokens - 1))
+                decoding = max(0.0, now - ticket.started - self.first_token_s)
+                _account(self, ticket, min(int(per_second * decoding), ticket.max_tokens - 1))
 
 
 @dataclass
@@ -236,8 +243,14 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
                                            block_tokens=first.block_size or 1)
     controller.upstream_usage = first.kv_cache_usage_perc or 0.0
 
+    previous = [first]
+
     def on_read(metrics: EngineMetrics) -> None:
         controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
+        first_tokens = _delta(metrics, previous[0], "first_token_count")
+        if first_tokens:  # the mean over the requests whose first token came since the last read
+            controller.first_token_s = _delta(metrics, previous[0], "first_token_seconds_sum") / first_tokens
+        previous[0] = metrics
         controller.estimate_progress()
         controller.sessions.evict_idle()  # the poll is the gateway's clock tick
 
@@ -246,6 +259,12 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
     model = UpstreamModel(card, card.get("max_model_len") or positions, bytes_per_token, source, upstream, poller,
                           tokenizer)
     return create_gateway(model, controller, on_response), model, controller
+
+
+def _delta(now: EngineMetrics, before: EngineMetrics, name: str) -> float:
+    """How much counter ``name`` grew between two reads (0 when either lacks it or it was reset)."""
+    a, b = getattr(now, name), getattr(before, name)
+    return max(a - b, 0) if a is not None and b is not None else 0
 
 
 # ---- counting --------------------------------------------------------------------------------
@@ -308,8 +327,13 @@ _WHOLE_ONLY = ("logprobs", "top_logprobs", "echo", "best_of")
 _WHOLE_ONLY_CHAT = ("tools", "tool_choice", "functions", "response_format")
 
 
-_FOLLOWS_OUTPUT = ("memwarden", "optimistic")  # policies that stop a request whose output outgrows the pool
-_PACED = ("lookahead",)  # reserves the whole request, and projects its peak from the progress paced
+_FOLLOWS_OUTPUT = ("memwarden", "lookahead", "optimistic")  # policies whose decisions read progress
+
+
+def _paces(controller: TrafficController) -> bool:
+    """Whether whole answers are paced rather than streamed (``server.upstream_pace``,
+    under ``lookahead``: the only policy that needs progress but stops nothing)."""
+    return controller.admission.policy == "lookahead" and controller.config.server.upstream_pace
 
 
 def _assembles(payload: dict, chat: bool, policy: str) -> bool:
@@ -439,7 +463,8 @@ def create_gateway(model: UpstreamModel, controller: UpstreamTrafficController,
             return refusal_response(e, metrics)
         admitted = _Admitted(controller, ticket)
         headers, info = admission_notice(ticket, metrics)
-        assembled = not body.stream and _assembles(payload, chat, controller.admission.policy)
+        paced = not body.stream and _paces(controller)
+        assembled = not body.stream and not paced and _assembles(payload, chat, controller.admission.policy)
         forward = _forwarded(payload, ticket, model.name, stream=body.stream or assembled)
         try:
             if body.stream:
@@ -452,7 +477,6 @@ def create_gateway(model: UpstreamModel, controller: UpstreamTrafficController,
                 admitted.events = await upstream.events(path, forward)
                 answer = await _assemble(admitted, chat)
             else:
-                paced = controller.admission.policy in _PACED
                 if paced:
                     controller.pace(ticket)
                 answer = await upstream.complete(path, forward)

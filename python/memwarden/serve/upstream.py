@@ -101,6 +101,9 @@ class EngineMetrics:
     num_gpu_blocks: Optional[int] = None
     block_size: Optional[int] = None
     cache_dtype: Optional[str] = None  # vLLM's kv_cache_dtype: "auto", "fp8", ...
+    # vllm:time_to_first_token_seconds, a histogram: its sum (seconds) and count so far
+    first_token_seconds_sum: Optional[float] = None
+    first_token_count: Optional[int] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -135,7 +138,10 @@ def parse_metrics(text: str) -> EngineMetrics:
         num_preemptions_total=total("vllm:num_preemptions_total"),
         num_gpu_blocks=label_total("num_gpu_blocks"),
         block_size=int(sizes.pop()) if len(sizes) == 1 else None,
-        cache_dtype=config_labels[0].get("cache_dtype") if config_labels else None)
+        cache_dtype=config_labels[0].get("cache_dtype") if config_labels else None,
+        first_token_seconds_sum=(sum(values["vllm:time_to_first_token_seconds_sum"])
+                                 if "vllm:time_to_first_token_seconds_sum" in values else None),
+        first_token_count=total("vllm:time_to_first_token_seconds_count"))
 
 
 # ---- the client ------------------------------------------------------------------------------
