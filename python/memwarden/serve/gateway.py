@@ -102,7 +102,7 @@ class GatewayChatRequest(ChatCompletionRequest):
 
 class UpstreamTrafficController(TrafficController):
     """The controller whose pressure is also the upstream's own KV usage, and which paces
-    the whole answers it does not see grow (see the module doc)."""
+    the whole answers it does not see grow under ``server.upstream_pace`` (module doc)."""
 
     upstream_usage = 0.0  # vllm:kv_cache_usage_perc at the last read
     first_token_s = 0.0  # the upstream's mean time to a request's first token, lately
@@ -157,7 +157,9 @@ class UpstreamTrafficController(TrafficController):
             now = self._clock()
             for ticket in self._paced.values():
                 decoding = max(0.0, now - ticket.started - self.first_token_s)
-                _account(self, ticket, min(int(per_second * decoding), ticket.max_tokens - 1))
+                count = min(int(per_second * decoding), ticket.max_tokens - 1)
+                if count > ticket.generated:  # lookahead reserved it whole: one report, no growing in steps
+                    self.progress(ticket, count)
 
 
 @dataclass
@@ -243,14 +245,15 @@ def build_gateway(config: MemwardenConfig, on_response: Optional[Callable[[], No
                                            block_tokens=first.block_size or 1)
     controller.upstream_usage = first.kv_cache_usage_perc or 0.0
 
-    previous = [first]
+    previous = first
 
     def on_read(metrics: EngineMetrics) -> None:
+        nonlocal previous
         controller.upstream_usage = metrics.kv_cache_usage_perc or 0.0
-        first_tokens = _delta(metrics, previous[0], "first_token_count")
+        first_tokens = _delta(metrics, previous, "first_token_count")
         if first_tokens:  # the mean over the requests whose first token came since the last read
-            controller.first_token_s = _delta(metrics, previous[0], "first_token_seconds_sum") / first_tokens
-        previous[0] = metrics
+            controller.first_token_s = _delta(metrics, previous, "first_token_seconds_sum") / first_tokens
+        previous = metrics
         controller.estimate_progress()
         controller.sessions.evict_idle()  # the poll is the gateway's clock tick
 
@@ -330,7 +333,7 @@ _WHOLE_ONLY_CHAT = ("tools", "tool_choice", "functions", "response_format")
 _FOLLOWS_OUTPUT = ("memwarden", "lookahead", "optimistic")  # policies whose decisions read progress
 
 
-def _paces(controller: TrafficController) -> bool:
+def _paced_whole(controller: UpstreamTrafficController) -> bool:
     """Whether whole answers are paced rather than streamed (``server.upstream_pace``,
     under ``lookahead``: the only policy that needs progress but stops nothing)."""
     return controller.admission.policy == "lookahead" and controller.config.server.upstream_pace
@@ -463,7 +466,7 @@ def create_gateway(model: UpstreamModel, controller: UpstreamTrafficController,
             return refusal_response(e, metrics)
         admitted = _Admitted(controller, ticket)
         headers, info = admission_notice(ticket, metrics)
-        paced = not body.stream and _paces(controller)
+        paced = not body.stream and _paced_whole(controller)
         assembled = not body.stream and not paced and _assembles(payload, chat, controller.admission.policy)
         forward = _forwarded(payload, ticket, model.name, stream=body.stream or assembled)
         try:

@@ -63,7 +63,7 @@ EMBEDDED_MODELS = {
 MODEL_STATES = {"unloaded": 0, "offloaded": 1, "loaded": 2, "loading": 3}  # memwarden:model_state values
 UNBOUNDED = 2**62  # a budget no model reaches
 _POLL_S = 0.05  # a waiting request asks again this often (minimum residencies expire unannounced)
-_MIN_AGING_S = 0.01  # the shortest wait that makes a request overdue
+_MIN_OVERDUE_S = 0.01  # the shortest wait that makes a request overdue
 _OVERDUE = 2**60  # an overdue model's pending count: past any demand
 
 
@@ -284,7 +284,7 @@ class ModelPool:
     def _overdue_at(self, name: str) -> float:
         """When ``name``'s oldest waiting request has waited its model's load time (capped
         by the demand half-life, at least 10 ms)."""
-        unit = min(max(self._expected_load_seconds(name), _MIN_AGING_S), self._half_life)
+        unit = min(max(self._expected_load_seconds(name), _MIN_OVERDUE_S), self._half_life)
         return min(self._waiting[name]) + unit
 
     def _expected_load_seconds(self, name: str) -> float:
